@@ -1,0 +1,1 @@
+"""SEGA: semantic guidance for Stable Diffusion on diffusers components."""
