@@ -1,0 +1,71 @@
+"""Edit concepts: what to steer towards or away from, and how hard."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+MAX_EDIT_SCALE = 100.0
+MAX_WEIGHT = 100.0
+MAX_STEP_INDEX = 10_000
+
+
+def _check_number(name: str, value, low: float, high: float, *, integer: bool = False,
+                  allow_none: bool = False, high_inclusive: bool = True):
+    """Return ``value`` checked to be a finite number in range, or raise a ValueError naming ``name``."""
+    if value is None and allow_none:
+        return None
+    kind = "an integer" if integer else "a number"
+    hi = "]" if high_inclusive else ")"
+    allowed = f"{kind} in [{low:g}, {high:g}{hi}" + (" or None" if allow_none else "")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    if integer and float(value) != int(value):
+        raise ValueError(f"{name} must be {allowed}, got the fraction {value!r}")
+    if value > high or value < low or (value == high and not high_inclusive):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+@dataclass(frozen=True)
+class EditConcept:
+    """One semantic direction, validated on construction.
+
+    Args:
+        prompt: the concept's text, e.g. ``"smiling, smile"``. Must contain a non-space character.
+        scale: edit guidance scale s_e in [0, 100]; how hard the concept pulls. Typical 3 to 10 for SD.
+        threshold: edit threshold lambda in [0, 1); the share of latent positions per channel left
+            untouched. 0.95 edits only the 5% where the concept pulls hardest. Typical 0.9 to 0.99.
+        warmup: the step index at which the concept starts to be applied, an integer in [0, 10000].
+            Momentum is accumulated during warmup. Typical 5 to 10 of 50 steps.
+        cooldown: the step index at which the concept stops contributing, or None for never.
+        reverse: False adds the concept ("glasses"); True removes it ("no beard": prompt "beard").
+        weight: relative weight in [0, 100] among several concepts (default 1).
+    """
+
+    prompt: str
+    scale: float = 5.0
+    threshold: float = 0.9
+    warmup: int = 10
+    cooldown: int | None = None
+    reverse: bool = False
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(self.prompt).__name__}")
+        if not self.prompt.strip():
+            raise ValueError("prompt must be a non-empty string (the concept's text)")
+        if not isinstance(self.reverse, bool):
+            raise ValueError(f"reverse must be true or false, got {self.reverse!r}")
+        fixed = {
+            "scale": _check_number("scale", self.scale, 0.0, MAX_EDIT_SCALE),
+            "threshold": _check_number("threshold", self.threshold, 0.0, 1.0, high_inclusive=False),
+            "warmup": _check_number("warmup", self.warmup, 0, MAX_STEP_INDEX, integer=True),
+            "cooldown": _check_number("cooldown", self.cooldown, 0, MAX_STEP_INDEX, integer=True, allow_none=True),
+            "weight": _check_number("weight", self.weight, 0.0, MAX_WEIGHT),
+        }
+        for name, value in fixed.items():
+            object.__setattr__(self, name, value)
