@@ -78,12 +78,14 @@ class _Concepts:
 @dataclass
 class _PlainTrajectory:
     """The run without edits, as the re-edit cache keeps it: per step, the input latents, e_u, and
-    the guided estimate fed to the scheduler; then the final latents."""
+    the guided estimate fed to the scheduler; then the final latents and the decoded image."""
 
     latents: list[torch.Tensor]
     noise_uncond: list[torch.Tensor]
     noise_pred: list[torch.Tensor]
     final_latents: torch.Tensor | None = None
+    image: torch.Tensor | None = None
+    nsfw: list[bool] | None = None
 
 
 class _LRU:
@@ -643,14 +645,13 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
                 original_latents = cached.final_latents
             elif diverge >= n_steps:
                 original_latents = latents
-        if record is not None and not self.interrupt and len(record.noise_pred) == n_steps:
-            record.final_latents = original_latents if return_original else latents
-            self.reedit_cache.put(cache_key, record)
-
         # 6. Decode the edited and the plain images in one VAE call.
         original, original_nsfw = None, None
         if output_type == "latent":
             image, nsfw, original = latents, None, original_latents
+        elif cached is not None and cached.image is not None and return_original:
+            image, nsfw = self._decode(latents, dtype)
+            original, original_nsfw = cached.image, cached.nsfw
         elif original_latents is None or original_latents is latents:
             image, nsfw = self._decode(latents, dtype)
             if original_latents is not None:
@@ -659,6 +660,13 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
             decoded, flags = self._decode(torch.cat([latents, original_latents]), dtype)
             image, original = decoded[:batch], decoded[batch:]
             nsfw, original_nsfw = (None, None) if flags is None else (list(flags[:batch]), list(flags[batch:]))
+
+        if record is not None and not self.interrupt and len(record.noise_pred) == n_steps:
+            record.final_latents = original_latents if return_original else latents
+            if output_type != "latent":
+                # Keep the decoded image too, so a re-edit returns the very same original.
+                record.image, record.nsfw = (original, original_nsfw) if return_original else (image, nsfw)
+            self.reedit_cache.put(cache_key, record)
 
         images = self._postprocess(image, nsfw, output_type)
         originals = None if original is None else self._postprocess(original, original_nsfw, output_type)

@@ -1,0 +1,233 @@
+"""SegaPipeline against the deprecated SemanticStableDiffusionPipeline and StableDiffusionPipeline (oracles)."""
+
+import logging
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from sega import EditConcept, SegaPipeline
+from tests.tiny import tiny_components
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from diffusers.pipelines.deprecated.semantic_stable_diffusion.pipeline_semantic_stable_diffusion import (
+        SemanticStableDiffusionPipeline,
+    )
+
+TOL = 1e-4
+STEPS = 6
+
+
+def pipes(scheduler="ddim"):
+    parts = tiny_components(scheduler)
+    ref = SemanticStableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                          requires_safety_checker=False)
+    ours = SegaPipeline(**parts)
+    for p in (ref, ours):
+        p.set_progress_bar_config(disable=True)
+    return ref, ours
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+THREE = dict(
+    editing_prompt=["blue", "square", "large"],
+    reverse_editing_direction=[False, True, False],
+    edit_guidance_scale=[5.0, 4.0, 6.0],
+    edit_threshold=[0.9, 0.5, 0.8],
+)
+
+CASES = {
+    "no concepts": {},
+    "one concept": dict(editing_prompt="blue", edit_guidance_scale=6.0, edit_warmup_steps=2, edit_threshold=0.8),
+    "three, mixed warmups": dict(THREE, edit_warmup_steps=[2, 3, 1]),
+    "three, cooldowns and weights": dict(THREE, edit_warmup_steps=[1, 1, 2], edit_cooldown_steps=[100, 4, 5],
+                                         edit_weights=[1.0, 2.0, 0.5]),
+    "momentum off": dict(THREE, edit_warmup_steps=[2, 3, 1], edit_momentum_scale=0.0),
+    "momentum on, no warmup": dict(THREE, edit_warmup_steps=0, edit_momentum_scale=0.5, edit_mom_beta=0.6),
+    "reverse all": dict(editing_prompt=["red", "circle"], reverse_editing_direction=True, edit_warmup_steps=1),
+    "negative weight": dict(THREE, edit_warmup_steps=[1, 2, 2], edit_weights=[1.0, -1.0, 2.0]),
+}
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm", "euler"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_latents_match_deprecated_pipeline(scheduler, case):
+    ref, ours = pipes(scheduler)
+    kw = dict(prompt="a red circle", num_inference_steps=STEPS, guidance_scale=7.0, output_type="latent", **CASES[case])
+    want = ref(**kw, generator=gen()).images
+    got = ours(**kw, generator=gen()).images
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=TOL)
+    # The same run with the original computed alongside gives the same edited latents.
+    both = ours(**kw, generator=gen(), return_original=True, use_cache=False)
+    torch.testing.assert_close(both.images, want, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        dict(num_images_per_prompt=2),
+        dict(prompt=["a red circle", "a small green square"]),
+        dict(negative_prompt="black background"),
+        dict(prompt=["a red circle", "a green square"], negative_prompt=["white", "large"], num_images_per_prompt=2),
+    ],
+    ids=["2 images per prompt", "two prompts", "negative prompt", "all of them"],
+)
+def test_batching_matches_deprecated_pipeline(extra):
+    ref, ours = pipes("dpm")
+    kw = dict(prompt="a red circle", num_inference_steps=STEPS, guidance_scale=6.0, output_type="latent",
+              **dict(THREE, edit_warmup_steps=[1, 2, 1]))
+    kw.update(extra)
+    want = ref(**kw, generator=gen(3)).images
+    got = ours(**kw, generator=gen(3)).images
+    torch.testing.assert_close(got, want, rtol=0, atol=TOL)
+
+
+def test_sem_guidance_replay_matches_deprecated_pipeline():
+    ref, ours = pipes("ddim")
+    kw = dict(prompt="a red circle", num_inference_steps=STEPS, guidance_scale=7.0, output_type="latent")
+    ref(**kw, generator=gen(), editing_prompt="blue", edit_warmup_steps=1)
+    recorded = list(ref.sem_guidance[:STEPS])
+    want = ref(**kw, generator=gen(), sem_guidance=recorded).images
+    got = ours(**kw, generator=gen(), sem_guidance=recorded).images
+    torch.testing.assert_close(got, want, rtol=0, atol=TOL)
+    # Our own recorded guidance replays to the edited image.
+    edited = ours(**kw, generator=gen(), editing_prompt="blue", edit_warmup_steps=1, return_sem_guidance=True)
+    replay = ours(**kw, generator=gen(), sem_guidance=edited.sem_guidance).images
+    torch.testing.assert_close(replay, edited.images, rtol=0, atol=TOL)
+
+
+def test_editing_prompt_embeddings_match():
+    ref, ours = pipes("euler")
+    emb = ours.encode_text(["blue", "square"])
+    kw = dict(prompt="a red circle", num_inference_steps=STEPS, guidance_scale=7.0, output_type="latent",
+              editing_prompt_embeddings=emb, edit_warmup_steps=1, reverse_editing_direction=[False, True])
+    torch.testing.assert_close(ours(**kw, generator=gen()).images, ref(**kw, generator=gen()).images,
+                               rtol=0, atol=TOL)
+
+
+def test_edit_concepts_equal_keyword_api():
+    _, ours = pipes("ddim")
+    kw = dict(prompt="a red circle", num_inference_steps=STEPS, guidance_scale=7.0, output_type="latent")
+    by_keywords = ours(**kw, generator=gen(), editing_prompt=["blue", "square"], reverse_editing_direction=[False, True],
+                       edit_guidance_scale=[5.0, 3.0], edit_threshold=[0.9, 0.7], edit_warmup_steps=[1, 2],
+                       edit_cooldown_steps=[100, 5], edit_weights=[1.0, 0.5]).images
+    concepts = [EditConcept("blue", scale=5.0, threshold=0.9, warmup=1),
+                EditConcept("square", scale=3.0, threshold=0.7, warmup=2, cooldown=5, reverse=True, weight=0.5)]
+    by_concepts = ours(**kw, generator=gen(), concepts=concepts).images
+    assert torch.equal(by_keywords, by_concepts)
+    dicts = ours(**kw, generator=gen(), concepts=[vars(c) for c in concepts]).images
+    assert torch.equal(dicts, by_concepts)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm", "euler"])
+def test_original_equals_plain_stable_diffusion(scheduler):
+    parts = tiny_components(scheduler)
+    sd = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    sd.set_progress_bar_config(disable=True)
+    ours = SegaPipeline(**parts)
+    kw = dict(prompt="a red circle", num_inference_steps=STEPS, guidance_scale=7.0, output_type="np",
+              negative_prompt="white")
+    plain = sd(**kw, generator=gen(5)).images
+    out = ours(**kw, generator=gen(5), concepts=[EditConcept("blue", scale=8, threshold=0.5, warmup=2)],
+               return_original=True)
+    np.testing.assert_allclose(out.original_images, plain, rtol=0, atol=TOL)
+    assert np.abs(out.images - plain).max() > 1e-3  # the edit changed the image
+    # One UNet call per step; the pair shares it until warmup: 2 steps of [u, p, concept] (momentum
+    # builds up), then [u, p] for each run + the concept.
+    assert out.unet_calls == STEPS
+    assert out.unet_samples == 2 * 3 + (STEPS - 2) * 5
+
+
+def test_stochastic_scheduler_original_is_a_separate_run():
+    """With eta > 0 the plain run gets its own copy of the random stream at the split."""
+    parts = tiny_components("ddim")
+    sd = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    sd.set_progress_bar_config(disable=True)
+    ours = SegaPipeline(**parts)
+    kw = dict(prompt="a red circle", num_inference_steps=STEPS, guidance_scale=7.0, output_type="np", eta=1.0)
+    out = ours(**kw, generator=gen(2), concepts=[EditConcept("blue", warmup=2)], return_original=True)
+    np.testing.assert_allclose(out.original_images, sd(**kw, generator=gen(2)).images, rtol=0, atol=TOL)
+
+
+def test_reedit_cache_reuses_the_plain_run():
+    _, ours = pipes("dpm")
+    kw = dict(prompt="a red circle", num_inference_steps=STEPS, guidance_scale=7.0, output_type="latent",
+              edit_momentum_scale=0.3, return_original=True)
+    first = ours(**kw, generator=gen(), concepts=[EditConcept("blue", warmup=2)])
+    assert not first.cache_hit
+    fresh = ours(**kw, generator=gen(), concepts=[EditConcept("square", scale=4, warmup=3)], use_cache=False)
+    again = ours(**kw, generator=gen(), concepts=[EditConcept("square", scale=4, warmup=3)])
+    assert again.cache_hit and not fresh.cache_hit
+    # Equal to the uncached run (up to float round-off from a different UNet batch composition).
+    torch.testing.assert_close(again.images, fresh.images, rtol=1e-5, atol=TOL)
+    assert torch.equal(again.original_images, first.original_images)
+    # Fewer UNet evaluations: concepts only until warmup, then the edited run alone.
+    assert again.unet_samples == 3 * 1 + (STEPS - 3) * 3 < fresh.unet_samples
+    # Anything else changed is a miss.
+    assert not ours(**kw, generator=gen(1), concepts=[EditConcept("square")]).cache_hit
+    assert not ours(**{**kw, "guidance_scale": 6.0}, generator=gen(), concepts=[EditConcept("square")]).cache_hit
+    assert len(ours.reedit_cache) <= ours.reedit_cache.max_entries
+
+
+def test_plain_run_fills_the_cache():
+    _, ours = pipes("ddim")
+    kw = dict(prompt="a blue square", num_inference_steps=STEPS, guidance_scale=7.0, output_type="np",
+              return_original=True)
+    plain = ours(**kw, generator=gen(9))
+    edited = ours(**kw, generator=gen(9), concepts=[EditConcept("red", warmup=1)])
+    assert edited.cache_hit
+    np.testing.assert_array_equal(edited.original_images, plain.images)
+
+
+def test_guidance_scale_one_applies_edits_with_a_warning(caplog):
+    _, ours = pipes("ddim")
+    kw = dict(prompt="a red circle", num_inference_steps=STEPS, guidance_scale=1.0, output_type="latent")
+    plain = ours(**kw, generator=gen()).images
+    with caplog.at_level(logging.WARNING):
+        edited = ours(**kw, generator=gen(), concepts=[EditConcept("blue", scale=10, warmup=0)]).images
+    assert (edited - plain).abs().max() > 1e-3
+    assert "guidance_scale" in caplog.text
+
+
+def test_callbacks_and_interrupt():
+    _, ours = pipes("euler")
+    seen, legacy = [], []
+
+    def on_step_end(pipe, i, t, tensors):
+        seen.append((i, tensors["latents"].shape))
+        if i == 2:
+            pipe._interrupt = True
+        return {}
+
+    ours("a red circle", num_inference_steps=STEPS, output_type="latent", generator=gen(),
+         callback_on_step_end=on_step_end, callback=lambda i, t, z: legacy.append(i), callback_steps=2)
+    assert [i for i, _ in seen] == [0, 1, 2]
+    assert legacy == [0, 2]
+
+
+def test_save_and_load_local_folder(tmp_path):
+    _, ours = pipes("ddim")
+    ours.save_pretrained(tmp_path / "model")
+    loaded = SegaPipeline.from_pretrained(tmp_path / "model", torch_dtype=torch.float32)
+    loaded.set_progress_bar_config(disable=True)
+    kw = dict(prompt="a red circle", num_inference_steps=3, output_type="latent", concepts=[EditConcept("blue", warmup=1)])
+    assert torch.equal(loaded(**kw, generator=gen()).images, ours(**kw, generator=gen()).images)
+
+
+def test_bad_arguments_name_the_field():
+    _, ours = pipes("ddim")
+    with pytest.raises(ValueError, match="height and width"):
+        ours("x", height=30, num_inference_steps=2)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        ours("x", num_inference_steps=0)
+    with pytest.raises(ValueError, match="edit_guidance_scale"):
+        ours("x", num_inference_steps=2, editing_prompt=["a", "b"], edit_guidance_scale=[1.0])
+    with pytest.raises(ValueError, match="threshold"):
+        ours("x", num_inference_steps=2, concepts=[{"prompt": "blue", "threshold": 1.5}])
