@@ -137,27 +137,30 @@ def _nearest(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str:
 def describe(image) -> Description:
     """Read background, colour, shape and size of a generated image (PIL image or HxWx3 array).
 
-    Background: the palette background nearest to the median border pixel. Foreground: pixels far
-    (> 80 in RGB distance) from that background. Colour: palette colour nearest to the median
-    foreground pixel. Size: the bounding box's larger side over the image side (large above 0.5).
-    Shape: foreground area over bounding-box area (square ~1, circle ~0.79, triangle ~0.5).
+    Background: the palette background nearest to the median border pixel. Colour: the palette colour
+    nearest to the median of pixels far (> 80 in RGB distance) from the background. Then a soft
+    coverage alpha per pixel (its position between background and colour), so edges count by the share
+    of the pixel they cover: width and height are the largest row and column sums of alpha, size is
+    large when the larger of them exceeds half the image side, and the shape follows from the area
+    over width x height (square 1, circle 0.79, triangle 0.5; cut at 0.9 and 0.7). The mask is alpha > 0.5.
     """
     img = np.asarray(image, dtype=np.float32)[..., :3]
     h, w, _ = img.shape
     border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
     background = _nearest(np.median(border, axis=0), BACKGROUNDS)
     bg = np.array(BACKGROUNDS[background], np.float32)
-    mask = np.linalg.norm(img - bg, axis=-1) > 80
-    if mask.sum() < max(4, 0.01 * h * w):
-        return Description(background, None, None, None, mask)
-    color = _nearest(np.median(img[mask], axis=0), COLORS)
-    ys, xs = np.nonzero(mask)
-    bh, bw = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
-    extent = max(bh, bw) / max(h, w)
-    size = "large" if extent > 0.5 else "small"
-    fill = mask.sum() / float(bh * bw)
-    shape = "square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle"
-    return Description(background, color, shape, size, mask)
+    far = np.linalg.norm(img - bg, axis=-1) > 80
+    if far.sum() < max(4, 0.01 * h * w):
+        return Description(background, None, None, None, far)
+    color = _nearest(np.median(img[far], axis=0), COLORS)
+    direction = np.array(COLORS[color], np.float32) - bg
+    alpha = np.clip((img - bg) @ direction / float(direction @ direction), 0.0, 1.0)
+    alpha[alpha < 0.15] = 0.0  # ignore faint noise far from the shape
+    width, height = alpha.sum(axis=1).max(), alpha.sum(axis=0).max()
+    size = "large" if max(width, height) / max(h, w) > 0.5 else "small"
+    fill = alpha.sum() / max(width * height, 1e-6)
+    shape = "square" if fill > 0.9 else "circle" if fill > 0.7 else "triangle"
+    return Description(background, color, shape, size, alpha > 0.5)
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -259,8 +262,12 @@ def train(
     log_every: int = 50,
     save_every: int = 0,
     save_fp16: bool = True,
+    init_from: str | Path | None = None,
 ) -> Path:
-    """Train the demo model from scratch: first the VAE, then UNet and text encoder jointly."""
+    """Train the demo model: first the VAE, then UNet and text encoder jointly.
+
+    ``init_from`` continues from a saved model (its VAE is kept; set ``vae_steps=0``).
+    """
     import copy
 
     import torch
@@ -272,6 +279,10 @@ def train(
     out = Path(out)
     rng = np.random.default_rng(seed)
     parts = build_components(seed)
+    if init_from is not None:
+        loaded = SegaPipeline.from_pretrained(init_from, torch_dtype=torch.float32)
+        parts.update(vae=loaded.vae, unet=loaded.unet.train(), text_encoder=loaded.text_encoder.train(),
+                     tokenizer=loaded.tokenizer)
     vae, unet, text_encoder, tokenizer = parts["vae"], parts["unet"], parts["text_encoder"], parts["tokenizer"]
     t0 = time.time()
 
@@ -289,9 +300,11 @@ def train(
         if step % log_every == 0 or step == vae_steps - 1:
             print(f"vae step {step:5d} loss {loss.item():.5f} ({time.time() - t0:.0f}s)", flush=True)
     vae.eval().requires_grad_(False)
-    with torch.no_grad():
-        lat = torch.cat([vae.encode(torch.from_numpy(sample_batch(rng, 256)[0])).latent_dist.sample() for _ in range(4)])
-    vae.register_to_config(scaling_factor=float(1.0 / lat.std()))
+    if vae_steps:
+        with torch.no_grad():
+            batches = [torch.from_numpy(sample_batch(rng, 256)[0]) for _ in range(4)]
+            lat = torch.cat([vae.encode(b).latent_dist.sample() for b in batches])
+        vae.register_to_config(scaling_factor=float(1.0 / lat.std()))
     print(f"vae scaling_factor {vae.config.scaling_factor:.4f}", flush=True)
 
     # 2. UNet and text encoder, epsilon prediction on the SD noise schedule.
@@ -340,7 +353,7 @@ def train(
             save(out)
             print(f"saved checkpoint at step {step}", flush=True)
     save(out)
-    info = {"seed": seed, "vae_steps": vae_steps, "unet_steps": unet_steps, "batch_size": batch_size, "lr": lr,
+    info = {"seed": seed, "init_from": None if init_from is None else str(init_from), "vae_steps": vae_steps, "unet_steps": unet_steps, "batch_size": batch_size, "lr": lr,
             "ema_decay": ema_decay, "train_seconds": round(time.time() - t0), "torch_threads": torch.get_num_threads()}
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"done in {time.time() - t0:.0f}s -> {out}", flush=True)
@@ -359,6 +372,7 @@ def main(argv: list[str] | None = None) -> None:
     p_train.add_argument("--lr", type=float, default=5e-4)
     p_train.add_argument("--seed", type=int, default=0)
     p_train.add_argument("--save-every", type=int, default=0)
+    p_train.add_argument("--init-from", default=None, help="continue from a saved model (use with --vae-steps 0)")
     p_eval = sub.add_parser("eval", help="prompt accuracy, SEGA edit success and composition IoU")
     p_eval.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
     p_eval.add_argument("--seeds", type=int, default=24, help="seeds per edit kind")
@@ -366,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "train":
         train(args.out, vae_steps=args.vae_steps, unet_steps=args.unet_steps, batch_size=args.batch_size,
-              lr=args.lr, seed=args.seed, save_every=args.save_every)
+              lr=args.lr, seed=args.seed, save_every=args.save_every, init_from=args.init_from)
     else:
         from .shapes_eval import run_eval
 
