@@ -1,0 +1,83 @@
+"""Which model the app serves, and how it is loaded (with a fallback to the bundled demo model)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .pipeline import SegaPipeline
+from .shapes import DEFAULT_MODEL_DIR, VOCAB_WORDS
+
+logger = logging.getLogger(__name__)
+
+SD_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+@dataclass
+class LoadedModel:
+    """A pipeline ready to serve, and what the app needs to know about it."""
+
+    pipe: SegaPipeline
+    model_id: str
+    is_demo: bool
+    fallback_reason: str | None
+    device: str
+
+
+def on_zero_gpu() -> bool:
+    """True on a Hugging Face ZeroGPU Space (the GPU is attached per call, so CUDA may look absent here)."""
+    return os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
+
+
+def gpu_present() -> bool:
+    return on_zero_gpu() or torch.cuda.is_available()
+
+
+def default_model() -> str:
+    """SD 1.5 when a GPU can run it, the small bundled model otherwise (fast on a CPU, no hub needed)."""
+    return SD_MODEL_ID if gpu_present() else str(DEFAULT_MODEL_DIR)
+
+
+def is_demo_model(pipe: SegaPipeline) -> bool:
+    """The bundled shapes model (or a copy of it, e.g. a training checkpoint) has its own tiny vocabulary."""
+    vocab = pipe.tokenizer.get_vocab()
+    return len(vocab) < 100 and set(VOCAB_WORDS) <= set(vocab)
+
+
+def _load(model: str, device: str, dtype: torch.dtype, safety_checker: bool) -> SegaPipeline:
+    kwargs: dict = {"dtype": dtype}
+    if not safety_checker:
+        kwargs["safety_checker"] = None
+    # from_pretrained takes a hub id or a local folder; never trust_remote_code.
+    pipe = SegaPipeline.from_pretrained(model, **kwargs)
+    return pipe.to(device)
+
+
+def load_pipeline(model: str | None = None, device: str | None = None, safety_checker: bool = True) -> LoadedModel:
+    """Load ``model`` (a hub id or local folder; default: ``$SEGA_MODEL``, else :func:`default_model`).
+
+    fp16 on CUDA, fp32 on the CPU. When the model cannot be loaded (no hub access, a missing folder...),
+    log a warning and serve the bundled demo model instead, with the reason in ``fallback_reason``.
+    """
+    requested = model or os.environ.get("SEGA_MODEL") or default_model()
+    if device is None:
+        device = "cuda" if gpu_present() else "cpu"
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    bundled = str(DEFAULT_MODEL_DIR)
+    try:
+        pipe = _load(requested, device, dtype, safety_checker)
+        model_id, reason = requested, None
+    except Exception as exc:  # any failure to load: fall back rather than not start at all
+        if Path(requested).resolve() == DEFAULT_MODEL_DIR.resolve():
+            raise
+        reason = f"Could not load the model {requested!r} ({type(exc).__name__}); serving the bundled demo model instead."
+        logger.warning("%s Details: %s", reason, str(exc).splitlines()[0][:300] if str(exc) else "")
+        pipe = _load(bundled, device, dtype, safety_checker)
+        model_id = bundled
+    pipe.set_progress_bar_config(desc="Denoising", leave=False)
+    return LoadedModel(pipe=pipe, model_id=model_id, is_demo=is_demo_model(pipe), fallback_reason=reason,
+                       device=device)

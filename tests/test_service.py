@@ -1,0 +1,362 @@
+"""sega.service (validation, presets, generation, GPU time, "as code") and sega.loading, on tiny models."""
+
+import ast
+import math
+import threading
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sega import SegaPipeline, loading, service
+from sega.loading import LoadedModel, load_pipeline
+from sega.presets import defaults_for, presets_for
+from tests.tiny import tiny_components
+
+LIMITS = service.Limits(max_steps=50, max_size=64, max_concepts=3, max_prompt_chars=200)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> LoadedModel:
+    pipe = SegaPipeline(**tiny_components())
+    pipe.set_progress_bar_config(disable=True)
+    return LoadedModel(pipe=pipe, model_id="tiny", is_demo=loading.is_demo_model(pipe), fallback_reason=None,
+                       device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-model")
+    SegaPipeline(**tiny_components()).save_pretrained(path)
+    return path
+
+
+def parse(loaded, **raw):
+    return service.parse_request(loaded, {"prompt": "a red circle", **raw}, LIMITS)
+
+
+def error(loaded, **raw) -> str:
+    with pytest.raises(service.InvalidInput) as info:
+        parse(loaded, **raw)
+    return str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation
+# ------------------------------------------------------------------------------------------------
+
+
+def test_defaults_fill_every_optional_parameter(tiny):
+    p = parse(tiny)
+    d = defaults_for(tiny.is_demo)
+    assert (p.steps, p.guidance_scale, p.momentum_scale, p.momentum_beta) == (
+        d["steps"], d["guidance_scale"], d["momentum_scale"], d["momentum_beta"])
+    assert p.width == p.height == service.native_size(tiny) == 16
+    assert p.concepts == () and p.negative_prompt == "" and p.scheduler == "DDIM"
+    assert 0 <= p.seed <= service.MAX_SEED
+
+
+@pytest.mark.parametrize("field", ["seed", "steps", "guidance_scale", "width", "height", "momentum_scale",
+                                   "momentum_beta"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, -1, 10**12, "3", True, [1]])
+def test_every_numeric_field_rejects_bad_values(tiny, field, bad):
+    message = error(tiny, **{field: bad})
+    assert message.startswith(f"{field} must be")
+    assert "[" in message  # the allowed range is named
+
+
+@pytest.mark.parametrize("field", ["seed", "steps", "width", "height"])
+def test_integer_fields_reject_fractions(tiny, field):
+    assert "fraction" in error(tiny, **{field: 16.5})
+
+
+def test_steps_and_size_limits(tiny):
+    assert error(tiny, steps=0) == "steps must be an integer in [1, 50], got 0"
+    assert "[1, 50]" in error(tiny, steps=51)
+    assert parse(tiny, steps=50).steps == 50
+    assert error(tiny, width=20) == "width must be a multiple of 8 in [8, 64], got 20"
+    assert "height must be" in error(tiny, height=72)
+    assert parse(tiny, width=24.0, height=64).width == 24  # JSON numbers may arrive as floats
+
+
+def test_prompt_is_required_and_text(tiny):
+    with pytest.raises(service.InvalidInput, match="prompt is required"):
+        service.parse_request(tiny, {}, LIMITS)
+    assert error(tiny, prompt="   ") == "prompt must be non-empty text"
+    assert error(tiny, prompt=5) == "prompt must be a string, got int"
+    assert "at most 200 characters" in error(tiny, prompt="a" * 201)
+    assert "negative_prompt must be a string" in error(tiny, negative_prompt=["x"])
+
+
+def test_control_characters_are_removed_with_a_notice(tiny):
+    p = parse(tiny, prompt="a red\x00 circle\non\ta white\x1b background\x7f", negative_prompt="blue\r")
+    assert p.prompt == "a red circle on a white background"
+    assert p.negative_prompt == "blue"
+    assert any("prompt: removed 5 control" in n for n in p.notices)
+    assert any("negative_prompt: removed 1" in n for n in p.notices)
+
+
+def test_long_prompt_is_truncated_with_a_notice_not_an_error(tiny):
+    limit = tiny.pipe.tokenizer.model_max_length
+    p = parse(tiny, prompt=" ".join(["red"] * limit + ["blue"]))
+    notice = next(n for n in p.notices if "token limit" in n)
+    assert f"{limit}-token" in notice and "blue" in notice
+
+
+@pytest.mark.parametrize("bad", ["blue", {"prompt": "blue"}, 3, True])
+def test_concepts_must_be_a_list(tiny, bad):
+    assert error(tiny, concepts=bad).startswith("concepts must be a list of objects (up to 3)")
+
+
+def test_null_concepts_mean_none(tiny):
+    assert parse(tiny, concepts=None).concepts == ()
+
+
+def test_too_many_concepts(tiny):
+    assert error(tiny, concepts=[{"prompt": "blue"}] * 4) == "concepts may hold at most 3 concepts, got 4"
+
+
+@pytest.mark.parametrize("concept, expected", [
+    ({"prompt": ""}, "concepts[0].prompt must be non-empty text"),
+    ({"prompt": " \n "}, "concepts[0].prompt must be non-empty text"),
+    ({"scale": 3}, "concepts[0].prompt is required"),
+    ({"prompt": 7}, "concepts[0].prompt must be a string, got int"),
+    ({"prompt": "blue", "colour": "x"}, "concepts[0] has unknown key(s) colour"),
+    ({"prompt": "blue", "scale": "5"}, "concepts[0].scale must be a number in [0, 100]"),
+    ({"prompt": "blue", "scale": math.nan}, "concepts[0].scale must be a number in [0, 100]"),
+    ({"prompt": "blue", "threshold": 1.0}, "concepts[0].threshold must be a number in [0, 1)"),
+    ({"prompt": "blue", "warmup": 2.5}, "concepts[0].warmup must be an integer in [0, 10000], got the fraction"),
+    ({"prompt": "blue", "warmup": -1}, "concepts[0].warmup must be an integer in [0, 10000]"),
+    ({"prompt": "blue", "cooldown": math.inf}, "concepts[0].cooldown must be an integer in [0, 10000] or None"),
+    ({"prompt": "blue", "weight": -2}, "concepts[0].weight must be a number in [0, 100]"),
+    ({"prompt": "blue", "reverse": "yes"}, "concepts[0].reverse must be true or false"),
+    ({"prompt": "blue", "preset": "nope"}, "concepts[0].preset must be one of"),
+    ("blue", "concepts[0] must be an object"),
+])
+def test_bad_concepts_name_the_field(tiny, concept, expected):
+    assert error(tiny, concepts=[concept]).startswith(expected)
+
+
+def test_the_error_names_which_concept(tiny):
+    assert error(tiny, concepts=[{"prompt": "blue"}, {"prompt": "red", "scale": -1}]).startswith("concepts[1].scale")
+
+
+def test_presets_fill_missing_keys_and_explicit_keys_win(tiny):
+    presets = presets_for(tiny.is_demo)
+    default = presets[defaults_for(tiny.is_demo)["default_preset"]]
+    p = parse(tiny, concepts=[{"prompt": "blue"}, {"prompt": "black background", "preset": "background", "scale": 2},
+                              {"prompt": "large", "reverse": True, "cooldown": 8, "weight": 0.5}])
+    a, b, c = p.concepts
+    assert (a.scale, a.threshold, a.warmup) == (default["scale"], default["threshold"], default["warmup"])
+    assert a.reverse is False and a.cooldown is None and a.weight == 1.0
+    assert (b.scale, b.threshold, b.warmup) == (2.0, presets["background"]["threshold"], presets["background"]["warmup"])
+    assert c.reverse is True and c.cooldown == 8 and c.weight == 0.5
+
+
+def test_sd_presets_are_used_for_sd_models(tiny):
+    sd = LoadedModel(pipe=tiny.pipe, model_id="sd", is_demo=False, fallback_reason=None, device="cpu")
+    p = service.parse_request(sd, {"prompt": "a woman", "concepts": [{"prompt": "smile", "preset": "face"}]}, LIMITS)
+    assert p.concepts[0].threshold == presets_for(False)["face"]["threshold"]
+    assert "preset must be one of object, style, face, custom" in str(
+        pytest.raises(service.InvalidInput, service.parse_request, sd,
+                      {"prompt": "x", "concepts": [{"prompt": "y", "preset": "color"}]}, LIMITS).value)
+
+
+def test_used_json_has_every_key_and_parses_back_to_the_same_request(tiny):
+    p = parse(tiny, seed=5, concepts=[{"prompt": "blue", "preset": "shape"}])
+    used = p.to_json()
+    assert set(used) == {*service.API_PARAMS, "scheduler", "model"}
+    assert set(used["concepts"][0]) == {"prompt", "scale", "threshold", "warmup", "cooldown", "reverse", "weight"}
+    again = service.parse_request(tiny, {k: used[k] for k in service.API_PARAMS}, LIMITS)
+    assert again == p
+
+
+def test_notices_for_edits_that_cannot_apply(tiny):
+    p = parse(tiny, steps=4, guidance_scale=1, concepts=[{"prompt": "blue", "warmup": 4}])
+    assert any("never applied" in n for n in p.notices)
+    assert any("guidance_scale 1 <= 1" in n for n in p.notices)
+
+
+def test_scheduler_by_name(tiny):
+    assert error(tiny, scheduler="PNDM").startswith("scheduler must be one of DDIM, DPM-Solver++, Euler")
+    for name, cls in service.SCHEDULERS.items():
+        assert isinstance(service.make_scheduler(name, tiny.pipe.scheduler.config), cls)
+
+
+def test_limits_from_env():
+    limits = service.Limits.from_env({"SEGA_MAX_STEPS": "20", "SEGA_MAX_SIZE": "256", "SEGA_MAX_CONCEPTS": "2",
+                                      "SEGA_MAX_PROMPT_CHARS": "50"})
+    assert limits == service.Limits(20, 256, 2, 50)
+    assert service.Limits.from_env({}) == service.Limits(100, 1024, 6, 1000)
+    with pytest.raises(ValueError, match="SEGA_MAX_STEPS must be a positive integer"):
+        service.Limits.from_env({"SEGA_MAX_STEPS": "0"})
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+concept_strategy = st.dictionaries(st.sampled_from(service.CONCEPT_KEYS + ("bogus",)), json_values, max_size=5)
+request_strategy = st.fixed_dictionaries({}, optional={
+    "prompt": st.text(max_size=30) | json_values,
+    "concepts": st.lists(concept_strategy, max_size=4) | json_values,
+    **{k: json_values | st.integers(0, 64) | st.floats(0, 64) for k in
+       ("seed", "steps", "guidance_scale", "width", "height", "momentum_scale", "momentum_beta")},
+})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=request_strategy)
+def test_any_payload_is_accepted_or_gets_the_documented_error(tiny, raw):
+    try:
+        p = service.parse_request(tiny, raw, LIMITS)
+    except service.InvalidInput as exc:
+        assert str(exc)  # a message, never a crash of another kind
+        return
+    assert p.prompt.strip() and 1 <= p.steps <= LIMITS.max_steps and len(p.concepts) <= LIMITS.max_concepts
+
+
+# ------------------------------------------------------------------------------------------------
+# Generation
+# ------------------------------------------------------------------------------------------------
+
+
+def test_generate_returns_both_images_and_the_used_parameters(tiny):
+    p = parse(tiny, seed=3, steps=4, concepts=[{"prompt": "blue", "warmup": 1, "scale": 8, "threshold": 0.5}])
+    r = service.generate(tiny, p)
+    assert r.original.size == r.edited.size == (16, 16)
+    assert not np.array_equal(np.asarray(r.original), np.asarray(r.edited))
+    assert r.used == p.to_json() and r.used["seed"] == 3
+    assert "+'blue'" in r.summary and "seed 3" in r.summary
+    # The same request again: the same pair; the plain run comes from the re-edit cache.
+    r2 = service.generate(tiny, p)
+    assert r2.cache_hit
+    assert np.array_equal(np.asarray(r.original), np.asarray(r2.original))
+    assert np.array_equal(np.asarray(r.edited), np.asarray(r2.edited))
+
+
+def test_generate_without_concepts_gives_the_same_image_twice(tiny):
+    r = service.generate(tiny, parse(tiny, seed=4, steps=3, scheduler="Euler"))
+    assert np.array_equal(np.asarray(r.original), np.asarray(r.edited))
+    assert r.summary.startswith("no edits")
+
+
+def test_stop_event_stops_at_the_next_step(tiny):
+    stop = threading.Event()
+    seen = []
+
+    def progress(done, total):
+        seen.append((done, total))
+        if done == 2:
+            stop.set()
+
+    with pytest.raises(service.GenerationStopped, match="after 3 of 6 steps"):
+        service.generate(tiny, parse(tiny, seed=1, steps=6), progress_callback=progress, stop_event=stop)
+    assert seen == [(1, 6), (2, 6)]
+
+
+def test_gpu_duration_grows_with_work_and_stays_bounded():
+    base = service.gpu_duration(50, 2, 512, 512)
+    assert isinstance(base, int)
+    assert service.gpu_duration(100, 2, 512, 512) > base
+    assert service.gpu_duration(50, 6, 512, 512) > base
+    assert service.gpu_duration(50, 2, 768, 768) > base
+    assert service.gpu_duration(50, 0, 512, 512) < base
+    assert service.gpu_duration(1, 0, 32, 32) == 15  # the floor: start-up is never free
+    assert service.gpu_duration(10_000, 6, 2048, 2048) == 300
+    assert service.gpu_duration(50, 4, 512, 512) <= 60  # the authors' example fits a default ZeroGPU slot
+
+
+# ------------------------------------------------------------------------------------------------
+# As code
+# ------------------------------------------------------------------------------------------------
+
+
+def test_client_snippet_is_python_with_every_api_parameter(tiny):
+    p = parse(tiny, seed=9, concepts=[{"prompt": "it's \"quoted\"\\", "reverse": True}], scheduler="Euler")
+    client, _ = service.as_code(p, url="http://127.0.0.1:9999/")
+    tree = ast.parse(client)
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "predict")
+    kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+    assert kwargs.pop("api_name") == "/generate"
+    assert kwargs == p.api_kwargs()
+    assert "Client('http://127.0.0.1:9999/')" in client
+    assert "this result used Euler" in client
+
+
+def test_library_snippet_reproduces_the_app_result(tiny_dir, tmp_path, monkeypatch):
+    loaded = load_pipeline(str(tiny_dir))
+    loaded.pipe.set_progress_bar_config(disable=True)
+    p = service.parse_request(loaded, {"prompt": "a large red circle", "seed": 11, "steps": 4,
+                                       "scheduler": "DPM-Solver++", "negative_prompt": "small",
+                                       "concepts": [{"prompt": "blue", "warmup": 1, "threshold": 0.5},
+                                                    {"prompt": "square", "reverse": True, "cooldown": 3}]}, LIMITS)
+    app_result = service.generate(loaded, p)
+    _, library = service.as_code(p)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(library, "as_code", "exec"), {})
+    from PIL import Image
+    assert np.array_equal(np.asarray(Image.open("original.png")), np.asarray(app_result.original))
+    assert np.array_equal(np.asarray(Image.open("edited.png")), np.asarray(app_result.edited))
+
+
+def test_library_snippet_without_concepts_runs(tiny_dir, tmp_path, monkeypatch):
+    loaded = load_pipeline(str(tiny_dir))
+    _, library = service.as_code(service.parse_request(loaded, {"prompt": "red", "seed": 1, "steps": 2}, LIMITS))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(library, "as_code", "exec"), {})
+    assert (tmp_path / "edited.png").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------------
+
+
+def test_load_a_local_folder(tiny_dir):
+    loaded = load_pipeline(str(tiny_dir), device="cpu")
+    assert loaded.model_id == str(tiny_dir) and loaded.fallback_reason is None
+    assert loaded.is_demo  # the tiny model uses the demo model's vocabulary
+    assert loaded.device == "cpu" and loaded.pipe.unet.dtype == torch.float32
+
+
+def test_model_from_env(tiny_dir, monkeypatch):
+    monkeypatch.setenv("SEGA_MODEL", str(tiny_dir))
+    assert load_pipeline(None, device="cpu").model_id == str(tiny_dir)
+
+
+def test_a_missing_model_falls_back_to_the_bundled_one(tiny_dir, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(loading, "DEFAULT_MODEL_DIR", tiny_dir)
+    missing = tmp_path / "no-such-model"
+    with caplog.at_level("WARNING", logger="sega.loading"):
+        loaded = load_pipeline(str(missing), device="cpu")
+    assert loaded.model_id == str(tiny_dir)
+    assert str(missing) in loaded.fallback_reason and "bundled demo model" in loaded.fallback_reason
+    assert loaded.fallback_reason in caplog.text
+
+
+def test_default_model_depends_on_the_gpu(monkeypatch):
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert loading.default_model() == str(loading.DEFAULT_MODEL_DIR)
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    assert loading.default_model() == loading.SD_MODEL_ID
+
+
+def test_safety_checker_off_passes_none(monkeypatch):
+    seen = {}
+
+    def fake_from_pretrained(model, **kwargs):
+        seen.update(kwargs)
+        return SegaPipeline(**tiny_components())
+
+    monkeypatch.setattr(SegaPipeline, "from_pretrained", fake_from_pretrained)
+    load_pipeline("some/model", device="cpu", safety_checker=False)
+    assert "safety_checker" in seen and seen["safety_checker"] is None
+    assert "trust_remote_code" not in seen
+    seen.clear()
+    load_pipeline("some/model", device="cpu")
+    assert "safety_checker" not in seen  # the model's own checker is kept
