@@ -383,7 +383,8 @@ def generate(loaded: LoadedModel, params: GenerationParams,
     if out.nsfw_content_detected and out.nsfw_content_detected[0]:
         edited = None
         flagged.append("The image with edits was flagged by the safety checker and is not shown.")
-    used = params.to_json()
+    # Notices (truncation, removed control characters...) travel with the result, for API callers too.
+    used = {**params.to_json(), "notices": [*params.notices, *flagged]}
     return GenerationResult(original=original, edited=edited, used=used,
                             summary=summarize(params, seconds, out.cache_hit, flagged),
                             cache_hit=bool(out.cache_hit), seconds=seconds)

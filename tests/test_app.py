@@ -1,0 +1,173 @@
+"""The app in-process on the demo model, called through its public API with gradio_client."""
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+STEPS = 10
+PROMPT = "a large red circle on a white background"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_module():
+    mp = pytest.MonkeyPatch()
+    mp.delenv("SEGA_MODEL", raising=False)  # the bundled demo model, whatever the shell says
+    import app
+
+    yield app
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def server(app_module):
+    _, url, _ = app_module.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(),
+                                  quiet=True)
+    yield url
+    app_module.demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from gradio_client import Client
+
+    return Client(server, verbose=False)
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def generate(client, **kwargs):
+    original, edited, used = client.predict(api_name="/generate", **{"prompt": PROMPT, "steps": STEPS, **kwargs})
+    return pixels(original), pixels(edited), used
+
+
+def test_the_api_lists_one_endpoint_with_named_parameters(client, app_module):
+    info = client.view_api(return_format="dict", print_info=False)
+    assert list(info["named_endpoints"]) == ["/generate"] and not info["unnamed_endpoints"]
+    params = info["named_endpoints"]["/generate"]["parameters"]
+    assert [p["parameter_name"] for p in params] == ["prompt", "concepts", "seed", "steps", "guidance_scale",
+                                                     "negative_prompt", "width", "height", "momentum_scale",
+                                                     "momentum_beta"]
+    required = [p["parameter_name"] for p in params if not p["parameter_has_default"]]
+    assert required == ["prompt"]
+    defaults = {p["parameter_name"]: p["parameter_default"] for p in params}
+    assert defaults["steps"] == app_module.DEFAULTS["steps"] and defaults["width"] == app_module.NATIVE
+    assert len(info["named_endpoints"]["/generate"]["returns"]) == 3
+
+
+def test_edit_differs_and_the_same_seed_gives_the_same_pair(client):
+    concepts = [{"prompt": "blue", "preset": "color"}]
+    original, edited, used = generate(client, concepts=concepts, seed=42)
+    assert original.shape == edited.shape == (32, 32, 3)
+    assert np.abs(original.astype(int) - edited.astype(int)).mean() > 1.0
+    assert used["seed"] == 42 and used["steps"] == STEPS
+    assert used["concepts"][0]["prompt"] == "blue" and {"scale", "threshold", "warmup", "cooldown", "reverse",
+                                                          "weight"} <= set(used["concepts"][0])
+    original2, edited2, used2 = generate(client, concepts=concepts, seed=42)
+    assert np.array_equal(original, original2) and np.array_equal(edited, edited2)
+    assert used2 == used
+
+    # Only the concepts change: the image without edits stays exactly the same.
+    original3, edited3, _ = generate(client, concepts=[{"prompt": "black background", "preset": "background"}],
+                                     seed=42)
+    assert np.array_equal(original, original3)
+    assert not np.array_equal(edited, edited3)
+
+
+def test_no_concepts_and_no_seed(client):
+    original, edited, used = generate(client, concepts=[])
+    assert np.array_equal(original, edited)
+    assert used["concepts"] == [] and isinstance(used["seed"], int)
+    # The reported seed reproduces the pair.
+    original2, _, _ = generate(client, concepts=[], seed=used["seed"])
+    assert np.array_equal(original, original2)
+
+
+def test_a_long_prompt_is_truncated_with_a_notice(client):
+    _, _, used = generate(client, prompt=PROMPT + " and a blue square" * 4, steps=2)
+    assert any("token limit" in n for n in used["notices"])
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"steps": 0}, "steps"),
+    ({"steps": 2.5}, "steps"),
+    ({"width": 36}, "width"),
+    ({"height": 4096}, "height"),
+    ({"seed": -1}, "seed"),
+    ({"guidance_scale": 1e9}, "guidance_scale"),
+    ({"momentum_beta": 1}, "momentum_beta"),
+    ({"concepts": "blue"}, "concepts"),
+    ({"concepts": {"prompt": "blue"}}, "concepts"),
+    ({"concepts": [{"prompt": "blue"}] * 7}, "concepts"),
+    ({"concepts": [{"prompt": ""}]}, "concepts[0].prompt"),
+    ({"concepts": [{"prompt": "blue", "strength": 3}]}, "concepts[0]"),
+    ({"concepts": [{"prompt": "blue", "scale": "big"}]}, "concepts[0].scale"),
+    ({"prompt": "\n\t"}, "prompt"),
+])
+def test_invalid_input_gets_an_error_naming_the_field(client, kwargs, field):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as info:
+        client.predict(api_name="/generate", **{"prompt": PROMPT, "steps": 2, **kwargs})
+    assert str(info.value).startswith(field)
+
+
+def test_nan_over_raw_http_is_rejected_and_the_app_keeps_serving(server, client):
+    # gradio_client refuses to send NaN; a hand-written request can.
+    body = '{"data": ["a red circle", [], 1, NaN, null, "", null, null, null, null]}'
+    r = httpx.post(f"{server}gradio_api/call/generate", content=body, headers={"content-type": "application/json"})
+    event_id = r.json()["event_id"]
+    stream = httpx.get(f"{server}gradio_api/call/generate/{event_id}", timeout=60).text
+    assert "event: error" in stream
+    error = json.loads(stream.split("data:", 1)[1].strip().splitlines()[0])
+    assert error["error"].startswith("steps must be an integer in [1, ") and error["error"].endswith("got nan")
+    original, edited, _ = generate(client, steps=2, seed=1)
+    assert original.shape == (32, 32, 3)
+
+
+class FakeRequest:
+    def __init__(self, session_hash: str):
+        self.session_hash = session_hash
+
+
+def test_stop_stops_only_that_session(app_module):
+    import gradio as gr
+
+    outcome = {}
+
+    def run():
+        try:
+            app_module._run({"prompt": PROMPT, "steps": app_module.LIMITS.max_steps, "seed": 3}, FakeRequest("a"))
+            outcome["result"] = "finished"
+        except gr.Error as exc:
+            outcome["result"] = exc.message
+
+    worker = threading.Thread(target=run)
+    start = time.monotonic()
+    worker.start()
+    while "a" not in app_module._stop_flags and worker.is_alive():
+        time.sleep(0.01)
+    app_module.stop(FakeRequest("b"))  # another visitor's Stop does nothing here
+    assert not app_module._stop_flags["a"].is_set()
+    app_module.stop(FakeRequest("a"))
+    worker.join(timeout=60)
+    assert outcome["result"].startswith("Stopped after")
+    steps_done = int(outcome["result"].split()[2])
+    assert steps_done < app_module.LIMITS.max_steps
+    assert "a" not in app_module._stop_flags  # the flag is cleaned up
+    assert time.monotonic() - start < 60
