@@ -51,7 +51,9 @@ _stop_flags: dict[str, threading.Event] = {}
 _stop_lock = threading.Lock()
 
 CSS = """
+/* small images (the demo model's are 32 px) are scaled up to fill their box, without blurring */
 #original img, #edited img, #slider img { image-rendering: pixelated; }
+#original img, #edited img { width: 100%; height: 100%; object-fit: contain; }
 #fallback-banner { border: 1px solid #f59e0b; border-radius: 8px; padding: 0 12px; background: #fffbeb; }
 """
 
@@ -120,8 +122,8 @@ def _run(raw: dict, request: gr.Request | None) -> tuple[service.GenerationParam
             _stop_flags[key] = flag
     try:
         return params, run_on_gpu(params, key)
-    except service.GenerationStopped as exc:
-        raise gr.Error(str(exc), title="Stopped", print_exception=False) from None
+    except service.GenerationStopped:
+        raise  # the caller decides how a stop looks (a notice in the UI, an error for API callers)
     except torch.OutOfMemoryError:
         raise gr.Error("Out of GPU memory; try a smaller size or fewer concepts.", title="Out of memory",
                        print_exception=False) from None
@@ -151,17 +153,38 @@ def generate_api(prompt, concepts=None, seed=None, steps=None, guidance_scale=No
     raw = {"prompt": prompt, "concepts": concepts, "seed": seed, "steps": steps, "guidance_scale": guidance_scale,
            "negative_prompt": negative_prompt, "width": width, "height": height,
            "momentum_scale": momentum_scale, "momentum_beta": momentum_beta}
-    _, result = _run(raw, request)
+    try:
+        _, result = _run(raw, request)
+    except service.GenerationStopped as exc:
+        raise gr.Error(str(exc), title="Stopped", print_exception=False) from None
     return result.original, result.edited, result.used
+
+
+def _run_ui(raw: dict, request: gr.Request | None) -> tuple:
+    """Run for the UI: a stopped run keeps the previous images on screen."""
+    try:
+        params, result = _run(raw, request)
+    except service.GenerationStopped as exc:
+        gr.Info(str(exc))
+        return (gr.skip(),) * 5
+    return _ui_outputs(params, result)
 
 
 def _ui_outputs(params: service.GenerationParams, result: service.GenerationResult) -> tuple:
     for notice in result.used["notices"]:
         gr.Warning(notice)
-    client_code, library_code = service.as_code(params)
     pair = (result.original, result.edited) if result.original is not None and result.edited is not None else None
-    return (result.original, result.edited, pair, params.seed, result.summary, result.used, client_code,
-            library_code)
+    return result.original, result.edited, pair, params.seed, result.used
+
+
+def show_details(used) -> tuple[str, str, str]:
+    """Summary and "as code" from the parameters used (also when they come from a cached example)."""
+    if hasattr(used, "model_dump"):  # cached examples hand gr.JSON values over as a pydantic model
+        used = used.model_dump()
+    if not used:
+        return "", "", ""
+    client_code, library_code = service.as_code(service.params_from_json(LOADED, used, LIMITS))
+    return used.get("summary", ""), client_code, library_code
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,9 +239,9 @@ with gr.Blocks(title="SEGA: semantic guidance", delete_cache=(900, 3600)) as dem
                 seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=service.MAX_SEED, elem_id="seed")
                 randomize = gr.Checkbox(True, label="Random seed", elem_id="randomize")
             with gr.Row():
-                steps = gr.Slider(1, LIMITS.max_steps, value=DEFAULTS["steps"], step=1, label="Steps")
+                steps = gr.Slider(1, LIMITS.max_steps, value=DEFAULTS["steps"], step=1, label="Steps", elem_id="steps")
                 guidance = gr.Slider(0, service.MAX_GUIDANCE_SCALE, value=DEFAULTS["guidance_scale"], step=0.5,
-                                     label="Guidance scale")
+                                     label="Guidance scale", elem_id="guidance")
             with gr.Row():
                 size_max = min(LIMITS.max_size, 2 * NATIVE)
                 width = gr.Slider(service.min_size(LOADED), size_max, value=NATIVE, step=8, label="Width")
@@ -237,17 +260,23 @@ with gr.Blocks(title="SEGA: semantic guidance", delete_cache=(900, 3600)) as dem
 
         with gr.Column(scale=4):
             with gr.Row():
-                original_img = gr.Image(label="Without edits", format="png", interactive=False, elem_id="original")
-                edited_img = gr.Image(label="With edits", format="png", interactive=False, elem_id="edited")
-            slider = gr.ImageSlider(label="Before / after", format="png", interactive=False, elem_id="slider")
+                original_img = gr.Image(label="Without edits", format="png", interactive=False, height=260,
+                                        elem_id="original")
+                edited_img = gr.Image(label="With edits", format="png", interactive=False, height=260,
+                                      elem_id="edited")
+            slider = gr.ImageSlider(label="Before / after", format="png", interactive=False, max_height=360,
+                                    elem_id="slider")
             seed_used = gr.Number(label="Seed used", precision=0, interactive=False, elem_id="seed-used")
             summary = gr.Markdown(elem_id="summary")
-            used_json = gr.JSON(label="Parameters used", open=False)
+            with gr.Accordion("Parameters used (JSON)", open=False):
+                used_json = gr.JSON(show_label=False)
             with gr.Accordion("As code", open=False):
                 client_code = gr.Code(language="python", label="gradio_client (call this app)")
                 library_code = gr.Code(language="python", label="sega library (run it yourself)")
 
-    ui_outputs = [original_img, edited_img, slider, seed_used, summary, used_json, client_code, library_code]
+    # Summary and code are derived from the JSON: cached examples store JSON faithfully, free text less so.
+    ui_outputs = [original_img, edited_img, slider, seed_used, used_json]
+    used_json.change(show_details, used_json, [summary, client_code, library_code], api_visibility="private")
     settings = [negative_prompt, seed, steps, guidance, width, height, scheduler, momentum_scale, momentum_beta]
 
     # Concept rows -------------------------------------------------------------------------------
@@ -280,7 +309,7 @@ with gr.Blocks(title="SEGA: semantic guidance", delete_cache=(900, 3600)) as dem
                "seed": None if v[randomize] else v[seed], "steps": v[steps], "guidance_scale": v[guidance],
                "width": v[width], "height": v[height], "scheduler": v[scheduler],
                "momentum_scale": v[momentum_scale], "momentum_beta": v[momentum_beta]}
-        return _ui_outputs(*_run(raw, request))
+        return _run_ui(raw, request)
 
     gen_event = gr.on([generate_btn.click, prompt.submit], generate_ui, all_inputs, ui_outputs,
                       api_visibility="private", concurrency_id="gpu", concurrency_limit=CONCURRENCY)
@@ -311,7 +340,10 @@ with gr.Blocks(title="SEGA: semantic guidance", delete_cache=(900, 3600)) as dem
 
     def run_example(prompt_text, example_seed, concepts, request: gr.Request,
                     progress=gr.Progress(track_tqdm=True)):
-        return _ui_outputs(*_run({"prompt": prompt_text, "seed": example_seed, "concepts": concepts}, request))
+        # Example caching hands gr.JSON values over as a pydantic model, not as plain lists.
+        if hasattr(concepts, "model_dump"):
+            concepts = concepts.model_dump()
+        return _run_ui({"prompt": prompt_text, "seed": example_seed, "concepts": concepts}, request)
 
     def fill_rows(concepts: list | None) -> list:
         concepts = concepts or []

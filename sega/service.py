@@ -301,6 +301,11 @@ def parse_request(loaded: LoadedModel, raw: Mapping, limits: Limits | None = Non
     )
 
 
+def params_from_json(loaded: LoadedModel, used: Mapping, limits: Limits | None = None) -> GenerationParams:
+    """The request behind a "parameters used" JSON (as :func:`generate` returns it)."""
+    return parse_request(loaded, {k: used.get(k) for k in (*API_PARAMS, "scheduler")}, limits)
+
+
 # ----------------------------------------------------------------------------------------------
 # Generation
 # ----------------------------------------------------------------------------------------------
@@ -383,10 +388,11 @@ def generate(loaded: LoadedModel, params: GenerationParams,
     if out.nsfw_content_detected and out.nsfw_content_detected[0]:
         edited = None
         flagged.append("The image with edits was flagged by the safety checker and is not shown.")
-    # Notices (truncation, removed control characters...) travel with the result, for API callers too.
-    used = {**params.to_json(), "notices": [*params.notices, *flagged]}
-    return GenerationResult(original=original, edited=edited, used=used,
-                            summary=summarize(params, seconds, out.cache_hit, flagged),
+    summary = summarize(params, seconds, out.cache_hit, flagged)
+    # Notices (truncation, removed control characters...) and the summary travel with the result, for API
+    # callers too.
+    used = {**params.to_json(), "notices": [*params.notices, *flagged], "summary": summary}
+    return GenerationResult(original=original, edited=edited, used=used, summary=summary,
                             cache_hit=bool(out.cache_hit), seconds=seconds)
 
 

@@ -80,7 +80,8 @@ def test_edit_differs_and_the_same_seed_gives_the_same_pair(client):
                                                           "weight"} <= set(used["concepts"][0])
     original2, edited2, used2 = generate(client, concepts=concepts, seed=42)
     assert np.array_equal(original, original2) and np.array_equal(edited, edited2)
-    assert used2 == used
+    assert {k: v for k, v in used2.items() if k != "summary"} == {k: v for k, v in used.items() if k != "summary"}
+    assert "reused from cache" in used2["summary"]
 
     # Only the concepts change: the image without edits stays exactly the same.
     original3, edited3, _ = generate(client, concepts=[{"prompt": "black background", "preset": "background"}],
@@ -152,7 +153,7 @@ def test_stop_stops_only_that_session(app_module):
 
     def run():
         try:
-            app_module._run({"prompt": PROMPT, "steps": app_module.LIMITS.max_steps, "seed": 3}, FakeRequest("a"))
+            app_module.generate_api(PROMPT, steps=app_module.LIMITS.max_steps, seed=3, request=FakeRequest("a"))
             outcome["result"] = "finished"
         except gr.Error as exc:
             outcome["result"] = exc.message
@@ -171,3 +172,19 @@ def test_stop_stops_only_that_session(app_module):
     assert steps_done < app_module.LIMITS.max_steps
     assert "a" not in app_module._stop_flags  # the flag is cleaned up
     assert time.monotonic() - start < 60
+
+
+def test_a_failure_inside_one_generation_reaches_only_that_request(client, app_module, monkeypatch):
+    from gradio_client.exceptions import AppError
+
+    real = app_module.run_on_gpu
+
+    def fail_once(params, stop_key=None):
+        monkeypatch.setattr(app_module, "run_on_gpu", real)
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(app_module, "run_on_gpu", fail_once)
+    with pytest.raises(AppError, match=r"Generation failed \(RuntimeError\)"):
+        generate(client, steps=2, seed=1)
+    original, _, used = generate(client, steps=2, seed=1)
+    assert original.shape == (32, 32, 3) and used["seed"] == 1

@@ -1,0 +1,75 @@
+"""Headless Chromium drives the app like a visitor, and saves the README's screenshot."""
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from sega.presets import presets_for
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = "/usr/bin/chromium"
+SCREENSHOT = Path(__file__).resolve().parent.parent / "assets" / "screenshot.png"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    mp = pytest.MonkeyPatch()
+    mp.delenv("SEGA_MODEL", raising=False)
+    import app
+
+    _, url, _ = app.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
+    yield url
+    app.demo.close()
+    mp.undo()
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium is not installed")
+def test_two_concepts_one_removed_shows_both_images(server):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(server)
+            page.locator("#prompt textarea").fill("a large red circle on a white background")
+
+            page.locator("#add-concept").click()
+            expect(page.locator("#concept-1").first).to_be_visible()  # gradio nests the id twice
+            page.locator("#concept-0-text textarea, #concept-0-text input").first.fill("blue")
+            page.locator("#concept-1-text textarea, #concept-1-text input").first.fill("large")
+            page.locator("#concept-1-direction").get_by_text("remove").click()
+            page.locator("#concept-1-preset input").click()
+            page.get_by_role("option", name="size").click()
+
+            page.locator("#randomize input").uncheck()
+            page.locator("#seed input").fill("7")
+            page.locator("#steps input[type=number]").fill("12")
+            page.locator("#steps input[type=number]").press("Enter")
+
+            page.locator("#generate").click()
+            for image in ("#original img", "#edited img"):
+                expect(page.locator(image).first).to_be_visible(timeout=120_000)
+            summary = page.locator("#summary")
+            expect(summary).to_contain_text("seed 7", timeout=30_000)
+            text = summary.inner_text()
+            size_scale = presets_for(True)["size"]["scale"]
+            assert "+'blue'" in text and f"−'large' (scale {size_scale:g}," in text  # removed, with the size preset
+            assert "12 steps" in text
+            expect(page.locator("#seed-used input")).to_have_value("7")
+
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+        finally:
+            browser.close()
+    assert 0 < SCREENSHOT.stat().st_size < 300_000
