@@ -35,9 +35,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 # Command-line options only when run as a script: under pytest, sys.argv belongs to pytest.
 ARGS = parse_args(sys.argv[1:] if __name__ == "__main__" else [])
 LIMITS = service.Limits.from_env()
-LOADED = load_pipeline(ARGS.model, safety_checker=not ARGS.no_safety_checker)
-if LOADED.fallback_reason:
-    logger.warning(LOADED.fallback_reason)
+LOADED = load_pipeline(ARGS.model, safety_checker=not ARGS.no_safety_checker)  # logs a fallback itself
 DEFAULTS = service.ui_defaults(LOADED)
 PRESETS = presets_for(LOADED.is_demo)
 DEFAULT_PRESET = defaults_for(LOADED.is_demo)["default_preset"]

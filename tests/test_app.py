@@ -1,9 +1,13 @@
 """The app in-process on the demo model, called through its public API with gradio_client."""
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -79,7 +83,10 @@ def test_edit_differs_and_the_same_seed_gives_the_same_pair(client):
     assert used["concepts"][0]["prompt"] == "blue" and {"scale", "threshold", "warmup", "cooldown", "reverse",
                                                           "weight"} <= set(used["concepts"][0])
     original2, edited2, used2 = generate(client, concepts=concepts, seed=42)
-    assert np.array_equal(original, original2) and np.array_equal(edited, edited2)
+    assert np.array_equal(original, original2)
+    # The second run replays the plain run from the re-edit cache, so the edited run's UNet batches differ in
+    # size; on a multi-threaded CPU that moves a few pixels by one level (float32 noise, ~3e-6 before rounding).
+    assert np.abs(edited.astype(int) - edited2.astype(int)).max() <= 1
     assert {k: v for k, v in used2.items() if k != "summary"} == {k: v for k, v in used.items() if k != "summary"}
     assert "reused from cache" in used2["summary"]
 
@@ -188,3 +195,17 @@ def test_a_failure_inside_one_generation_reaches_only_that_request(client, app_m
         generate(client, steps=2, seed=1)
     original, _, used = generate(client, steps=2, seed=1)
     assert original.shape == (32, 32, 3) and used["seed"] == 1
+
+
+def test_a_model_that_cannot_load_falls_back_with_a_banner(tmp_path):
+    missing = tmp_path / "no-such-model"
+    code = ("import app, gradio as gr\n"
+            "banners = [b.value for b in app.demo.blocks.values() if isinstance(b, gr.Markdown) and b.elem_id == 'fallback-banner']\n"
+            "print(app.LOADED.is_demo, banners)\n")
+    env = {**os.environ, "SEGA_MODEL": str(missing)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"Could not load the model '{missing}'" in done.stderr  # the log
+    result = done.stdout.strip().splitlines()[-1]
+    assert result.startswith("True [") and "Could not load the model" in result  # the UI banner
