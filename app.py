@@ -41,6 +41,9 @@ PRESETS = presets_for(LOADED.is_demo)
 DEFAULT_PRESET = defaults_for(LOADED.is_demo)["default_preset"]
 NATIVE = service.native_size(LOADED)
 MAX_ROWS = LIMITS.max_concepts
+# Cached example results belong to one set of weights: another model (or a retrained one) gets its own folder.
+os.environ.setdefault("GRADIO_EXAMPLES_CACHE", os.path.join(".gradio", "cached_examples",
+                                                            service.model_fingerprint(LOADED)))
 QUEUE_SIZE = int(os.environ.get("SEGA_QUEUE_SIZE", "32"))
 CONCURRENCY = int(os.environ.get("SEGA_CONCURRENCY", "1"))
 

@@ -7,6 +7,7 @@ request from the browser and one from ``gradio_client`` are checked and run the 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import secrets
@@ -91,6 +92,12 @@ def min_size(loaded: LoadedModel) -> int:
     """The smallest image the UNet can take: one latent pixel after its last downsampling."""
     pipe = loaded.pipe
     return max(8, int(pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)))
+
+
+def model_fingerprint(loaded: LoadedModel) -> str:
+    """A short id of the served weights (model id plus a few UNet weights), e.g. to keep caches apart."""
+    sample = loaded.pipe.unet.conv_in.weight.detach().flatten()[:256].float().cpu().numpy().tobytes()
+    return hashlib.sha256(loaded.model_id.encode() + sample).hexdigest()[:12]
 
 
 def ui_defaults(loaded: LoadedModel) -> dict:

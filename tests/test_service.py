@@ -361,3 +361,10 @@ def test_safety_checker_off_passes_none(monkeypatch):
     seen.clear()
     load_pipeline("some/model", device="cpu")
     assert "safety_checker" not in seen  # the model's own checker is kept
+
+
+def test_model_fingerprint_tells_weights_apart(tiny):
+    other = LoadedModel(pipe=SegaPipeline(**tiny_components(seed=1)), model_id="tiny", is_demo=True,
+                        fallback_reason=None, device="cpu")
+    assert service.model_fingerprint(tiny) == service.model_fingerprint(tiny)
+    assert service.model_fingerprint(tiny) != service.model_fingerprint(other)
