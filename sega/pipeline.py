@@ -219,7 +219,11 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         Texts over the tokenizer's limit are truncated (end token kept, as StableDiffusionPipeline does)
         with a warning. Each text is encoded on its own so its embedding never depends on its batch.
         """
-        device, dtype = self._execution_device, self.text_encoder.dtype
+        # The UNet's dtype: transformers keeps a checkpoint's dtype where diffusers loads float32.
+        device, dtype = self._execution_device, self.unet.dtype
+        if not texts:
+            return torch.zeros((0, self.tokenizer.model_max_length, self.text_encoder.config.hidden_size),
+                               device=device, dtype=dtype)
         out = []
         for text in texts:
             key = (text, str(device), dtype)
@@ -235,7 +239,7 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
                     truncation=True,
                     return_tensors="pt",
                 ).input_ids
-                emb = self.text_encoder(ids.to(device))[0]
+                emb = self.text_encoder(ids.to(device))[0].to(dtype)
                 self.embedding_cache.put(key, emb)
             out.append(emb)
         return torch.cat(out)
@@ -390,6 +394,7 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         return_original: bool = False,
         return_sem_guidance: bool = False,
         use_cache: bool = True,
+        original_first: bool = False,
         scheduler=None,
         callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
@@ -428,7 +433,14 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
                 ``editing_prompt``/``edit_*`` lists; momentum still comes from the two keywords above.
             return_original: also return the images without edits for the same noise, in the same call.
             return_sem_guidance: also return the per-step edit terms.
-            use_cache: use the text-embedding and re-edit caches (results are identical without them).
+            use_cache: use the text-embedding and re-edit caches. A replayed run without edits is bit-identical;
+                the edited image of a re-edit can differ from a one-pass run by float rounding (~1e-6),
+                because UNet kernels round differently at different batch sizes.
+            original_first: with ``return_original`` and a seed, compute the run without edits on its own
+                first (it lands in the re-edit cache), then the edited run as a re-edit. Both images are then
+                bit-identical whatever the cache held before (a server's answer never depends on earlier
+                requests); it costs the same UNet samples as one pass but one more UNet call per step once
+                the edits start. Needs the re-edit cache; without a seed it falls back to one pass.
             scheduler: a scheduler for this call only (copied), instead of ``self.scheduler``.
             callback_on_step_end: ``f(pipe, step, t, tensors) -> dict`` after every step; may replace
                 "latents" (the edited trajectory). Set ``pipe._interrupt = True`` to stop early.
@@ -491,6 +503,8 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         dtype = text_emb.dtype
 
         # 2. Timesteps, initial noise, per-call scheduler (never shared between calls or threads)
+        scheduler_arg, latents_arg = scheduler, latents
+        generator_at_start = _clone_generator(generator) if original_first and return_original else None
         scheduler = copy.deepcopy(scheduler if scheduler is not None else self.scheduler)
         scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = scheduler.timesteps
@@ -515,6 +529,23 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
             cache_key = self._cache_key(prompts, negative_prompts, num_images_per_prompt, height, width,
                                         num_inference_steps, guidance_scale, eta, scheduler, generator, latents)
         cached: _PlainTrajectory | None = self.reedit_cache.get(cache_key) if cache_key is not None else None
+        cache_hit = cached is not None
+        plain_first = None
+        if original_first and need_plain and cached is None and cache_key is not None and self.reedit_cache.max_entries:
+            # The run without edits on its own, from the same noise; it lands in the cache and the edited
+            # run below replays it, so both images are the same whether or not the cache held it before.
+            plain_first = self(
+                prompts, height=height, width=width, num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale, negative_prompt=negative_prompts,
+                num_images_per_prompt=num_images_per_prompt, eta=eta, generator=generator_at_start,
+                latents=latents_arg, output_type="latent" if output_type == "latent" else "pt",
+                return_original=True, scheduler=scheduler_arg, callback=callback, callback_steps=callback_steps,
+                callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            )
+            # None when it was interrupted (the loop then stops at once) or, with several requests at a
+            # time, already evicted (this call then falls back to one pass).
+            cached = self.reedit_cache.get(cache_key)
         record = _PlainTrajectory([], [], []) if cache_key is not None and cached is None else None
 
         signed_scales = torch.tensor(cc.signed_scales, device=device, dtype=torch.float32)
@@ -539,7 +570,7 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         recorded_guidance: list[torch.Tensor] | None = [] if return_sem_guidance else None
         edit_kwargs = self._step_kwargs(scheduler, generator, eta)
         plain_scheduler, plain_kwargs, plain_latents = None, None, None
-        unet_calls, unet_samples = 0, 0
+        unet_calls, unet_samples = (0, 0) if plain_first is None else (plain_first.unet_calls, plain_first.unet_samples)
 
         # 4. Denoising loop
         for i, t in enumerate(self.progress_bar(timesteps)):
@@ -656,6 +687,10 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
             image, nsfw = self._decode(latents, dtype)
             if original_latents is not None:
                 original, original_nsfw = image, nsfw
+        elif original_first:
+            # Each image on its own: a batch of two can round differently from a batch of one.
+            image, nsfw = self._decode(latents, dtype)
+            original, original_nsfw = self._decode(original_latents, dtype)
         else:
             decoded, flags = self._decode(torch.cat([latents, original_latents]), dtype)
             image, original = decoded[:batch], decoded[batch:]
@@ -675,4 +710,4 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
             return (images, nsfw)
         return SegaPipelineOutput(images=images, nsfw_content_detected=nsfw, original_images=originals,
                                   original_nsfw_content_detected=original_nsfw, sem_guidance=recorded_guidance,
-                                  cache_hit=cached is not None, unet_calls=unet_calls, unet_samples=unet_samples)
+                                  cache_hit=cache_hit, unet_calls=unet_calls, unet_samples=unet_samples)

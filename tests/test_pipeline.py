@@ -186,6 +186,56 @@ def test_plain_run_fills_the_cache():
     np.testing.assert_array_equal(edited.original_images, plain.images)
 
 
+@pytest.mark.parametrize("scheduler", ["ddim", "euler"])
+def test_original_first_answers_do_not_depend_on_the_cache(scheduler):
+    """A server's answer must not depend on earlier requests: cold cache, warm cache and another
+    concept set in between all give the very same pair of images, bit for bit."""
+    _, ours = pipes(scheduler)
+    kw = dict(prompt="a red circle", num_inference_steps=STEPS, guidance_scale=7.0, output_type="np",
+              edit_momentum_scale=0.3, return_original=True, original_first=True)
+    concepts = [EditConcept("blue", scale=6, warmup=2), EditConcept("red", reverse=True, warmup=3)]
+    cold = ours(**kw, generator=gen(4), concepts=concepts)
+    assert not cold.cache_hit  # the run without edits was computed first, then replayed
+    ours(**kw, generator=gen(4), concepts=[EditConcept("square", warmup=1)])
+    warm = ours(**kw, generator=gen(4), concepts=concepts)
+    assert warm.cache_hit
+    np.testing.assert_array_equal(warm.images, cold.images)
+    np.testing.assert_array_equal(warm.original_images, cold.original_images)
+    ours.reedit_cache.clear()
+    ours.embedding_cache.clear()
+    again = ours(**kw, generator=gen(4), concepts=concepts)
+    np.testing.assert_array_equal(again.images, cold.images)
+    # The original is the plain run's image, and the edit really changed something.
+    plain = ours(**{**kw, "return_original": False}, generator=gen(4))
+    np.testing.assert_array_equal(cold.original_images, plain.images)
+    assert np.abs(cold.images - cold.original_images).max() > 1e-3
+    # Same meaning as one pass, up to float round-off.
+    ours.reedit_cache.clear()
+    one_pass = ours(**{**kw, "original_first": False}, generator=gen(4), concepts=concepts)
+    np.testing.assert_allclose(one_pass.images, cold.images, atol=1e-4)
+
+
+def test_an_empty_concept_list_is_a_plain_run():
+    _, ours = pipes("ddim")
+    kw = dict(prompt="a red circle", num_inference_steps=STEPS, guidance_scale=7.0, output_type="latent")
+    out = ours(**kw, generator=gen(), concepts=[], return_original=True)
+    torch.testing.assert_close(out.images, ours(**kw, generator=gen()).images, rtol=0, atol=0)
+    torch.testing.assert_close(out.original_images, out.images, rtol=0, atol=0)
+
+
+def test_a_half_precision_text_encoder_with_a_float32_unet():
+    """transformers keeps a checkpoint's float16 where diffusers loads float32: the call still works."""
+    _, ours = pipes("ddim")
+    kw = dict(prompt="a red circle", num_inference_steps=STEPS, guidance_scale=7.0, output_type="latent",
+              concepts=[EditConcept("blue", warmup=1)])
+    full = ours(**kw, generator=gen()).images
+    ours.text_encoder.to(torch.float16)
+    ours.embedding_cache.clear()
+    half = ours(**kw, generator=gen()).images
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, full, rtol=0, atol=5e-2)
+
+
 def test_guidance_scale_one_applies_edits_with_a_warning(caplog):
     _, ours = pipes("ddim")
     kw = dict(prompt="a red circle", num_inference_steps=STEPS, guidance_scale=1.0, output_type="latent")
