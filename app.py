@@ -13,6 +13,8 @@ import threading
 
 import gradio as gr
 import torch
+from fastapi.exception_handlers import http_exception_handler
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sega import service
 from sega.loading import load_pipeline
@@ -44,8 +46,10 @@ MAX_ROWS = LIMITS.max_concepts
 # Cached example results belong to one set of weights: another model (or a retrained one) gets its own folder.
 os.environ.setdefault("GRADIO_EXAMPLES_CACHE", os.path.join(".gradio", "cached_examples",
                                                             service.model_fingerprint(LOADED)))
-QUEUE_SIZE = int(os.environ.get("SEGA_QUEUE_SIZE", "32"))
-CONCURRENCY = int(os.environ.get("SEGA_CONCURRENCY", "1"))
+QUEUE_SIZE, CONCURRENCY = service.queue_settings()  # SEGA_QUEUE_SIZE, SEGA_CONCURRENCY
+# What an API caller gets when the queue is full (gradio's browser client says "This application is currently
+# busy. Please try again.", gradio_client "Queue is full! Please try again.").
+BUSY_MESSAGE = "The server is busy (its queue of waiting requests is full). Please try again in a minute."
 
 # One stop flag per browser session: the step callback of that session's run checks it.
 _stop_flags: dict[str, threading.Event] = {}
@@ -313,7 +317,7 @@ with gr.Blocks(title="SEGA: semantic guidance", delete_cache=(900, 3600)) as dem
         return _run_ui(raw, request)
 
     gen_event = gr.on([generate_btn.click, prompt.submit], generate_ui, all_inputs, ui_outputs,
-                      api_visibility="private", concurrency_id="gpu", concurrency_limit=CONCURRENCY)
+                      api_visibility="private", concurrency_id="gpu", concurrency_limit="default")
     stop_btn.click(stop, None, None, cancels=[gen_event], queue=False, api_visibility="private")
 
     # Public API: one endpoint with named parameters, raw payloads (validated by sega.service).
@@ -333,8 +337,9 @@ with gr.Blocks(title="SEGA: semantic guidance", delete_cache=(900, 3600)) as dem
         api_outputs = [gr.Image(format="png", label="without edits"), gr.Image(format="png", label="with edits"),
                        gr.JSON(label="parameters used")]
         api_button = gr.Button()
+    # concurrency_limit "default": the queue's default_concurrency_limit, set in launch().
     api_button.click(generate_api, api_inputs, api_outputs, api_name="generate", preprocess=False,
-                     concurrency_id="gpu", concurrency_limit=CONCURRENCY)
+                     concurrency_id="gpu", concurrency_limit="default")
 
     # Examples: fill the form (rows included) and show a lazily cached result ---------------------
     example_concepts = gr.JSON(visible=False)
@@ -374,10 +379,22 @@ with gr.Blocks(title="SEGA: semantic guidance", delete_cache=(900, 3600)) as dem
     )
 
 
-def launch(**kwargs) -> tuple:
-    """Start the server (``python app.py``; tests call this with ``prevent_thread_lock=True``)."""
-    # A bounded queue answers "queue is full" instead of piling up work.
-    return demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=CONCURRENCY).launch(css=CSS, **kwargs)
+async def _http_error(request, exc: StarletteHTTPException):
+    """FastAPI's HTTP error answer, with gradio's "Queue is full. Max size is ..." said for people."""
+    if exc.status_code == 503 and str(exc.detail).startswith("Queue is full"):
+        exc = StarletteHTTPException(503, BUSY_MESSAGE, headers={"Retry-After": "30"})
+    return await http_exception_handler(request, exc)
+
+
+def launch(queue_size: int | None = None, concurrency: int | None = None, **kwargs) -> tuple:
+    """Start the server (``python app.py``; tests call this with ``prevent_thread_lock=True``).
+
+    ``queue_size`` and ``concurrency`` override SEGA_QUEUE_SIZE and SEGA_CONCURRENCY. A bounded queue answers
+    "busy, try again" (HTTP 503) at once instead of piling up work.
+    """
+    demo.queue(max_size=QUEUE_SIZE if queue_size is None else queue_size,
+               default_concurrency_limit=CONCURRENCY if concurrency is None else concurrency)
+    return demo.launch(css=CSS, app_kwargs={"exception_handlers": {StarletteHTTPException: _http_error}}, **kwargs)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,15 @@ MAX_WEIGHT = 100.0
 MAX_STEP_INDEX = 10_000
 
 
+def show_value(value) -> str:
+    """A short repr of ``value`` for an error message: huge integers and long values are abbreviated."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        digits = int(value.bit_length() * math.log10(2)) + 1
+        return f"{'a negative' if value < 0 else 'an'} integer of about {digits} digits"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _check_number(name: str, value, low: float, high: float, *, integer: bool = False,
                   allow_none: bool = False, high_inclusive: bool = True):
     """Return ``value`` checked to be a finite number in range, or raise a ValueError naming ``name``."""
@@ -19,13 +28,14 @@ def _check_number(name: str, value, low: float, high: float, *, integer: bool = 
     hi = "]" if high_inclusive else ")"
     allowed = f"{kind} in [{low:g}, {high:g}{hi}" + (" or None" if allow_none else "")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    if integer and float(value) != int(value):
-        raise ValueError(f"{name} must be {allowed}, got the fraction {value!r}")
+        raise ValueError(f"{name} must be {allowed}, got {show_value(value)} ({type(value).__name__})")
+    # ints are compared exactly (never through float(), which overflows past 1e308)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} must be {allowed}, got {show_value(value)}")
+    if integer and isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"{name} must be {allowed}, got the fraction {show_value(value)}")
     if value > high or value < low or (value == high and not high_inclusive):
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+        raise ValueError(f"{name} must be {allowed}, got {show_value(value)}")
     return int(value) if integer else float(value)
 
 
@@ -59,7 +69,7 @@ class EditConcept:
         if not self.prompt.strip():
             raise ValueError("prompt must be a non-empty string (the concept's text)")
         if not isinstance(self.reverse, bool):
-            raise ValueError(f"reverse must be true or false, got {self.reverse!r}")
+            raise ValueError(f"reverse must be true or false, got {show_value(self.reverse)}")
         fixed = {
             "scale": _check_number("scale", self.scale, 0.0, MAX_EDIT_SCALE),
             "threshold": _check_number("threshold", self.threshold, 0.0, 1.0, high_inclusive=False),

@@ -21,7 +21,7 @@ import PIL.Image
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
-from .concepts import EditConcept
+from .concepts import EditConcept, show_value
 from .loading import LoadedModel
 from .presets import defaults_for, presets_for
 from .shapes import DEFAULT_MODEL_DIR
@@ -83,6 +83,13 @@ class Limits:
         )
 
 
+def queue_settings(env: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """``(queue size, concurrency)`` from SEGA_QUEUE_SIZE (requests that may wait, default 32) and
+    SEGA_CONCURRENCY (generations that run at the same time, default 1)."""
+    env = os.environ if env is None else env
+    return _env_int(env, "SEGA_QUEUE_SIZE", 32), _env_int(env, "SEGA_CONCURRENCY", 1)
+
+
 def native_size(loaded: LoadedModel) -> int:
     """The model's training resolution in pixels (512 for SD 1.5, 32 for the demo model)."""
     return int(loaded.pipe.unet.config.sample_size * loaded.pipe.vae_scale_factor)
@@ -139,13 +146,14 @@ def _number(name: str, value, low: float, high: float, *, integer: bool = False,
     kind = "an integer" if integer else "a number"
     allowed = f"{kind} in [{_fmt(low)}, {_fmt(high)}{']' if high_inclusive else ')'}"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidInput(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
-    if not math.isfinite(value):
-        raise InvalidInput(f"{name} must be {allowed}, got {value!r}")
-    if integer and value != int(value):
-        raise InvalidInput(f"{name} must be {allowed}, got the fraction {value!r}")
+        raise InvalidInput(f"{name} must be {allowed}, got {show_value(value)} ({type(value).__name__})")
+    # ints are compared exactly (never through float(), which overflows past 1e308)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidInput(f"{name} must be {allowed}, got {show_value(value)}")
+    if integer and isinstance(value, float) and not value.is_integer():
+        raise InvalidInput(f"{name} must be {allowed}, got the fraction {show_value(value)}")
     if value < low or value > high or (value == high and not high_inclusive):
-        raise InvalidInput(f"{name} must be {allowed}, got {value!r}")
+        raise InvalidInput(f"{name} must be {allowed}, got {show_value(value)}")
     return int(value) if integer else float(value)
 
 
@@ -235,7 +243,7 @@ def parse_concept(loaded: LoadedModel, index: int, raw, limits: Limits) -> tuple
     presets = presets_for(loaded.is_demo)
     preset = raw.get("preset")
     if preset is not None and (not isinstance(preset, str) or preset not in presets):
-        raise InvalidInput(f"{where}.preset must be one of {', '.join(presets)}; got {preset!r}")
+        raise InvalidInput(f"{where}.preset must be one of {', '.join(presets)}; got {show_value(preset)}")
     values = concept_defaults(loaded, preset)
     values.pop("preset")
     values.update({k: v for k, v in raw.items() if k not in ("prompt", "preset") and v is not None})

@@ -67,6 +67,15 @@ def test_every_numeric_field_rejects_bad_values(tiny, field, bad):
     assert "[" in message  # the allowed range is named
 
 
+@pytest.mark.parametrize("field", ["seed", "steps", "guidance_scale", "width", "height", "momentum_scale",
+                                   "momentum_beta"])
+@pytest.mark.parametrize("huge", [10**400, -(10**400), 10**5000], ids=["1e400", "-1e400", "1e5000"])
+def test_integers_too_large_for_a_float_get_the_documented_error(tiny, field, huge):
+    message = error(tiny, **{field: huge})
+    assert message.startswith(f"{field} must be") and "integer of about" in message and len(message) < 120
+    assert error(tiny, concepts=[{"prompt": "blue", "warmup": huge}]).startswith("concepts[0].warmup must be")
+
+
 @pytest.mark.parametrize("field", ["seed", "steps", "width", "height"])
 def test_integer_fields_reject_fractions(tiny, field):
     assert "fraction" in error(tiny, **{field: 16.5})

@@ -1,0 +1,34 @@
+"""Helpers for tests that start the app in-process on the demo model and talk to it over loopback."""
+
+from __future__ import annotations
+
+import socket
+from contextlib import contextmanager
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def import_app():
+    """The app module on the bundled demo model, whatever $SEGA_MODEL says (it is read at import)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("SEGA_MODEL", raising=False)
+        import app
+    app.LOADED.pipe.set_progress_bar_config(disable=True)
+    return app
+
+
+@contextmanager
+def serve(app_module, **launch_kwargs):
+    """The app on 127.0.0.1 and a free port; yields its URL (ending in "/") and closes it afterwards."""
+    _, url, _ = app_module.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(),
+                                  quiet=True, **launch_kwargs)
+    try:
+        yield url
+    finally:
+        app_module.demo.close()
