@@ -203,6 +203,15 @@ def test_limits_from_env():
         service.Limits.from_env({"SEGA_MAX_STEPS": "0"})
 
 
+def test_queue_settings_from_env():
+    assert service.queue_settings({}) == (32, 1)
+    assert service.queue_settings({"SEGA_QUEUE_SIZE": "1", "SEGA_CONCURRENCY": "3"}) == (1, 3)
+    with pytest.raises(ValueError, match="SEGA_CONCURRENCY must be a positive integer, got 'many'"):
+        service.queue_settings({"SEGA_CONCURRENCY": "many"})
+    with pytest.raises(ValueError, match="SEGA_QUEUE_SIZE must be a positive integer"):
+        service.queue_settings({"SEGA_QUEUE_SIZE": "0"})
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=True) | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),

@@ -1,0 +1,207 @@
+"""What the app must never do: run a model's code, let a visitor pick the model, serve files other than its
+own outputs, keep generated files or cached runs without bound, or write a token into its log."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+import pytest
+
+from sega import SegaPipeline, loading, service
+from tests.served import free_port, import_app, serve
+from tests.tiny import tiny_components
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "a large red circle on a white background"
+
+
+@pytest.fixture(scope="module")
+def app_module():
+    return import_app()
+
+
+@pytest.fixture
+def server(app_module):  # per test: one Blocks runs one server at a time, and one test launches its own
+    with serve(app_module) as url:
+        yield url
+
+
+def call(url: str, data: list) -> tuple[str, object]:
+    """POST /gradio_api/call/generate with ``data``; (event, its data) from the result stream."""
+    r = httpx.post(f"{url}gradio_api/call/generate", json={"data": data}, timeout=30)
+    r.raise_for_status()
+    stream = httpx.get(f"{url}gradio_api/call/generate/{r.json()['event_id']}", timeout=120).text
+    event = re.search(r"^event: (\w+)", stream, re.M).group(1)
+    return event, json.loads(stream.split("data:", 1)[1].strip().splitlines()[0])
+
+
+def api_data(**kwargs) -> list:
+    return [kwargs.get(k) for k in service.API_PARAMS]
+
+
+# ------------------------------------------------------------------------------------------------
+# No code from a model folder
+# ------------------------------------------------------------------------------------------------
+
+
+def test_no_trust_remote_code_anywhere_in_the_sources():
+    sources = [ROOT / "app.py", *sorted((ROOT / "sega").rglob("*.py"))]
+    assert len(sources) > 5
+    offenders = [str(p.relative_to(ROOT)) for p in sources
+                 if re.search(r"(trust_remote_code|custom_pipeline)\s*=", p.read_text())]
+    assert offenders == []
+
+
+def test_a_model_folder_with_its_own_code_is_not_run(tmp_path, monkeypatch):
+    bundled = tmp_path / "bundled"
+    SegaPipeline(**tiny_components()).save_pretrained(bundled)
+    monkeypatch.setattr(loading, "DEFAULT_MODEL_DIR", bundled)
+    evil = tmp_path / "evil"
+    SegaPipeline(**tiny_components(seed=1)).save_pretrained(evil)
+    marker = tmp_path / "the-code-ran"
+    code = (f"open({str(marker)!r}, 'w').write('ran')\n"
+            "from diffusers import DDIMScheduler\n\nclass Evil(DDIMScheduler):\n    pass\n")
+    (evil / "scheduler" / "evil.py").write_text(code)
+    index = json.loads((evil / "model_index.json").read_text())
+    index["scheduler"] = ["evil", "Evil"]
+    (evil / "model_index.json").write_text(json.dumps(index))
+
+    loaded = loading.load_pipeline(str(evil), device="cpu")
+    assert not marker.exists()
+    assert loaded.model_id == str(bundled) and str(evil) in loaded.fallback_reason
+
+
+# ------------------------------------------------------------------------------------------------
+# The model is the server's choice
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_api_offers_no_way_to_choose_the_model(server, app_module):
+    from gradio_client import Client
+
+    info = Client(server, verbose=False).view_api(return_format="dict", print_info=False)
+    names = [p["parameter_name"] for e in info["named_endpoints"].values() for p in e["parameters"]]
+    assert names and not any("model" in n or "checkpoint" in n or "path" in n for n in names)
+    assert not info["unnamed_endpoints"]
+    # An extra value where a model might go is ignored; a concept cannot carry one either.
+    event, data = call(server, [*api_data(prompt=PROMPT, steps=2, seed=1), "some/other-model"])
+    assert event == "complete" and data[2]["model"] == app_module.LOADED.model_id
+    event, data = call(server, api_data(prompt=PROMPT, steps=2, concepts=[{"prompt": "blue", "model": "x/y"}]))
+    assert event == "error" and data["error"].startswith("concepts[0] has unknown key(s) model")
+
+
+# ------------------------------------------------------------------------------------------------
+# Files: only what the app generated
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_file_route_serves_generated_images_and_nothing_else(server):
+    event, data = call(server, api_data(prompt=PROMPT, steps=2, seed=5))
+    assert event == "complete"
+    image = httpx.get(data[0]["url"])
+    assert image.status_code == 200 and image.content.startswith(b"\x89PNG")  # the route works
+
+    cache_dir = Path(data[0]["path"]).parent
+    refused = ["/etc/passwd", "app.py", str(ROOT / "app.py"), "README.md", "pyproject.toml", ".git/config",
+               "assets/shapes-model/model_index.json", str(ROOT / "assets" / "screenshot.png"),
+               f"{cache_dir}/../../../etc/passwd", str(Path(sys.executable).resolve()), "/proc/self/environ"]
+    for path in refused:
+        r = httpx.get(f"{server}gradio_api/file={quote(path, safe='')}")
+        assert r.status_code in (403, 404), (path, r.status_code)
+        assert b"root:" not in r.content and b"[project]" not in r.content
+
+
+# ------------------------------------------------------------------------------------------------
+# Generated files are deleted
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_generated_files_are_deleted_after_a_while(app_module, monkeypatch):
+    frequency, age = app_module.demo.delete_cache
+    assert 0 < frequency <= 3600 and 0 < age <= 24 * 3600  # configured: every 15 min, files older than 1 h
+
+    monkeypatch.setattr(app_module.demo, "delete_cache", (1, 1))  # the same mechanism, in seconds
+    with serve(app_module) as url:
+        event, data = call(url, api_data(prompt=PROMPT, steps=2, seed=6))
+        assert event == "complete"
+        path = Path(data[1]["path"])
+        assert path.exists()
+        deadline = time.monotonic() + 20
+        while path.exists():
+            assert time.monotonic() < deadline, "the generated image was never deleted"
+            time.sleep(0.2)
+        assert httpx.get(data[1]["url"]).status_code == 403
+
+
+# ------------------------------------------------------------------------------------------------
+# Bounded caches
+# ------------------------------------------------------------------------------------------------
+
+
+def test_the_reedit_and_embedding_caches_stay_within_their_bounds():
+    pipe = SegaPipeline(**tiny_components(), reedit_cache_size=2, embedding_cache_size=5)
+    pipe.set_progress_bar_config(disable=True)
+    loaded = loading.LoadedModel(pipe=pipe, model_id="tiny", is_demo=True, fallback_reason=None, device="cpu")
+    words = ["red", "green", "blue", "yellow", "circle", "square", "triangle", "large", "small"]
+    sizes = []
+    for i, word in enumerate(words):
+        params = service.parse_request(loaded, {"prompt": f"a {word} shape", "seed": i, "steps": 2,
+                                                "concepts": [{"prompt": words[-1 - i], "warmup": 1}]})
+        service.generate(loaded, params)
+        sizes.append((len(pipe.reedit_cache), len(pipe.embedding_cache)))
+    assert max(s for s, _ in sizes) == 2 and max(e for _, e in sizes) == 5  # filled up, never beyond
+    # The last request's run is still cached: an eviction drops the oldest entries.
+    again = service.generate(loaded, params)
+    assert again.cache_hit
+
+
+def test_the_served_pipeline_has_bounded_caches(app_module):
+    pipe = app_module.LOADED.pipe
+    assert 0 < pipe.reedit_cache.max_entries <= 16 and 0 < pipe.embedding_cache.max_entries <= 1024
+
+
+# ------------------------------------------------------------------------------------------------
+# No secrets in the log
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_tokens_in_the_environment_never_reach_the_log(tmp_path):
+    token = "hf_FAKEtoken" + "x" * 24
+    port = free_port()
+    env = {**os.environ, "HF_TOKEN": token, "HUGGING_FACE_HUB_TOKEN": token, "GRADIO_ANALYTICS_ENABLED": "False",
+           "SEGA_MODEL": str(tmp_path / "no-such-model"), "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "log.txt"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}/"
+            deadline = time.monotonic() + 180
+            while True:
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                try:
+                    if httpx.get(url, timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.5)
+            assert call(url, api_data(prompt=PROMPT, steps=2, seed=1))[0] == "complete"
+            assert call(url, api_data(prompt=PROMPT, steps=0))[0] == "error"
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    text = log.read_text()
+    assert "Could not load the model" in text and "INFO sega.app: model" in text  # the log was captured
+    assert token not in text and "FAKEtoken" not in text
