@@ -65,9 +65,22 @@ def test_the_plan_mixes_valid_and_invalid_and_shares_prompt_and_seed_across_clie
 
 @pytest.mark.parametrize("concurrency", [1, 3])
 def test_concurrent_clients_get_exactly_what_a_serial_run_gives(app_module, load_plan, serial_reference,
-                                                                concurrency):
+                                                                concurrency, monkeypatch):
     from gradio_client import Client
 
+    real, lock, active = app_module.run_on_gpu, threading.Lock(), [0, 0]  # running now, most at once
+
+    def counted(params, stop_key=None):
+        with lock:
+            active[0] += 1
+            active[1] = max(active)
+        try:
+            return real(params, stop_key)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(app_module, "run_on_gpu", counted)
     pipe = app_module.LOADED.pipe
     pipe.reedit_cache.clear()  # the first request of each group misses the cache, later ones hit it
     with serve(app_module, concurrency=concurrency) as url:
@@ -75,6 +88,7 @@ def test_concurrent_clients_get_exactly_what_a_serial_run_gives(app_module, load
         # The server keeps serving after the load.
         _, _, used = Client(url, verbose=False).predict(prompt=PROMPT, steps=2, seed=1, api_name="/generate")
         assert used["seed"] == 1
+    assert active[1] == concurrency  # the server ran that many generations at once on the one pipeline
     outcomes = [o for row in results for o in row]
     assert len(outcomes) == CLIENTS * PER_CLIENT
     assert not any(o.busy for o in outcomes)
