@@ -66,15 +66,18 @@ if LOADED.is_demo:
     # (label, prompt, concepts, seed): one of each kind of edit the demo model's card describes.
     EXAMPLES = [
         ("colour: red → blue", "a large red circle on a white background",
-         [{"prompt": "blue", "preset": "color"}], 1),
+         [{"prompt": "blue", "preset": "color"}, {"prompt": "red", "reverse": True, "preset": "color"}], 1),
         ("background: white → black", "a large green square on a white background",
-         [{"prompt": "black background", "preset": "background"}], 2),
+         [{"prompt": "black background", "preset": "background"},
+          {"prompt": "white background", "reverse": True, "preset": "background"}], 2),
         ("shape: circle → triangle", "a large yellow circle on a black background",
-         [{"prompt": "triangle", "preset": "shape"}], 3),
-        ("removal: less large", "a large blue square on a white background",
-         [{"prompt": "large", "reverse": True, "preset": "size"}], 4),
-        ("two concepts: blue + black background", "a small red triangle on a white background",
-         [{"prompt": "blue", "preset": "color"}, {"prompt": "black background", "preset": "background"}], 5),
+         [{"prompt": "triangle", "preset": "shape"}, {"prompt": "circle", "reverse": True, "preset": "shape"}], 3),
+        ("removal: no more blue", "a large blue square on a white background",
+         [{"prompt": "blue", "reverse": True, "preset": "color"}], 4),
+        ("size: small → large", "a small red triangle on a white background",
+         [{"prompt": "large", "preset": "size"}, {"prompt": "small", "reverse": True, "preset": "size"}], 5),
+        ("two concepts: blue + black background", "a small red square on a white background",
+         [{"prompt": "blue", "preset": "color"}, {"prompt": "black background", "preset": "background"}], 6),
     ]
     INTRO = (f"The bundled **demo model** draws {NATIVE}×{NATIVE} px shapes; it knows only these words: "
              f"{', '.join(SIZES)}; {', '.join(COLORS)}; {', '.join(SHAPES)}; "

@@ -14,11 +14,11 @@ SD_DEFAULTS: dict = {"steps": 50, "guidance_scale": 7.0, "momentum_scale": 0.3, 
 
 # The bundled shapes model: chosen by the sweep in its model card (assets/shapes-model/README.md).
 DEMO_PRESETS: dict[str, dict] = {
-    "color": {"scale": 10.0, "threshold": 0.5, "warmup": 5},
-    "background": {"scale": 15.0, "threshold": 0.5, "warmup": 3},
-    "shape": {"scale": 10.0, "threshold": 0.5, "warmup": 5},
-    "size": {"scale": 15.0, "threshold": 0.5, "warmup": 3},
-    "custom": {"scale": 10.0, "threshold": 0.5, "warmup": 5},
+    "color": {"scale": 10.0, "threshold": 0.5, "warmup": 8},
+    "background": {"scale": 20.0, "threshold": 0.5, "warmup": 2},
+    "shape": {"scale": 10.0, "threshold": 0.5, "warmup": 2},
+    "size": {"scale": 10.0, "threshold": 0.5, "warmup": 2},
+    "custom": {"scale": 10.0, "threshold": 0.5, "warmup": 8},
 }
 DEMO_DEFAULTS: dict = {"steps": 25, "guidance_scale": 5.0, "momentum_scale": 0.3, "momentum_beta": 0.6,
                        "default_preset": "color"}

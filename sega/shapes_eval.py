@@ -136,13 +136,13 @@ class Evaluator:
         return result
 
 
-def sweep(pipe, seeds: list[int], grid: dict[str, list] | None = None,
+def sweep(pipe, seeds: list[int], grid: dict[str, list] | None = None, kinds=("color", "background", "shape", "size"),
           log: Callable[[str], None] = print) -> dict[str, dict]:
     """Pick (scale, threshold, warmup) per edit kind by success rate on tuning seeds."""
-    grid = grid or {"scale": [7.0, 10.0, 15.0], "threshold": [0.5, 0.8], "warmup": [2, 5]}
+    grid = grid or {"scale": [10.0, 15.0, 20.0], "threshold": [0.5, 0.8], "warmup": [2, 5]}
     ev = Evaluator(pipe)
     best, table = {}, {}
-    for kind in ("color", "background", "shape", "size"):
+    for kind in kinds:
         scores = []
         for scale, threshold, warmup in itertools.product(grid["scale"], grid["threshold"], grid["warmup"]):
             s = {"scale": scale, "threshold": threshold, "warmup": warmup}

@@ -84,9 +84,9 @@ def test_edit_differs_and_the_same_seed_gives_the_same_pair(client):
                                                           "weight"} <= set(used["concepts"][0])
     original2, edited2, used2 = generate(client, concepts=concepts, seed=42)
     assert np.array_equal(original, original2)
-    # The second run replays the plain run from the re-edit cache, so the edited run's UNet batches differ in
-    # size; on a multi-threaded CPU that moves a few pixels by one level (float32 noise, ~3e-6 before rounding).
-    assert np.abs(edited.astype(int) - edited2.astype(int)).max() <= 1
+    # The second run replays the plain run from the re-edit cache; the app computes it original-first, so the
+    # answer is the same pixel for pixel whether the cache held it or not.
+    assert np.array_equal(edited, edited2)
     assert {k: v for k, v in used2.items() if k != "summary"} == {k: v for k, v in used.items() if k != "summary"}
     assert "reused from cache" in used2["summary"]
 
