@@ -48,14 +48,14 @@ def test_two_concepts_one_removed_shows_both_images(server):
             page.locator("#add-concept").click()
             expect(page.locator("#concept-1").first).to_be_visible()  # gradio nests the id twice
             page.locator("#concept-0-text textarea, #concept-0-text input").first.fill("blue")
-            page.locator("#concept-1-text textarea, #concept-1-text input").first.fill("large")
+            page.locator("#concept-1-text textarea, #concept-1-text input").first.fill("red")
             page.locator("#concept-1-direction").get_by_text("remove").click()
             page.locator("#concept-1-preset input").click()
-            page.get_by_role("option", name="size").click()
+            page.get_by_role("option", name="custom").click()
 
             page.locator("#randomize input").uncheck()
             page.locator("#seed input").fill("7")
-            page.locator("#steps input[type=number]").fill("12")
+            page.locator("#steps input[type=number]").fill("25")
             page.locator("#steps input[type=number]").press("Enter")
 
             page.locator("#generate").click()
@@ -64,9 +64,10 @@ def test_two_concepts_one_removed_shows_both_images(server):
             summary = page.locator("#summary")
             expect(summary).to_contain_text("seed 7", timeout=30_000)
             text = summary.inner_text()
-            size_scale = presets_for(True)["size"]["scale"]
-            assert "+'blue'" in text and f"−'large' (scale {size_scale:g}," in text  # removed, with the size preset
-            assert "12 steps" in text
+            custom = presets_for(True)["custom"]
+            # removed, with the custom preset's values
+            assert "+'blue'" in text and f"−'red' (scale {custom['scale']:g}, threshold {custom['threshold']:g}," in text
+            assert "25 steps" in text
             expect(page.locator("#seed-used input")).to_have_value("7")
 
             page.screenshot(path=str(SCREENSHOT), full_page=True)
