@@ -19,14 +19,19 @@ def show_value(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _check_number(name: str, value, low: float, high: float, *, integer: bool = False,
-                  allow_none: bool = False, high_inclusive: bool = True):
+def _show_bound(x: float) -> str:
+    # Whole bounds in full (a seed's 4294967295, not 4.29497e+09).
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def check_number(name: str, value, low: float, high: float, *, integer: bool = False,
+                 allow_none: bool = False, high_inclusive: bool = True):
     """Return ``value`` checked to be a finite number in range, or raise a ValueError naming ``name``."""
     if value is None and allow_none:
         return None
     kind = "an integer" if integer else "a number"
     hi = "]" if high_inclusive else ")"
-    allowed = f"{kind} in [{low:g}, {high:g}{hi}" + (" or None" if allow_none else "")
+    allowed = f"{kind} in [{_show_bound(low)}, {_show_bound(high)}{hi}" + (" or None" if allow_none else "")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be {allowed}, got {show_value(value)} ({type(value).__name__})")
     # ints are compared exactly (never through float(), which overflows past 1e308)
@@ -71,11 +76,11 @@ class EditConcept:
         if not isinstance(self.reverse, bool):
             raise ValueError(f"reverse must be true or false, got {show_value(self.reverse)}")
         fixed = {
-            "scale": _check_number("scale", self.scale, 0.0, MAX_EDIT_SCALE),
-            "threshold": _check_number("threshold", self.threshold, 0.0, 1.0, high_inclusive=False),
-            "warmup": _check_number("warmup", self.warmup, 0, MAX_STEP_INDEX, integer=True),
-            "cooldown": _check_number("cooldown", self.cooldown, 0, MAX_STEP_INDEX, integer=True, allow_none=True),
-            "weight": _check_number("weight", self.weight, 0.0, MAX_WEIGHT),
+            "scale": check_number("scale", self.scale, 0.0, MAX_EDIT_SCALE),
+            "threshold": check_number("threshold", self.threshold, 0.0, 1.0, high_inclusive=False),
+            "warmup": check_number("warmup", self.warmup, 0, MAX_STEP_INDEX, integer=True),
+            "cooldown": check_number("cooldown", self.cooldown, 0, MAX_STEP_INDEX, integer=True, allow_none=True),
+            "weight": check_number("weight", self.weight, 0.0, MAX_WEIGHT),
         }
         for name, value in fixed.items():
             object.__setattr__(self, name, value)

@@ -21,7 +21,7 @@ import PIL.Image
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
-from .concepts import EditConcept, show_value
+from .concepts import EditConcept, check_number, show_value
 from .loading import LoadedModel
 from .presets import defaults_for, presets_for
 from .shapes import DEFAULT_MODEL_DIR
@@ -136,25 +136,13 @@ def concept_defaults(loaded: LoadedModel, preset: str | None = None) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def _fmt(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
-
-
 def _number(name: str, value, low: float, high: float, *, integer: bool = False,
             high_inclusive: bool = True) -> float | int:
     """``value`` as a finite number in range, or InvalidInput naming ``name`` and the allowed range."""
-    kind = "an integer" if integer else "a number"
-    allowed = f"{kind} in [{_fmt(low)}, {_fmt(high)}{']' if high_inclusive else ')'}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidInput(f"{name} must be {allowed}, got {show_value(value)} ({type(value).__name__})")
-    # ints are compared exactly (never through float(), which overflows past 1e308)
-    if isinstance(value, float) and not math.isfinite(value):
-        raise InvalidInput(f"{name} must be {allowed}, got {show_value(value)}")
-    if integer and isinstance(value, float) and not value.is_integer():
-        raise InvalidInput(f"{name} must be {allowed}, got the fraction {show_value(value)}")
-    if value < low or value > high or (value == high and not high_inclusive):
-        raise InvalidInput(f"{name} must be {allowed}, got {show_value(value)}")
-    return int(value) if integer else float(value)
+    try:
+        return check_number(name, value, low, high, integer=integer, high_inclusive=high_inclusive)
+    except ValueError as e:
+        raise InvalidInput(str(e)) from None
 
 
 def clean_text(name: str, value, max_chars: int) -> tuple[str, list[str]]:

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -14,34 +13,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.served import import_app, serve
+
 pytestmark = pytest.mark.slow
 
 STEPS = 10
 PROMPT = "a large red circle on a white background"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app_module():
-    mp = pytest.MonkeyPatch()
-    mp.delenv("SEGA_MODEL", raising=False)  # the bundled demo model, whatever the shell says
-    import app
-
-    yield app
-    mp.undo()
+    return import_app()
 
 
 @pytest.fixture(scope="module")
 def server(app_module):
-    _, url, _ = app_module.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(),
-                                  quiet=True)
-    yield url
-    app_module.demo.close()
+    with serve(app_module) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,12 @@
 """Headless Chromium drives the app like a visitor, and saves the README's screenshot."""
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 
 from sega.presets import presets_for
+from tests.served import import_app, serve
 
 pytestmark = pytest.mark.slow
 
@@ -16,22 +16,10 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run", "--disable-quic"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
-    mp = pytest.MonkeyPatch()
-    mp.delenv("SEGA_MODEL", raising=False)
-    import app
-
-    _, url, _ = app.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
-    yield url
-    app.demo.close()
-    mp.undo()
+    with serve(import_app()) as url:
+        yield url
 
 
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium is not installed")
