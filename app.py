@@ -165,7 +165,11 @@ def generate_api(prompt, concepts=None, seed=None, steps=None, guidance_scale=No
         _, result = _run(raw, request)
     except service.GenerationStopped as exc:
         raise gr.Error(str(exc), title="Stopped", print_exception=False) from None
-    return result.original, result.edited, result.used
+    return *_saved(result), result.used
+
+
+def _saved(result: service.GenerationResult) -> tuple[str | None, str | None]:
+    return service.save_png(result.original, demo.GRADIO_CACHE), service.save_png(result.edited, demo.GRADIO_CACHE)
 
 
 def _run_ui(raw: dict, request: gr.Request | None) -> tuple:
@@ -181,8 +185,9 @@ def _run_ui(raw: dict, request: gr.Request | None) -> tuple:
 def _ui_outputs(params: service.GenerationParams, result: service.GenerationResult) -> tuple:
     for notice in result.used["notices"]:
         gr.Warning(notice)
-    pair = (result.original, result.edited) if result.original is not None and result.edited is not None else None
-    return result.original, result.edited, pair, params.seed, result.used
+    original, edited = _saved(result)
+    pair = (original, edited) if original is not None and edited is not None else None
+    return original, edited, pair, params.seed, result.used
 
 
 def show_details(used) -> tuple[str, str, str]:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import math
 import os
 import secrets
+import tempfile
 import threading
 import time
 import unicodedata
@@ -129,6 +131,28 @@ def concept_defaults(loaded: LoadedModel, preset: str | None = None) -> dict:
     presets = presets_for(loaded.is_demo)
     name = preset or defaults_for(loaded.is_demo)["default_preset"]
     return {"preset": name, **presets[name], "reverse": False, "cooldown": None, "weight": 1.0}
+
+
+def save_png(image: PIL.Image.Image | None, cache_dir: str) -> str | None:
+    """``image`` as a PNG in ``cache_dir``, named by its content, written atomically.
+
+    Gradio's own PIL saving rewrites an existing file in place, so when two requests make the same image
+    (a re-edit's original) one visitor could download it half-written; a rename never exposes that.
+    """
+    if image is None:
+        return None
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    data = buf.getvalue()
+    folder = os.path.join(cache_dir, "sega-" + hashlib.sha256(data).hexdigest()[:32])
+    path = os.path.join(folder, "image.png")
+    if not os.path.exists(path):
+        os.makedirs(folder, exist_ok=True)
+        fd, staging = tempfile.mkstemp(dir=folder, prefix=".image.")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(staging, path)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------

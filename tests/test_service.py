@@ -386,3 +386,16 @@ def test_model_fingerprint_tells_weights_apart(tiny):
                         fallback_reason=None, device="cpu")
     assert service.model_fingerprint(tiny) == service.model_fingerprint(tiny)
     assert service.model_fingerprint(tiny) != service.model_fingerprint(other)
+
+
+def test_save_png_names_by_content_and_leaves_no_partial_files(tmp_path):
+    import PIL.Image
+
+    red = PIL.Image.new("RGB", (8, 8), (220, 30, 30))
+    first = service.save_png(red, str(tmp_path))
+    again = service.save_png(red.copy(), str(tmp_path))
+    other = service.save_png(PIL.Image.new("RGB", (8, 8), (30, 60, 220)), str(tmp_path))
+    assert first == again != other
+    assert PIL.Image.open(first).getpixel((0, 0)) == (220, 30, 30)
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["image.png", "image.png"]
+    assert service.save_png(None, str(tmp_path)) is None
