@@ -16,10 +16,10 @@ import torch
 from fastapi.exception_handlers import http_exception_handler
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sega import service
-from sega.loading import load_pipeline
-from sega.presets import defaults_for, presets_for
-from sega.shapes import BACKGROUNDS, COLORS, SHAPES, SIZES
+from sega.demo.shapes import BACKGROUNDS, COLORS, SHAPES, SIZES
+from server import service
+from server.loading import load_pipeline
+from server.profiles import defaults_for, presets_for
 
 logger = logging.getLogger("sega.app")
 
@@ -103,7 +103,7 @@ else:
 
 
 # ----------------------------------------------------------------------------------------------
-# Handlers (thin: validation and generation live in sega.service)
+# Handlers (thin: validation and generation live in server.service)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -328,7 +328,7 @@ with gr.Blocks(title="SEGA: semantic guidance", delete_cache=(900, 3600)) as dem
                       api_visibility="private", concurrency_id="gpu", concurrency_limit="default")
     stop_btn.click(stop, None, None, cancels=[gen_event], queue=False, api_visibility="private")
 
-    # Public API: one endpoint with named parameters, raw payloads (validated by sega.service).
+    # Public API: one endpoint with named parameters, raw payloads (validated by server.service).
     with gr.Group(visible=False):
         api_inputs = [
             gr.Textbox(None, label="prompt"),

@@ -1,4 +1,19 @@
-"""Semantic guidance math on plain tensors: no models, no I/O (see ../shared/SEGA.md).
+"""Semantic guidance math on plain tensors: no models, no I/O.
+
+SEGA (Brack et al., "SEGA: Instructing Text-to-Image Models using Semantic Guidance", NeurIPS 2023,
+arXiv 2301.12247), as diffusers' deprecated ``SemanticStableDiffusionPipeline`` computes it. At step i, one UNet
+call gives the unconditional estimate e_u, the prompt's e_p and each concept's e_c; then
+
+    g     = s_g (e_p - e_u)                                  classifier-free guidance
+    psi_c = s_c (+-1) (e_c - e_u)                            minus for a concept to remove (reverse)
+    psi_c = psi_c where |psi_c| >= quantile(|psi_c|, lambda_c) per (image, channel), else 0
+    e     = e_u + g + edit term,     z = scheduler.step(e, t, z)
+
+Concept c is active from step warmup_c and contributes until cooldown_c; weights w_c are clipped at 0.
+Momentum v starts at 0 and is updated at every step, warmup included: G = sum_c w_c psi_c + s_m v,
+v <- beta v + (1 - beta) G. The edit term is G when every concept is active, the weight-normalised sum
+of the active concepts' psi_c (without momentum) when only some are, and nothing when none is. This
+discontinuity is the reference's, kept so that old users' images do not change.
 
 Shapes: B images, C edit concepts, latents (B, ch, H, W). Concept estimates are stacked as
 (C, B, ch, H, W). Everything that depends only on the step index (which concepts are warmed up

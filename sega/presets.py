@@ -1,8 +1,12 @@
-"""Per-concept presets (scale, threshold, warmup) and generation defaults, per kind of model."""
+"""Per-concept presets (scale, threshold, warmup) and generation defaults for Stable Diffusion 1.x/2.x.
+
+The values are the SEGA authors' published ones (Brack et al., arXiv 2301.12247, SD 1.5, 50 steps):
+edit scale 3 to 10 (their examples 4 to 5.4), threshold 0.9 to 0.99, warmup 5 to 10 steps, momentum scale 0.3
+and beta 0.6, guidance scale 7. The bundled demo model has its own, in :mod:`sega.demo.presets`.
+"""
 
 from __future__ import annotations
 
-# Stable Diffusion: the authors' published values (SD 1.5, 50 steps; see ../shared/SEGA.md).
 SD_PRESETS: dict[str, dict] = {
     "object": {"scale": 5.0, "threshold": 0.95, "warmup": 10},
     "style": {"scale": 7.0, "threshold": 0.9, "warmup": 5},
@@ -11,24 +15,3 @@ SD_PRESETS: dict[str, dict] = {
 }
 SD_DEFAULTS: dict = {"steps": 50, "guidance_scale": 7.0, "momentum_scale": 0.3, "momentum_beta": 0.6,
                      "default_preset": "face"}
-
-# The bundled shapes model: chosen by the sweep in its model card (assets/shapes-model/README.md).
-DEMO_PRESETS: dict[str, dict] = {
-    "color": {"scale": 10.0, "threshold": 0.5, "warmup": 8},
-    "background": {"scale": 20.0, "threshold": 0.5, "warmup": 2},
-    "shape": {"scale": 10.0, "threshold": 0.5, "warmup": 2},
-    "size": {"scale": 10.0, "threshold": 0.5, "warmup": 2},
-    "custom": {"scale": 10.0, "threshold": 0.5, "warmup": 8},
-}
-DEMO_DEFAULTS: dict = {"steps": 25, "guidance_scale": 5.0, "momentum_scale": 0.3, "momentum_beta": 0.6,
-                       "default_preset": "color"}
-
-
-def presets_for(is_demo: bool) -> dict[str, dict]:
-    """The preset table for the demo model or for Stable Diffusion checkpoints."""
-    return DEMO_PRESETS if is_demo else SD_PRESETS
-
-
-def defaults_for(is_demo: bool) -> dict:
-    """Generation defaults (steps, guidance scale, momentum) for the demo model or SD checkpoints."""
-    return DEMO_DEFAULTS if is_demo else SD_DEFAULTS

@@ -23,10 +23,11 @@ import PIL.Image
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
-from .concepts import EditConcept, check_number, show_value
+from sega.concepts import EditConcept, check_number, show_value
+from sega.demo.shapes import DEFAULT_MODEL_DIR
+
 from .loading import LoadedModel
-from .presets import defaults_for, presets_for
-from .shapes import DEFAULT_MODEL_DIR
+from .profiles import defaults_for, presets_for
 
 MAX_SEED = 2**32 - 1
 SCHEDULERS = {"DDIM": DDIMScheduler, "DPM-Solver++": DPMSolverMultistepScheduler, "Euler": EulerDiscreteScheduler}
@@ -484,7 +485,7 @@ def as_code(params: GenerationParams, url: str = "http://127.0.0.1:7860/") -> tu
         f"from diffusers import {sched}",
         "",
         "from sega import EditConcept, SegaPipeline",
-        *(["from sega.shapes import DEFAULT_MODEL_DIR"] if bundled else []),
+        *(["from sega.demo.shapes import DEFAULT_MODEL_DIR"] if bundled else []),
         "",
         "# float32 on the CPU; on a GPU use dtype=torch.float16 and pipe.to(\"cuda\") (as the app does there)",
         f"pipe = SegaPipeline.from_pretrained({model_expr}, dtype=torch.float32)",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sega.shapes import (
+from sega.demo.shapes import (
     BACKGROUNDS,
     COLORS,
     SHAPES,
@@ -65,7 +65,7 @@ def test_captions_follow_the_grammar():
 
 def test_training_script_runs_and_saves_a_loadable_model(tmp_path, monkeypatch):
     from sega import EditConcept, SegaPipeline
-    from sega.shapes import train
+    from sega.demo.train import train
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = train(tmp_path / "m", vae_steps=2, unet_steps=2, batch_size=4, log_every=1)

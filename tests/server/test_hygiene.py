@@ -15,7 +15,8 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from sega import SegaPipeline, loading, service
+from sega import SegaPipeline
+from server import loading, service
 from tests.served import free_port, import_app, serve
 from tests.tiny import tiny_components
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from .pipeline import SegaPipeline
-from .shapes import DEFAULT_MODEL_DIR, VOCAB_WORDS
+from sega.demo.shapes import DEFAULT_MODEL_DIR, VOCAB_WORDS
+from sega.pipeline import SegaPipeline
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""sega.service (validation, presets, generation, GPU time, "as code") and sega.loading, on tiny models."""
+"""server.service (validation, presets, generation, GPU time, "as code") and server.loading, on tiny models."""
 
 import ast
 import math
@@ -10,9 +10,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sega import SegaPipeline, loading, service
-from sega.loading import LoadedModel, load_pipeline
-from sega.presets import defaults_for, presets_for
+from sega import SegaPipeline
+from server import loading, service
+from server.loading import LoadedModel, load_pipeline
+from server.profiles import defaults_for, presets_for
 from tests.tiny import tiny_components
 
 LIMITS = service.Limits(max_steps=50, max_size=64, max_concepts=3, max_prompt_chars=200)
@@ -350,7 +351,7 @@ def test_model_from_env(tiny_dir, monkeypatch):
 def test_a_missing_model_falls_back_to_the_bundled_one(tiny_dir, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(loading, "DEFAULT_MODEL_DIR", tiny_dir)
     missing = tmp_path / "no-such-model"
-    with caplog.at_level("WARNING", logger="sega.loading"):
+    with caplog.at_level("WARNING", logger="server.loading"):
         loaded = load_pipeline(str(missing), device="cpu")
     assert loaded.model_id == str(tiny_dir)
     assert str(missing) in loaded.fallback_reason and "bundled demo model" in loaded.fallback_reason

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from sega.presets import DEMO_PRESETS
-from sega.shapes import DEFAULT_MODEL_DIR
-from sega.shapes_eval import Evaluator, load
+from sega.demo.evaluate import Evaluator, load
+from sega.demo.presets import DEMO_PRESETS
+from sega.demo.shapes import DEFAULT_MODEL_DIR
 
 # Seeds 900-907 are used by no sweep or published evaluation figure. The floors sit below the model card's
 # figures (prompt accuracy 92%, edits per kind 29-100%, colour-swap IoU 0.75) to allow for 8 seeds;

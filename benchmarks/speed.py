@@ -1,7 +1,7 @@
 """Benchmark: SegaPipeline next to diffusers' deprecated SemanticStableDiffusionPipeline, in one run.
 
-    python -m sega.bench                      # bundled demo model on CPU (fp32)
-    python -m sega.bench --model stable-diffusion-v1-5/stable-diffusion-v1-5   # fp16 on CUDA
+    python -m benchmarks.speed                      # bundled demo model on CPU (fp32)
+    python -m benchmarks.speed --model stable-diffusion-v1-5/stable-diffusion-v1-5   # fp16 on CUDA
 
 Both pipelines share the same components, seed and settings. Prints seconds (median of --repeats),
 UNet evaluations (calls and samples), peak memory, and the ratio ours/reference for:
@@ -25,8 +25,8 @@ from contextlib import contextmanager
 import psutil
 import torch
 
-from .concepts import EditConcept
-from .pipeline import SegaPipeline
+from sega.concepts import EditConcept
+from sega.pipeline import SegaPipeline
 
 FACE_CONCEPTS = ["smiling, smile", "glasses, wearing glasses", "curls, wavy hair, curly hair", "beard, full beard"]
 SHAPE_CONCEPTS = ["blue", "red", "square", "black background"]
@@ -110,7 +110,7 @@ def measure(fn: Callable[[], object], device: torch.device, repeats: int, counte
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sega.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="hub id or folder (default: the bundled demo model)")
     parser.add_argument("--steps", type=int, default=50)
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
 
-    from .shapes import DEFAULT_MODEL_DIR
+    from sega.demo.shapes import DEFAULT_MODEL_DIR
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if device.type == "cuda" else torch.float32

@@ -1,4 +1,4 @@
-"""Evaluation and preset sweep for the bundled shapes model (``python -m sega.shapes eval``)."""
+"""Evaluation and preset sweep for the bundled shapes model (``python -m sega.demo eval|sweep``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .concepts import EditConcept
+from ..concepts import EditConcept
 from .presets import DEMO_DEFAULTS, DEMO_PRESETS
 from .shapes import BACKGROUNDS, COLORS, SHAPES, SIZES, ShapeSpec, describe, mask_iou, random_spec
 
@@ -20,7 +20,7 @@ EDIT_KINDS = ("color", "background", "shape", "size", "removal", "three")
 
 
 def load(model_dir: str | Path):
-    from .pipeline import SegaPipeline
+    from ..pipeline import SegaPipeline
 
     pipe = SegaPipeline.from_pretrained(model_dir, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from sega.presets import presets_for
+from server.profiles import presets_for
 from tests.served import import_app, serve
 
 pytestmark = pytest.mark.slow

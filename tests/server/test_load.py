@@ -1,6 +1,6 @@
 """The app under concurrent load on loopback (8 gradio_client clients x 3 requests), and a full queue.
 
-The load is the one ``python -m sega.loadbench`` measures (sega/loadbench.py builds and sends it).
+The load is the one ``python -m benchmarks.load`` measures (benchmarks/load.py builds and sends it).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from sega import loadbench
+from benchmarks import load as loadbench
 from tests.served import import_app, serve
 
 pytestmark = pytest.mark.slow

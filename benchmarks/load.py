@@ -1,10 +1,10 @@
 """Load benchmark: the app on loopback, several gradio_client clients at once, valid and invalid requests.
 
-    python -m sega.loadbench [--clients 8] [--requests 3] [--steps 10] [--invalid-share 0.33]
+    python -m benchmarks.load [--clients 8] [--requests 3] [--steps 10] [--invalid-share 0.33]
                              [--concurrency N] [--queue-size N] [--url URL] [--no-serial]
 
-Starts the app (``app.py``) in-process on the bundled demo model, on 127.0.0.1 (or uses the server at
-``--url``), sends every request once from a single client (the serial reference), then has every client send
+Starts the app as a server process (``python app.py``) on the bundled demo model, on 127.0.0.1 (or uses the
+server at ``--url``), sends every request once from a single client (the serial reference), then has every client send
 its requests at the same time, and prints throughput, latency percentiles of the valid requests, how the
 invalid requests were answered and whether every concurrent answer equals the serial one pixel for pixel.
 
@@ -18,16 +18,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
+import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import numpy as np
 
-from sega.service import API_PARAMS  # the order of /generate's inputs
+from server.service import API_PARAMS  # the order of /generate's inputs
 
 PROMPTS = ("a large red circle on a white background", "a small blue square on a black background",
            "a large yellow triangle on a white background", "a small green circle on a black background")
@@ -95,7 +98,7 @@ class Outcome:
 
     @property
     def cache_hit(self) -> bool:
-        return bool(self.used) and "reused from cache" in self.used.get("summary", "")
+        return bool(self.used) and bool(self.used.get("cache_hit"))
 
     @property
     def names_the_field(self) -> bool:
@@ -239,25 +242,52 @@ def same_images(a: Outcome, b: Outcome) -> bool:
             and a.edited is not None and b.edited is not None and np.array_equal(a.edited, b.edited))
 
 
-def _start_app(queue_size: int | None, concurrency: int | None) -> tuple[object, str]:
-    root = Path(__file__).resolve().parent.parent
-    sys.path.insert(0, str(root))
-    from sega.shapes import DEFAULT_MODEL_DIR
+ROOT = Path(__file__).resolve().parent.parent
 
-    os.environ["SEGA_MODEL"] = str(DEFAULT_MODEL_DIR)  # the bundled demo model, whatever the shell says
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    import socket
 
-    import app
-
-    app.LOADED.pipe.set_progress_bar_config(disable=True)
-
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    _, url, _ = app.launch(queue_size=queue_size, concurrency=concurrency, prevent_thread_lock=True,
-                           server_name="127.0.0.1", server_port=port, quiet=True)
-    return app, url
+        return s.getsockname()[1]
+
+
+@contextmanager
+def app_server(queue_size: int | None = None, concurrency: int | None = None, steps: int | None = None,
+               env: dict[str, str] | None = None, timeout: float = 120.0):
+    """``python app.py`` on the bundled demo model and a free loopback port, as a separate process; yields its
+    URL (ending in "/") and stops it afterwards."""
+    from sega.demo.shapes import DEFAULT_MODEL_DIR
+
+    port = _free_port()
+    child_env = {**os.environ, "SEGA_MODEL": str(DEFAULT_MODEL_DIR), "GRADIO_ANALYTICS_ENABLED": "False",
+                 "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", **(env or {})}
+    for name, value in (("SEGA_QUEUE_SIZE", queue_size), ("SEGA_CONCURRENCY", concurrency),
+                        ("SEGA_MAX_STEPS", steps)):
+        if value is not None:
+            child_env[name] = str(value)
+    proc = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
+                            env=child_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"app.py exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+            try:
+                if httpx.get(url + "config", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"app.py did not answer on {url} within {timeout:.0f} s")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def _seconds(values: list[float]) -> str:
@@ -281,34 +311,29 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    app = None
-    if args.url:
-        url = args.url.rstrip("/") + "/"
-        where = url
-    else:
-        app, url = _start_app(args.queue_size, args.concurrency)
-        concurrency = args.concurrency or app.CONCURRENCY
-        where = (f"in-process on {url} ({'demo model' if app.LOADED.is_demo else app.LOADED.model_id}, "
-                 f"concurrency {concurrency}, queue size {args.queue_size or app.QUEUE_SIZE})")
     per_client = plan(args.clients, args.requests, args.invalid_share, args.steps)
     flat = [r for row in per_client for r in row]
     n_valid = sum(r.valid for r in flat)
+    where = args.url or (f"python app.py on loopback (demo model, concurrency {args.concurrency or 'SEGA_CONCURRENCY'}, "
+                         f"queue size {args.queue_size or 'SEGA_QUEUE_SIZE'})")
     print(f"SEGA load benchmark: {args.clients} clients x {args.requests} requests ({n_valid} valid, "
           f"{len(flat) - n_valid} invalid), {args.steps} steps; server {where}; "
           f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}")
-    try:
-        reference = {}
-        if not args.no_serial:
+
+    def server():
+        if args.url:
+            return nullcontext(args.url.rstrip("/") + "/")
+        return app_server(args.queue_size, args.concurrency)
+
+    reference = {}
+    if not args.no_serial:
+        with server() as url:
             serial, serial_s = run_serial(url, [r for r in flat if r.valid])
-            reference = {id(o.request): o for o in serial}
-            print(f"serial (1 client): {len(serial)} valid requests in {serial_s:.2f} s = "
-                  f"{len(serial) / serial_s:.2f} requests/s; latency {_seconds([o.seconds for o in serial])}")
-            if app is not None:
-                app.LOADED.pipe.reedit_cache.clear()  # the concurrent run starts from an empty re-edit cache
+        reference = {id(o.request): o for o in serial}
+        print(f"serial (1 client): {len(serial)} valid requests in {serial_s:.2f} s = "
+              f"{len(serial) / serial_s:.2f} requests/s; latency {_seconds([o.seconds for o in serial])}")
+    with server() as url:  # a fresh server: the concurrent run starts from an empty re-edit cache
         results, wall = run_concurrent(url, per_client)
-    finally:
-        if app is not None:
-            app.demo.close()
     outcomes = [o for row in results for o in row]
     valid = [o for o in outcomes if o.request.valid]
     invalid = [o for o in outcomes if not o.request.valid]
