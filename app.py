@@ -16,6 +16,7 @@ import torch
 from fastapi.exception_handlers import http_exception_handler
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from sega.demo.presets import DEMO_EXAMPLES
 from sega.demo.shapes import BACKGROUNDS, COLORS, SHAPES, SIZES
 from server import service
 from server.loading import load_pipeline
@@ -63,22 +64,7 @@ CSS = """
 """
 
 if LOADED.is_demo:
-    # (label, prompt, concepts, seed): one of each kind of edit the demo model's card describes.
-    EXAMPLES = [
-        ("colour: red → blue", "a large red circle on a white background",
-         [{"prompt": "blue", "preset": "color"}, {"prompt": "red", "reverse": True, "preset": "color"}], 1),
-        ("background: white → black", "a large green square on a white background",
-         [{"prompt": "black background", "preset": "background"},
-          {"prompt": "white background", "reverse": True, "preset": "background"}], 2),
-        ("shape: circle → triangle", "a large yellow circle on a black background",
-         [{"prompt": "triangle", "preset": "shape"}, {"prompt": "circle", "reverse": True, "preset": "shape"}], 3),
-        ("removal: no more blue", "a large blue square on a white background",
-         [{"prompt": "blue", "reverse": True, "preset": "color"}], 4),
-        ("size: small → large", "a small red triangle on a white background",
-         [{"prompt": "large", "preset": "size"}, {"prompt": "small", "reverse": True, "preset": "size"}], 5),
-        ("two concepts: blue + black background", "a small red square on a white background",
-         [{"prompt": "blue", "preset": "color"}, {"prompt": "black background", "preset": "background"}], 6),
-    ]
+    EXAMPLES = DEMO_EXAMPLES
     INTRO = (f"The bundled **demo model** draws {NATIVE}×{NATIVE} px shapes; it knows only these words: "
              f"{', '.join(SIZES)}; {', '.join(COLORS)}; {', '.join(SHAPES)}; "
              f"on a {' / '.join(BACKGROUNDS)} background. Try a concept such as `blue` or `black background`.")

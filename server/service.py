@@ -421,7 +421,8 @@ def generate(loaded: LoadedModel, params: GenerationParams,
     summary = summarize(params, seconds, out.cache_hit, flagged)
     # Notices (truncation, removed control characters...) and the summary travel with the result, for API
     # callers too.
-    used = {**params.to_json(), "notices": [*params.notices, *flagged], "summary": summary}
+    used = {**params.to_json(), "notices": [*params.notices, *flagged], "summary": summary,
+            "cache_hit": bool(out.cache_hit)}
     return GenerationResult(original=original, edited=edited, used=used, summary=summary,
                             cache_hit=bool(out.cache_hit), seconds=seconds)
 

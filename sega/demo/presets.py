@@ -12,3 +12,21 @@ DEMO_PRESETS: dict[str, dict] = {
 }
 DEMO_DEFAULTS: dict = {"steps": 25, "guidance_scale": 5.0, "momentum_scale": 0.3, "momentum_beta": 0.6,
                        "default_preset": "color"}
+
+# The app's examples on this model, one per kind of edit, written as SEGA users write them (add the new value,
+# remove the old one): (label, prompt, concepts as the API takes them, seed).
+DEMO_EXAMPLES: list[tuple[str, str, list[dict], int]] = [
+    ("colour: red → blue", "a large red circle on a white background",
+     [{"prompt": "blue", "preset": "color"}, {"prompt": "red", "reverse": True, "preset": "color"}], 1),
+    ("background: white → black", "a large green square on a white background",
+     [{"prompt": "black background", "preset": "background"},
+      {"prompt": "white background", "reverse": True, "preset": "background"}], 2),
+    ("shape: circle → triangle", "a large yellow circle on a black background",
+     [{"prompt": "triangle", "preset": "shape"}, {"prompt": "circle", "reverse": True, "preset": "shape"}], 3),
+    ("removal: no more blue", "a large blue square on a white background",
+     [{"prompt": "blue", "reverse": True, "preset": "color"}], 4),
+    ("size: small → large", "a small red triangle on a white background",
+     [{"prompt": "large", "preset": "size"}, {"prompt": "small", "reverse": True, "preset": "size"}], 5),
+    ("two concepts: blue + black background", "a small red square on a white background",
+     [{"prompt": "blue", "preset": "color"}, {"prompt": "black background", "preset": "background"}], 6),
+]

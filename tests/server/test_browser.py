@@ -11,7 +11,7 @@ from tests.served import import_app, serve
 pytestmark = pytest.mark.slow
 
 CHROMIUM = "/usr/bin/chromium"
-SCREENSHOT = Path(__file__).resolve().parent.parent / "assets" / "screenshot.png"
+SCREENSHOT = Path(__file__).resolve().parents[2] / "assets" / "screenshot.png"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
 

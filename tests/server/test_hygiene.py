@@ -20,7 +20,7 @@ from server import loading, service
 from tests.served import free_port, import_app, serve
 from tests.tiny import tiny_components
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "a large red circle on a white background"
 
 

@@ -43,7 +43,8 @@ def serial_reference(app_module, load_plan) -> dict[int, loadbench.Outcome]:
 
 
 def without_summary(used: dict) -> dict:
-    return {k: v for k, v in used.items() if k != "summary"}  # the summary holds the seconds taken
+    # The summary holds the seconds taken; whether the re-edit cache was hit depends on the order of arrival.
+    return {k: v for k, v in used.items() if k not in ("summary", "cache_hit")}
 
 
 def test_the_plan_mixes_valid_and_invalid_and_shares_prompt_and_seed_across_clients(load_plan):
