@@ -6,21 +6,21 @@
 import spaces  # noqa: I001  first: on a ZeroGPU Space it must patch CUDA before torch initialises it
 
 import argparse
+import inspect
 import logging
 import os
 import sys
 import threading
+from dataclasses import dataclass
 
 import gradio as gr
 import torch
 from fastapi.exception_handlers import http_exception_handler
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sega.demo.presets import DEMO_EXAMPLES
-from sega.demo.shapes import BACKGROUNDS, COLORS, SHAPES, SIZES
-from server import service
+from server import params as api
+from server import service, snippets
 from server.loading import load_pipeline
-from server.profiles import defaults_for, presets_for
 
 logger = logging.getLogger("sega.app")
 
@@ -37,17 +37,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 # Command-line options only when run as a script: under pytest, sys.argv belongs to pytest.
 ARGS = parse_args(sys.argv[1:] if __name__ == "__main__" else [])
-LIMITS = service.Limits.from_env()
+LIMITS = api.Limits.from_env()
 LOADED = load_pipeline(ARGS.model, safety_checker=not ARGS.no_safety_checker)  # logs a fallback itself
-DEFAULTS = service.ui_defaults(LOADED)
-PRESETS = presets_for(LOADED.is_demo)
-DEFAULT_PRESET = defaults_for(LOADED.is_demo)["default_preset"]
-NATIVE = service.native_size(LOADED)
+PROFILE = LOADED.profile
+DEFAULTS = api.defaults(LOADED)
 MAX_ROWS = LIMITS.max_concepts
 # Cached example results belong to one set of weights: another model (or a retrained one) gets its own folder.
 os.environ.setdefault("GRADIO_EXAMPLES_CACHE", os.path.join(".gradio", "cached_examples",
                                                             service.model_fingerprint(LOADED)))
-QUEUE_SIZE, CONCURRENCY = service.queue_settings()  # SEGA_QUEUE_SIZE, SEGA_CONCURRENCY
+QUEUE_SIZE, CONCURRENCY = api.queue_settings()  # SEGA_QUEUE_SIZE, SEGA_CONCURRENCY
 # What an API caller gets when the queue is full (gradio's browser client says "This application is currently
 # busy. Please try again.", gradio_client "Queue is full! Please try again.").
 BUSY_MESSAGE = "The server is busy (its queue of waiting requests is full). Please try again in a minute."
@@ -63,51 +61,26 @@ CSS = """
 #fallback-banner { border: 1px solid #f59e0b; border-radius: 8px; padding: 0 12px; background: #fffbeb; }
 """
 
-if LOADED.is_demo:
-    EXAMPLES = DEMO_EXAMPLES
-    INTRO = (f"The bundled **demo model** draws {NATIVE}×{NATIVE} px shapes; it knows only these words: "
-             f"{', '.join(SIZES)}; {', '.join(COLORS)}; {', '.join(SHAPES)}; "
-             f"on a {' / '.join(BACKGROUNDS)} background. Try a concept such as `blue` or `black background`.")
-else:
-    EXAMPLES = [
-        ("face: smile, glasses, curls, beard (the authors' example)", "a photo of the face of a woman", [
-            {"prompt": "smiling, smile", "scale": 4, "threshold": 0.99, "warmup": 10, "preset": "face"},
-            {"prompt": "glasses, wearing glasses", "scale": 5, "threshold": 0.975, "warmup": 10, "preset": "face"},
-            {"prompt": "curls, wavy hair, curly hair", "scale": 5, "threshold": 0.925, "warmup": 10, "preset": "face"},
-            {"prompt": "beard, full beard, mustache", "scale": 5.4, "threshold": 0.96, "warmup": 10, "preset": "face"},
-        ], 21),
-        ("castle: add a boat, paint like Monet", "a castle next to a river", [
-            {"prompt": "boat on a river, boat", "preset": "object"},
-            {"prompt": "monet, impression, sunrise", "preset": "style"},
-        ], 48),
-        ("street: remove the cars", "a crowded city street with cars, photo", [
-            {"prompt": "cars, traffic", "reverse": True, "preset": "object"},
-        ], 7),
-    ]
-    INTRO = ("Describe an image, then add **concepts** to steer it towards (add) or away from (remove) "
-             "an idea while the rest of the picture stays put.")
-
-
 # ----------------------------------------------------------------------------------------------
-# Handlers (thin: validation and generation live in server.service)
+# Handlers (thin: validation and generation live in server/)
 # ----------------------------------------------------------------------------------------------
 
 
-def _gpu_seconds(params: service.GenerationParams, stop_key: str | None = None) -> int:
+def _gpu_seconds(params: api.GenerationParams, stop_key: str | None = None) -> int:
     return service.gpu_duration(params.steps, len(params.concepts), params.width, params.height)
 
 
 @spaces.GPU(duration=_gpu_seconds)
-def run_on_gpu(params: service.GenerationParams, stop_key: str | None = None) -> service.GenerationResult:
+def run_on_gpu(params: api.GenerationParams, stop_key: str | None = None) -> service.GenerationResult:
     # Takes only picklable arguments: on ZeroGPU this runs in a worker process.
     return service.generate(LOADED, params, stop_event=_stop_flags.get(stop_key) if stop_key else None)
 
 
-def _run(raw: dict, request: gr.Request | None) -> tuple[service.GenerationParams, service.GenerationResult]:
+def _run(raw: dict, request: gr.Request | None) -> tuple[api.GenerationParams, service.GenerationResult]:
     """Validate, run, and turn every failure into a message for this visitor only."""
     try:
-        params = service.parse_request(LOADED, raw, LIMITS)
-    except service.InvalidInput as exc:
+        params = api.parse_request(LOADED, raw, LIMITS)
+    except api.InvalidInput as exc:
         raise gr.Error(str(exc), title="Invalid input", print_exception=False) from None
     key = getattr(request, "session_hash", None)
     flag = threading.Event()
@@ -138,20 +111,29 @@ def stop(request: gr.Request) -> None:
         flag.set()
 
 
-def generate_api(prompt, concepts=None, seed=None, steps=None, guidance_scale=None, negative_prompt=None,
-                 width=None, height=None, momentum_scale=None, momentum_beta=None, request: gr.Request = None):
+def generate_api(request: gr.Request, **raw):
     """Generate the image without edits and the image with edits for one seed.
 
     Returns the image without edits, the image with edits, and the parameters actually used (seed included).
     """
-    raw = {"prompt": prompt, "concepts": concepts, "seed": seed, "steps": steps, "guidance_scale": guidance_scale,
-           "negative_prompt": negative_prompt, "width": width, "height": height,
-           "momentum_scale": momentum_scale, "momentum_beta": momentum_beta}
     try:
         _, result = _run(raw, request)
     except service.GenerationStopped as exc:
         raise gr.Error(str(exc), title="Stopped", print_exception=False) from None
     return *_saved(result), result.used
+
+
+def api_signature(params: tuple[api.Param, ...]) -> inspect.Signature:
+    """``(request, *, name=None, ...)`` for an endpoint's declared parameters: gradio reads the API's parameter
+    names and which of them are optional from the handler's signature."""
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    return inspect.Signature([
+        inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request),
+        *(inspect.Parameter(p.name, keyword, **({} if p.default is None else {"default": None})) for p in params),
+    ])
+
+
+generate_api.__signature__ = api_signature(api.GENERATE_PARAMS)
 
 
 def _saved(result: service.GenerationResult) -> tuple[str | None, str | None]:
@@ -168,7 +150,7 @@ def _run_ui(raw: dict, request: gr.Request | None) -> tuple:
     return _ui_outputs(params, result)
 
 
-def _ui_outputs(params: service.GenerationParams, result: service.GenerationResult) -> tuple:
+def _ui_outputs(params: api.GenerationParams, result: service.GenerationResult) -> tuple:
     for notice in result.used["notices"]:
         gr.Warning(notice)
     original, edited = _saved(result)
@@ -182,7 +164,7 @@ def show_details(used) -> tuple[str, str, str]:
         used = used.model_dump()
     if not used:
         return "", "", ""
-    client_code, library_code = service.as_code(service.params_from_json(LOADED, used, LIMITS))
+    client_code, library_code = snippets.as_code(api.params_from_json(LOADED, used, LIMITS))
     return used.get("summary", ""), client_code, library_code
 
 
@@ -191,61 +173,131 @@ def show_details(used) -> tuple[str, str, str]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _slider_max(value: float, floor: float) -> float:
-    return max(floor, value)
+@dataclass
+class ConceptRow:
+    """The widgets of one concept row."""
+
+    group: gr.Group
+    advanced: gr.Row  # cooldown and weight, shown with "Show cooldown and weight"
+    text: gr.Textbox
+    direction: gr.Radio
+    preset: gr.Dropdown
+    scale: gr.Slider
+    threshold: gr.Slider
+    warmup: gr.Slider
+    cooldown: gr.Number
+    weight: gr.Slider
+
+    @property
+    def values(self) -> list[gr.components.Component]:
+        return [self.text, self.direction, self.preset, self.scale, self.threshold, self.warmup, self.cooldown,
+                self.weight]
+
+    def read(self, v: dict) -> dict | None:
+        """This row as an API concept, or None when its text is empty (an empty row is not a concept)."""
+        if not (v[self.text] or "").strip():
+            return None
+        return {"prompt": v[self.text], "reverse": v[self.direction] == "remove", "scale": v[self.scale],
+                "threshold": v[self.threshold], "warmup": v[self.warmup], "cooldown": v[self.cooldown],
+                "weight": v[self.weight]}
+
+    def fill(self, concept: dict | None) -> dict:
+        """Widget values for an API concept (preset defaults for the keys it leaves out); None clears the row."""
+        concept = concept or {}
+        values = PROFILE.concept_defaults(concept.get("preset")) | concept
+        return {self.text: values.get("prompt", ""), self.direction: "remove" if values["reverse"] else "add",
+                self.preset: values["preset"], self.scale: values["scale"], self.threshold: values["threshold"],
+                self.warmup: values["warmup"], self.cooldown: values["cooldown"], self.weight: values["weight"]}
+
+
+class ConceptRows:
+    """Up to MAX_ROWS concept rows with add/remove buttons, presets and a cooldown/weight switch.
+
+    ``prefix`` keeps element ids apart when several tabs each have their rows.
+    """
+
+    def __init__(self, prefix: str = "concept"):
+        self.count = gr.State(1)
+        self.rows: list[ConceptRow] = []
+        d = PROFILE.concept_defaults()
+        for i in range(MAX_ROWS):
+            with gr.Group(visible=i == 0, elem_id=f"{prefix}-{i}") as group:
+                with gr.Row():
+                    text = gr.Textbox(label=f"Concept {i + 1}", scale=3, elem_id=f"{prefix}-{i}-text",
+                                      placeholder=PROFILE.concept_placeholder)
+                    direction = gr.Radio(["add", "remove"], value="add", label="Direction", scale=2,
+                                         elem_id=f"{prefix}-{i}-direction")
+                    preset = gr.Dropdown(list(PROFILE.presets), value=d["preset"], label="Preset", scale=2,
+                                         elem_id=f"{prefix}-{i}-preset")
+                with gr.Row():
+                    scale = gr.Slider(0, max(20, d["scale"]), value=d["scale"], step=0.1, label="Edit scale")
+                    threshold = gr.Slider(0, 0.995, value=d["threshold"], step=0.005, label="Threshold")
+                    warmup = gr.Slider(0, LIMITS.max_steps, value=d["warmup"], step=1, label="Warmup (steps)")
+                with gr.Row(visible=False) as advanced:
+                    cooldown = gr.Number(None, label="Cooldown step (empty: never)", precision=0, minimum=0,
+                                         maximum=LIMITS.max_steps)
+                    weight = gr.Slider(0, 5, value=1.0, step=0.1, label="Weight")
+            self.rows.append(ConceptRow(group, advanced, text, direction, preset, scale, threshold, warmup,
+                                        cooldown, weight))
+        with gr.Row():
+            add = gr.Button("Add concept", size="sm", elem_id=f"add-{prefix}")
+            remove = gr.Button("Remove last concept", size="sm", elem_id=f"remove-{prefix}")
+        groups = [r.group for r in self.rows]
+        add.click(lambda n: self.show(min(n + 1, MAX_ROWS)), self.count, [self.count, *groups],
+                  api_visibility="private")
+        remove.click(lambda n: self.show(max(n - 1, 0)), self.count, [self.count, *groups], api_visibility="private")
+        for row in self.rows:
+            # .input, not .change: filling a row from an example must keep the example's own values.
+            row.preset.input(lambda name: [PROFILE.presets[name][k] for k in ("scale", "threshold", "warmup")],
+                             row.preset, [row.scale, row.threshold, row.warmup], api_visibility="private")
+
+    def show(self, n: int) -> dict:
+        return {self.count: n, **{r.group: gr.Group(visible=i < n) for i, r in enumerate(self.rows)}}
+
+    def wire_advanced(self, switch: gr.Checkbox) -> None:
+        switch.change(lambda on: [gr.Row(visible=on) for _ in self.rows], switch, [r.advanced for r in self.rows],
+                      api_visibility="private")
+
+    @property
+    def inputs(self) -> list[gr.components.Component]:
+        return [self.count, *(c for r in self.rows for c in r.values)]
+
+    @property
+    def outputs(self) -> list:
+        return [self.count, *(r.group for r in self.rows), *(c for r in self.rows for c in r.values)]
+
+    def read(self, v: dict) -> list[dict]:
+        return [c for c in (r.read(v) for r in self.rows[:v[self.count]]) if c is not None]
+
+    def fill(self, concepts: list[dict]) -> dict:
+        updates = self.show(len(concepts))
+        for i, row in enumerate(self.rows):
+            updates |= row.fill(concepts[i] if i < len(concepts) else None)
+        return updates
 
 
 with gr.Blocks(title="SEGA: semantic guidance", delete_cache=(900, 3600)) as demo:
-    gr.Markdown("# SEGA: semantic guidance for diffusion\n" + INTRO)
+    gr.Markdown("# SEGA: semantic guidance for diffusion\n" + LOADED.intro)
     if LOADED.fallback_reason:
         gr.Markdown(f"**Note:** {LOADED.fallback_reason}", elem_id="fallback-banner")
 
     with gr.Row():
         with gr.Column(scale=5):
-            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
-                                placeholder="a large red circle on a white background" if LOADED.is_demo
-                                else "a photo of the face of a woman")
+            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt", placeholder=PROFILE.prompt_placeholder)
             negative_prompt = gr.Textbox(label="Negative prompt", value="", elem_id="negative-prompt")
-
-            n_rows = gr.State(1)
-            rows = []  # per row: (group, advanced row, text, direction, preset, scale, threshold, warmup, cooldown, weight)
-            for i in range(MAX_ROWS):
-                d = service.concept_defaults(LOADED)
-                with gr.Group(visible=i == 0, elem_id=f"concept-{i}") as group:
-                    with gr.Row():
-                        text = gr.Textbox(label=f"Concept {i + 1}", scale=3, elem_id=f"concept-{i}-text",
-                                          placeholder="e.g. blue (leave empty to skip)" if LOADED.is_demo
-                                          else "e.g. glasses, wearing glasses (leave empty to skip)")
-                        direction = gr.Radio(["add", "remove"], value="add", label="Direction", scale=2,
-                                             elem_id=f"concept-{i}-direction")
-                        preset = gr.Dropdown(list(PRESETS), value=DEFAULT_PRESET, label="Preset", scale=2,
-                                             elem_id=f"concept-{i}-preset")
-                    with gr.Row():
-                        scale = gr.Slider(0, _slider_max(d["scale"], 20), value=d["scale"], step=0.1,
-                                          label="Edit scale")
-                        threshold = gr.Slider(0, 0.995, value=d["threshold"], step=0.005, label="Threshold")
-                        warmup = gr.Slider(0, LIMITS.max_steps, value=d["warmup"], step=1, label="Warmup (steps)")
-                    with gr.Row(visible=False) as advanced_row:
-                        cooldown = gr.Number(None, label="Cooldown step (empty: never)", precision=0, minimum=0,
-                                             maximum=LIMITS.max_steps)
-                        weight = gr.Slider(0, 5, value=1.0, step=0.1, label="Weight")
-                rows.append((group, advanced_row, text, direction, preset, scale, threshold, warmup, cooldown, weight))
+            concept_rows = ConceptRows("concept")
             with gr.Row():
-                add_btn = gr.Button("Add concept", size="sm", elem_id="add-concept")
-                remove_btn = gr.Button("Remove last concept", size="sm", elem_id="remove-concept")
-
-            with gr.Row():
-                seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=service.MAX_SEED, elem_id="seed")
+                seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=api.MAX_SEED, elem_id="seed")
                 randomize = gr.Checkbox(True, label="Random seed", elem_id="randomize")
             with gr.Row():
                 steps = gr.Slider(1, LIMITS.max_steps, value=DEFAULTS["steps"], step=1, label="Steps", elem_id="steps")
-                guidance = gr.Slider(0, service.MAX_GUIDANCE_SCALE, value=DEFAULTS["guidance_scale"], step=0.5,
+                guidance = gr.Slider(0, api.MAX_GUIDANCE_SCALE, value=DEFAULTS["guidance_scale"], step=0.5,
                                      label="Guidance scale", elem_id="guidance")
             with gr.Row():
-                size_max = min(LIMITS.max_size, 2 * NATIVE)
-                width = gr.Slider(service.min_size(LOADED), size_max, value=NATIVE, step=8, label="Width")
-                height = gr.Slider(service.min_size(LOADED), size_max, value=NATIVE, step=8, label="Height")
-                scheduler = gr.Dropdown(list(service.SCHEDULERS), value=DEFAULTS["scheduler"], label="Scheduler")
+                size_max = min(LIMITS.max_size, 2 * LOADED.native_size)
+                width = gr.Slider(LOADED.min_size, size_max, value=DEFAULTS["width"], step=8, label="Width")
+                height = gr.Slider(LOADED.min_size, size_max, value=DEFAULTS["height"], step=8, label="Height")
+                scheduler = gr.Dropdown(list(api.SCHEDULERS), value=DEFAULTS["scheduler"], label="Scheduler")
             with gr.Accordion("Advanced", open=False):
                 with gr.Row():
                     momentum_scale = gr.Slider(0, 2, value=DEFAULTS["momentum_scale"], step=0.05,
@@ -273,67 +325,38 @@ with gr.Blocks(title="SEGA: semantic guidance", delete_cache=(900, 3600)) as dem
                 client_code = gr.Code(language="python", label="gradio_client (call this app)")
                 library_code = gr.Code(language="python", label="sega library (run it yourself)")
 
+    # The settings widgets, by API parameter name: the request is read from (and examples reset) these.
+    settings = {"negative_prompt": negative_prompt, "steps": steps, "guidance_scale": guidance, "width": width,
+                "height": height, "scheduler": scheduler, "momentum_scale": momentum_scale,
+                "momentum_beta": momentum_beta}
+    concept_rows.wire_advanced(show_advanced)
+
     # Summary and code are derived from the JSON: cached examples store JSON faithfully, free text less so.
     ui_outputs = [original_img, edited_img, slider, seed_used, used_json]
     used_json.change(show_details, used_json, [summary, client_code, library_code], api_visibility="private")
-    settings = [negative_prompt, seed, steps, guidance, width, height, scheduler, momentum_scale, momentum_beta]
-
-    # Concept rows -------------------------------------------------------------------------------
-    groups = [r[0] for r in rows]
-
-    def show_rows(n: int) -> list:
-        return [n] + [gr.Group(visible=i < n) for i in range(MAX_ROWS)]
-
-    add_btn.click(lambda n: show_rows(min(n + 1, MAX_ROWS)), n_rows, [n_rows, *groups], api_visibility="private")
-    remove_btn.click(lambda n: show_rows(max(n - 1, 0)), n_rows, [n_rows, *groups], api_visibility="private")
-    show_advanced.change(lambda on: [gr.Row(visible=on) for _ in rows], show_advanced, [r[1] for r in rows],
-                         api_visibility="private")
-    for r in rows:
-        # .input, not .change: filling a row from an example must keep the example's own values.
-        r[4].input(lambda name: [PRESETS[name][k] for k in ("scale", "threshold", "warmup")], r[4],
-                    [r[5], r[6], r[7]], api_visibility="private")
 
     # Generate -----------------------------------------------------------------------------------
-    all_inputs = {prompt, randomize, n_rows, *settings, *(c for r in rows for c in r[2:])}
-
     def generate_ui(v: dict, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
-        concepts = []
-        for _, _, text, direction, _, c_scale, c_threshold, c_warmup, c_cooldown, c_weight in rows[:v[n_rows]]:
-            if not (v[text] or "").strip():
-                continue  # an empty row is not a concept
-            concepts.append({"prompt": v[text], "reverse": v[direction] == "remove", "scale": v[c_scale],
-                             "threshold": v[c_threshold], "warmup": v[c_warmup], "cooldown": v[c_cooldown],
-                             "weight": v[c_weight]})
-        raw = {"prompt": v[prompt], "negative_prompt": v[negative_prompt], "concepts": concepts,
-               "seed": None if v[randomize] else v[seed], "steps": v[steps], "guidance_scale": v[guidance],
-               "width": v[width], "height": v[height], "scheduler": v[scheduler],
-               "momentum_scale": v[momentum_scale], "momentum_beta": v[momentum_beta]}
+        raw = {"prompt": v[prompt], "concepts": concept_rows.read(v), "seed": None if v[randomize] else v[seed],
+               **{name: v[widget] for name, widget in settings.items()}}
         return _run_ui(raw, request)
 
-    gen_event = gr.on([generate_btn.click, prompt.submit], generate_ui, all_inputs, ui_outputs,
+    gen_event = gr.on([generate_btn.click, prompt.submit], generate_ui,
+                      {prompt, randomize, seed, *settings.values(), *concept_rows.inputs}, ui_outputs,
                       api_visibility="private", concurrency_id="gpu", concurrency_limit="default")
     stop_btn.click(stop, None, None, cancels=[gen_event], queue=False, api_visibility="private")
 
-    # Public API: one endpoint with named parameters, raw payloads (validated by server.service).
+    # Public API: one endpoint with named parameters, built from their declarations (validated in server/).
+    api_widget = {"text": lambda d: gr.Textbox(d), "json": lambda d: gr.JSON(d),
+                  "int": lambda d: gr.Number(d, precision=0), "float": lambda d: gr.Number(d)}
     with gr.Group(visible=False):
-        api_inputs = [
-            gr.Textbox(None, label="prompt"),
-            gr.JSON([], label="concepts"),
-            gr.Number(None, label="seed", precision=0),
-            gr.Number(DEFAULTS["steps"], label="steps", precision=0),
-            gr.Number(DEFAULTS["guidance_scale"], label="guidance_scale"),
-            gr.Textbox("", label="negative_prompt"),
-            gr.Number(DEFAULTS["width"], label="width", precision=0),
-            gr.Number(DEFAULTS["height"], label="height", precision=0),
-            gr.Number(DEFAULTS["momentum_scale"], label="momentum_scale"),
-            gr.Number(DEFAULTS["momentum_beta"], label="momentum_beta"),
-        ]
+        api_inputs = {p.name: api_widget[p.kind](DEFAULTS[p.name]) for p in api.GENERATE_PARAMS}
         api_outputs = [gr.Image(format="png", label="without edits"), gr.Image(format="png", label="with edits"),
                        gr.JSON(label="parameters used")]
         api_button = gr.Button()
     # concurrency_limit "default": the queue's default_concurrency_limit, set in launch().
-    api_button.click(generate_api, api_inputs, api_outputs, api_name="generate", preprocess=False,
-                     concurrency_id="gpu", concurrency_limit="default")
+    api_button.click(generate_api, inputs_kwargs=api_inputs, outputs=api_outputs, api_name="generate",
+                     preprocess=False, concurrency_id="gpu", concurrency_limit="default")
 
     # Examples: fill the form (rows included) and show a lazily cached result ---------------------
     example_concepts = gr.JSON(visible=False)
@@ -345,25 +368,16 @@ with gr.Blocks(title="SEGA: semantic guidance", delete_cache=(900, 3600)) as dem
             concepts = concepts.model_dump()
         return _run_ui({"prompt": prompt_text, "seed": example_seed, "concepts": concepts}, request)
 
-    def fill_rows(concepts: list | None) -> list:
-        concepts = concepts or []
-        updates = [*show_rows(len(concepts)), False]
-        for i in range(MAX_ROWS):
-            c = concepts[i] if i < len(concepts) else {}
-            values = service.concept_defaults(LOADED, c.get("preset")) | c
-            updates += [values.get("prompt", ""), "remove" if values["reverse"] else "add", values["preset"],
-                        values["scale"], values["threshold"], values["warmup"], values["cooldown"], values["weight"]]
-        defaults = [DEFAULTS[k] for k in ("negative_prompt", "steps", "guidance_scale", "width", "height",
-                                          "scheduler", "momentum_scale", "momentum_beta")]
-        return updates + defaults
+    def fill_form(concepts: list | None) -> dict:
+        """An example's concepts in the rows, every other setting back to its default."""
+        return {**concept_rows.fill(concepts or []), randomize: False,
+                **{widget: DEFAULTS[name] for name, widget in settings.items()}}
 
-    example_concepts.change(fill_rows, example_concepts,
-                            [n_rows, *groups, randomize, *(c for r in rows for c in r[2:]), negative_prompt, steps,
-                             guidance, width, height, scheduler, momentum_scale, momentum_beta],
+    example_concepts.change(fill_form, example_concepts, [*concept_rows.outputs, randomize, *settings.values()],
                             api_visibility="private")
     gr.Examples(
-        examples=[[p, s, c] for _, p, c, s in EXAMPLES],
-        example_labels=[label for label, *_ in EXAMPLES],
+        examples=[[p, s, c] for _, p, c, s in PROFILE.examples],
+        example_labels=[label for label, *_ in PROFILE.examples],
         inputs=[prompt, seed, example_concepts],
         outputs=ui_outputs,
         fn=run_example,
@@ -393,5 +407,5 @@ def launch(queue_size: int | None = None, concurrency: int | None = None, **kwar
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logger.info("model %s on %s (demo model: %s)", LOADED.model_id, LOADED.device, LOADED.is_demo)
+    logger.info("model %s on %s (profile: %s)", LOADED.model_id, LOADED.device, PROFILE.name)
     launch(server_name=ARGS.host, server_port=ARGS.port)

@@ -1,0 +1,413 @@
+"""The public API's parameters, declared once.
+
+Each :class:`Param` says how its raw value is checked, what it defaults to on the served model, and which
+keywords of the library call it becomes. Everything else derives from this table: request validation
+(:func:`parse_request`), the defaults the UI and the API start with (:func:`defaults`), the JSON of the
+parameters used, the pipeline call that :func:`server.service.generate` executes and the two "as code" snippets
+(:mod:`server.snippets`), which render the very same keyword mapping as text.
+
+Adding a parameter to ``/generate`` means adding a :class:`Param` to :data:`GENERATE_PARAMS` and, if the UI shows
+it, a widget in ``app.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import unicodedata
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+from sega.concepts import EditConcept, check_number, show_value
+
+from .loading import LoadedModel
+
+MAX_SEED = 2**32 - 1
+MAX_GUIDANCE_SCALE = 30.0
+MAX_MOMENTUM_SCALE = 10.0
+SCHEDULERS = {"DDIM": DDIMScheduler, "DPM-Solver++": DPMSolverMultistepScheduler, "Euler": EulerDiscreteScheduler}
+DEFAULT_SCHEDULER = "DDIM"
+CONCEPT_KEYS = ("prompt", "scale", "threshold", "warmup", "reverse", "cooldown", "weight", "preset")
+
+
+class InvalidInput(ValueError):
+    """A request parameter is not acceptable; the message names it and what is allowed."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Limits
+# ----------------------------------------------------------------------------------------------
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be a positive integer, got {raw!r}") from None
+    if value < 1:
+        raise ValueError(f"environment variable {name} must be a positive integer, got {raw!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Server-side bounds on a request; set with SEGA_MAX_STEPS, SEGA_MAX_SIZE, SEGA_MAX_CONCEPTS and
+    SEGA_MAX_PROMPT_CHARS."""
+
+    max_steps: int = 100
+    max_size: int = 1024
+    max_concepts: int = 6
+    max_prompt_chars: int = 1000
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Limits:
+        env = os.environ if env is None else env
+        return cls(
+            max_steps=_env_int(env, "SEGA_MAX_STEPS", cls.max_steps),
+            max_size=_env_int(env, "SEGA_MAX_SIZE", cls.max_size),
+            max_concepts=_env_int(env, "SEGA_MAX_CONCEPTS", cls.max_concepts),
+            max_prompt_chars=_env_int(env, "SEGA_MAX_PROMPT_CHARS", cls.max_prompt_chars),
+        )
+
+
+def queue_settings(env: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """``(queue size, concurrency)`` from SEGA_QUEUE_SIZE (requests that may wait, default 32) and
+    SEGA_CONCURRENCY (generations that run at the same time, default 1)."""
+    env = os.environ if env is None else env
+    return _env_int(env, "SEGA_QUEUE_SIZE", 32), _env_int(env, "SEGA_CONCURRENCY", 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks shared by the declarations
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    """What a check may look at besides the value: the served model, the limits, notices to add."""
+
+    loaded: LoadedModel
+    limits: Limits
+    notices: list[str] = field(default_factory=list)
+
+
+def number(name: str, value, low: float, high: float, *, integer: bool = False,
+           high_inclusive: bool = True) -> float | int:
+    """``value`` as a finite number in range, or InvalidInput naming ``name`` and the allowed range."""
+    try:
+        return check_number(name, value, low, high, integer=integer, high_inclusive=high_inclusive)
+    except ValueError as e:
+        raise InvalidInput(str(e)) from None
+
+
+def clean_text(name: str, value, max_chars: int) -> tuple[str, list[str]]:
+    """Text without control characters (tabs and newlines become spaces), stripped; with notices."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"{name} must be a string, got {type(value).__name__}")
+    if len(value) > max_chars:
+        raise InvalidInput(f"{name} must be at most {max_chars} characters, got {len(value)}")
+    kept, removed = [], 0
+    for ch in value:
+        if unicodedata.category(ch) == "Cc":
+            removed += 1
+            if ch in "\t\n\r":
+                kept.append(" ")
+        else:
+            kept.append(ch)
+    notices = [f"{name}: removed {removed} control character(s)."] if removed else []
+    return "".join(kept).strip(), notices
+
+
+def text(name: str, value, ctx: Context, *, required: bool = False) -> str:
+    """A prompt-like text: cleaned, with a notice when the tokenizer will truncate it."""
+    cleaned, notices = clean_text(name, value, ctx.limits.max_prompt_chars)
+    if required and not cleaned:
+        raise InvalidInput(f"{name} must be non-empty text")
+    ctx.notices += notices
+    dropped = ctx.loaded.pipe.truncated_text(cleaned) if cleaned else None
+    if dropped:
+        limit = ctx.loaded.pipe.tokenizer.model_max_length
+        ctx.notices.append(f"{name} is longer than the model's {limit}-token limit; this part was ignored: {dropped!r}.")
+    return cleaned
+
+
+def parse_concept(index: int, raw, ctx: Context) -> EditConcept:
+    """One API concept (a dict) as an EditConcept; its ``preset`` (or the default one) fills missing keys."""
+    where = f"concepts[{index}]"
+    if not isinstance(raw, Mapping):
+        raise InvalidInput(f"{where} must be an object with the keys {', '.join(CONCEPT_KEYS)}; "
+                           f"got {type(raw).__name__}")
+    unknown = sorted(str(k) for k in raw if k not in CONCEPT_KEYS)
+    if unknown:
+        raise InvalidInput(f"{where} has unknown key(s) {', '.join(unknown)}; allowed: {', '.join(CONCEPT_KEYS)}")
+    if raw.get("prompt") is None:
+        raise InvalidInput(f"{where}.prompt is required (the concept's text, e.g. \"smiling\")")
+    prompt = text(f"{where}.prompt", raw["prompt"], ctx, required=True)
+    profile = ctx.loaded.profile
+    preset = raw.get("preset")
+    if preset is not None and (not isinstance(preset, str) or preset not in profile.presets):
+        raise InvalidInput(f"{where}.preset must be one of {', '.join(profile.presets)}; got {show_value(preset)}")
+    values = profile.concept_defaults(preset)
+    values.pop("preset")
+    values.update({k: v for k, v in raw.items() if k not in ("prompt", "preset") and v is not None})
+    try:
+        return EditConcept(prompt=prompt, **values)
+    except ValueError as exc:
+        raise InvalidInput(f"{where}.{exc}") from None
+
+
+def _concepts(value, ctx: Context) -> tuple[EditConcept, ...]:
+    limit = ctx.limits.max_concepts
+    if not isinstance(value, (list, tuple)):
+        raise InvalidInput(f"concepts must be a list of objects (up to {limit}), got {type(value).__name__}")
+    if len(value) > limit:
+        raise InvalidInput(f"concepts may hold at most {limit} concepts, got {len(value)}")
+    return tuple(parse_concept(i, item, ctx) for i, item in enumerate(value))
+
+
+def _steps(value, ctx: Context) -> int:
+    # More steps than the scheduler has training timesteps cannot be sampled; say so here, not in the worker.
+    trained = int(ctx.loaded.pipe.scheduler.config.num_train_timesteps)
+    return number("steps", value, 1, min(ctx.limits.max_steps, trained), integer=True)
+
+
+def _size(name: str) -> Callable[[Any, Context], int]:
+    def check(value, ctx: Context) -> int:
+        low, high = ctx.loaded.min_size, ctx.limits.max_size
+        value = number(name, value, low, high, integer=True)
+        if value % 8:
+            raise InvalidInput(f"{name} must be a multiple of 8 in [{low}, {high}], got {value}")
+        return value
+    return check
+
+
+def _scheduler(value, ctx: Context) -> str:
+    if value not in SCHEDULERS:
+        raise InvalidInput(f"scheduler must be one of {', '.join(SCHEDULERS)}; got {show_value(value)}")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# Library keywords, as values and as source text
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Keyword:
+    """One keyword of the library call: Python source, and how to build the same value for a pipeline.
+
+    ``imports`` are the lines the source needs. :func:`server.service.generate` calls ``build(pipe)``;
+    :mod:`server.snippets` writes ``source``.
+    """
+
+    source: str
+    build: Callable[[Any], Any]
+    imports: tuple[str, ...] = ()
+
+    @classmethod
+    def literal(cls, value) -> Keyword:
+        return cls(repr(value), lambda _pipe: value)
+
+
+def _generator_keyword(seed: int) -> dict[str, Keyword]:
+    return {"generator": Keyword(f'torch.Generator("cpu").manual_seed({seed})',
+                                 lambda _pipe: torch.Generator("cpu").manual_seed(seed), ("import torch",))}
+
+
+def _scheduler_keyword(name: str) -> dict[str, Keyword]:
+    cls = SCHEDULERS[name]
+    return {"scheduler": Keyword(f"{cls.__name__}.from_config(pipe.scheduler.config)",
+                                 lambda pipe: cls.from_config(pipe.scheduler.config),
+                                 (f"from diffusers import {cls.__name__}",))}
+
+
+def _concepts_keyword(concepts: tuple[EditConcept, ...]) -> dict[str, Keyword]:
+    if not concepts:
+        return {}  # no concepts: a plain Stable Diffusion run
+    items = "".join(
+        "\n        EditConcept(" + ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(c).items()) + "),"
+        for c in concepts
+    )
+    return {"concepts": Keyword(f"[{items}\n    ]", lambda _pipe: list(concepts), ("from sega import EditConcept",))}
+
+
+def _as(keyword: str, convert: Callable[[Any], Any] = lambda v: v) -> Callable[[Any], dict[str, Keyword]]:
+    return lambda value: {keyword: Keyword.literal(convert(value))}
+
+
+# ----------------------------------------------------------------------------------------------
+# The declarations
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Param:
+    """One named API parameter.
+
+    Args:
+        name: its name in the API, the JSON of the parameters used and the UI's request.
+        kind: the API's input type: "text", "json", "int" or "float".
+        doc: one line for the API docs.
+        check: ``check(raw value, ctx)`` -> the validated value, or raise :class:`InvalidInput`.
+        default: ``default(loaded)`` for a missing value; None makes the parameter required.
+        keywords: the library keywords it becomes, ``keywords(value) -> {keyword: Keyword}``.
+        to_json: the value as JSON (default: unchanged).
+    """
+
+    name: str
+    kind: str
+    doc: str
+    check: Callable[[Any, Context], Any]
+    default: Callable[[LoadedModel], Any] | None
+    keywords: Callable[[Any], dict[str, Keyword]]
+    to_json: Callable[[Any], Any] = lambda v: v
+
+
+def _profile_default(key: str) -> Callable[[LoadedModel], Any]:
+    return lambda loaded: loaded.profile.defaults[key]
+
+
+def _random_seed(_loaded: LoadedModel) -> int:
+    return secrets.randbelow(MAX_SEED + 1)
+
+
+def _native_size(loaded: LoadedModel) -> int:
+    return loaded.native_size
+
+
+def _empty_text(_loaded: LoadedModel) -> str:
+    return ""
+
+
+# The order is the API's positional order (new parameters go last, so positional callers keep working).
+GENERATE_PARAMS: tuple[Param, ...] = (
+    Param("prompt", "text", "what the image shows (required)",
+          check=lambda v, ctx: text("prompt", v, ctx, required=True), default=None, keywords=_as("prompt")),
+    Param("concepts", "json", "edit concepts: objects with prompt (required), scale, threshold, warmup, reverse, "
+          "cooldown, weight, preset; a preset fills the keys not given",
+          check=_concepts, default=lambda _loaded: [], keywords=_concepts_keyword,
+          to_json=lambda concepts: [dataclasses.asdict(c) for c in concepts]),
+    Param("seed", "int", f"random seed in [0, {MAX_SEED}] (default: random, returned in the JSON)",
+          check=lambda v, ctx: number("seed", v, 0, MAX_SEED, integer=True), default=_random_seed,
+          keywords=_generator_keyword),
+    Param("steps", "int", "denoising steps", check=_steps, default=_profile_default("steps"),
+          keywords=_as("num_inference_steps")),
+    Param("guidance_scale", "float", f"classifier-free guidance in [0, {MAX_GUIDANCE_SCALE:g}]",
+          check=lambda v, ctx: number("guidance_scale", v, 0, MAX_GUIDANCE_SCALE),
+          default=_profile_default("guidance_scale"), keywords=_as("guidance_scale")),
+    Param("negative_prompt", "text", "what the image should not show",
+          check=lambda v, ctx: text("negative_prompt", v, ctx), default=_empty_text,
+          keywords=_as("negative_prompt", lambda v: v or None)),
+    Param("width", "int", "width in pixels, a multiple of 8", check=_size("width"), default=_native_size,
+          keywords=_as("width")),
+    Param("height", "int", "height in pixels, a multiple of 8", check=_size("height"), default=_native_size,
+          keywords=_as("height")),
+    Param("momentum_scale", "float", f"SEGA momentum scale in [0, {MAX_MOMENTUM_SCALE:g}]",
+          check=lambda v, ctx: number("momentum_scale", v, 0, MAX_MOMENTUM_SCALE),
+          default=_profile_default("momentum_scale"), keywords=_as("edit_momentum_scale")),
+    Param("momentum_beta", "float", "SEGA momentum beta in [0, 1)",
+          check=lambda v, ctx: number("momentum_beta", v, 0, 1, high_inclusive=False),
+          default=_profile_default("momentum_beta"), keywords=_as("edit_mom_beta")),
+    Param("scheduler", "text", f"sampler: {', '.join(SCHEDULERS)}", check=_scheduler,
+          default=lambda _loaded: DEFAULT_SCHEDULER, keywords=_scheduler_keyword),
+)
+API_PARAMS: tuple[str, ...] = tuple(p.name for p in GENERATE_PARAMS)
+# Every endpoint's parameters, by API name.
+ENDPOINTS: dict[str, tuple[Param, ...]] = {"generate": GENERATE_PARAMS}
+
+# Fixed keywords of every app call: both images, the plain run computed on its own first so that an answer never
+# depends on what earlier visitors left in the re-edit cache.
+APP_KEYWORDS = {"return_original": Keyword.literal(True), "original_first": Keyword.literal(True)}
+
+
+def defaults(loaded: LoadedModel, endpoint: str = "generate") -> dict:
+    """What every optional parameter takes when it is not given (the UI starts with the same values).
+
+    The seed's default is random per request, so it shows here as None.
+    """
+    return {p.name: None if p.default in (None, _random_seed) else p.default(loaded) for p in ENDPOINTS[endpoint]}
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """A validated request: every parameter of its endpoint filled in, enough to reproduce its images.
+
+    The values are read as attributes (``params.steps``, ``params.concepts``). Picklable (ZeroGPU sends it to a
+    worker process): the declarations are found by the endpoint's name.
+    """
+
+    values: Mapping[str, Any]
+    model: str = ""
+    notices: tuple[str, ...] = field(default=(), compare=False)
+    endpoint: str = "generate"
+
+    def __getattr__(self, name: str):
+        # Only called for names that are not fields; "values" is missing while unpickling.
+        values = self.__dict__.get("values")
+        if values is None or name not in values:
+            raise AttributeError(name)
+        return values[name]
+
+    @property
+    def declarations(self) -> tuple[Param, ...]:
+        return ENDPOINTS[self.endpoint]
+
+    def api_kwargs(self) -> dict:
+        """The endpoint's named parameters, every one filled in, as JSON values."""
+        return {p.name: p.to_json(self.values[p.name]) for p in self.declarations}
+
+    def to_json(self) -> dict:
+        """The parameters actually used: the API's, plus the model (chosen by the server)."""
+        return {**self.api_kwargs(), "model": self.model}
+
+    def pipeline_keywords(self) -> dict[str, Keyword]:
+        """The library call that gives this request's images, keyword by keyword."""
+        out: dict[str, Keyword] = {}
+        for p in self.declarations:
+            out.update(p.keywords(self.values[p.name]))
+        return {**out, **APP_KEYWORDS}
+
+
+def _notices_across_fields(values: Mapping[str, Any]) -> list[str]:
+    notices = []
+    for i, concept in enumerate(values.get("concepts", ())):
+        if concept.warmup >= values["steps"]:
+            notices.append(f"concepts[{i}] ({concept.prompt!r}) is never applied: its warmup {concept.warmup} "
+                           f"is not below the {values['steps']} steps.")
+    if values.get("concepts") and values["guidance_scale"] <= 1:
+        notices.append(f"guidance_scale {values['guidance_scale']:g} <= 1 turns classifier-free guidance off; the "
+                       "edits are applied to the unconditional estimate.")
+    return notices
+
+
+def parse_request(loaded: LoadedModel, raw: Mapping, limits: Limits | None = None,
+                  endpoint: str = "generate") -> GenerationParams:
+    """Validate an API/UI request (a dict with the API's parameter names; None means "the default").
+
+    Raises :class:`InvalidInput` with a message that names the field and what it accepts.
+    """
+    ctx = Context(loaded, limits or Limits.from_env())
+    values = {}
+    for p in ENDPOINTS[endpoint]:
+        value = raw.get(p.name)
+        if value is None:
+            if p.default is None:
+                raise InvalidInput(f"{p.name} is required")
+            value = p.default(loaded)
+        values[p.name] = p.check(value, ctx)
+    ctx.notices += _notices_across_fields(values)
+    return GenerationParams(values=values, model=loaded.model_id, notices=tuple(ctx.notices), endpoint=endpoint)
+
+
+def params_from_json(loaded: LoadedModel, used: Mapping, limits: Limits | None = None,
+                     endpoint: str = "generate") -> GenerationParams:
+    """The request behind a "parameters used" JSON (as :func:`server.service.generate` returns it)."""
+    return parse_request(loaded, {p.name: used.get(p.name) for p in ENDPOINTS[endpoint]}, limits, endpoint)
