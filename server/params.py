@@ -59,13 +59,15 @@ def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
 
 @dataclass(frozen=True)
 class Limits:
-    """Server-side bounds on a request; set with SEGA_MAX_STEPS, SEGA_MAX_SIZE, SEGA_MAX_CONCEPTS and
-    SEGA_MAX_PROMPT_CHARS."""
+    """Server-side bounds on a request; set with SEGA_MAX_STEPS, SEGA_MAX_SIZE, SEGA_MAX_CONCEPTS,
+    SEGA_MAX_PROMPT_CHARS, SEGA_MAX_IMAGE_MB and SEGA_MAX_IMAGE_PIXELS."""
 
     max_steps: int = 100
     max_size: int = 1024
     max_concepts: int = 6
     max_prompt_chars: int = 1000
+    max_image_mb: int = 25  # an uploaded image's file size
+    max_image_pixels: int = 50_000_000  # its decoded size (a 50-megapixel photo); bigger is refused unread
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Limits:
@@ -75,6 +77,8 @@ class Limits:
             max_size=_env_int(env, "SEGA_MAX_SIZE", cls.max_size),
             max_concepts=_env_int(env, "SEGA_MAX_CONCEPTS", cls.max_concepts),
             max_prompt_chars=_env_int(env, "SEGA_MAX_PROMPT_CHARS", cls.max_prompt_chars),
+            max_image_mb=_env_int(env, "SEGA_MAX_IMAGE_MB", cls.max_image_mb),
+            max_image_pixels=_env_int(env, "SEGA_MAX_IMAGE_PIXELS", cls.max_image_pixels),
         )
 
 
