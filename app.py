@@ -41,6 +41,7 @@ LIMITS = api.Limits.from_env()
 LOADED = load_pipeline(ARGS.model, safety_checker=not ARGS.no_safety_checker)  # logs a fallback itself
 PROFILE = LOADED.profile
 DEFAULTS = api.defaults(LOADED)
+EDIT_DEFAULTS = api.defaults(LOADED, "edit")
 MAX_ROWS = LIMITS.max_concepts
 # Cached example results belong to one set of weights: another model (or a retrained one) gets its own folder.
 os.environ.setdefault("GRADIO_EXAMPLES_CACHE", os.path.join(".gradio", "cached_examples",
@@ -56,8 +57,8 @@ _stop_lock = threading.Lock()
 
 CSS = """
 /* small images (the demo model's are 32 px) are scaled up to fill their box, without blurring */
-#original img, #edited img, #slider img { image-rendering: pixelated; }
-#original img, #edited img { width: 100%; height: 100%; object-fit: contain; }
+.pixelated img { image-rendering: pixelated; }
+#original img, #edited img, #edit-original img, #edit-edited img { width: 100%; height: 100%; object-fit: contain; }
 #fallback-banner { border: 1px solid #f59e0b; border-radius: 8px; padding: 0 12px; background: #fffbeb; }
 """
 
@@ -76,10 +77,11 @@ def run_on_gpu(params: api.GenerationParams, stop_key: str | None = None) -> ser
     return service.generate(LOADED, params, stop_event=_stop_flags.get(stop_key) if stop_key else None)
 
 
-def _run(raw: dict, request: gr.Request | None) -> tuple[api.GenerationParams, service.GenerationResult]:
+def _run(raw: dict, request: gr.Request | None,
+         endpoint: str = "generate") -> tuple[api.GenerationParams, service.GenerationResult]:
     """Validate, run, and turn every failure into a message for this visitor only."""
     try:
-        params = api.parse_request(LOADED, raw, LIMITS)
+        params = api.parse_request(LOADED, raw, LIMITS, endpoint, upload_roots=_upload_roots())
     except api.InvalidInput as exc:
         raise gr.Error(str(exc), title="Invalid input", print_exception=False) from None
     key = getattr(request, "session_hash", None)
@@ -104,6 +106,11 @@ def _run(raw: dict, request: gr.Request | None) -> tuple[api.GenerationParams, s
                     del _stop_flags[key]
 
 
+def _upload_roots() -> tuple[str, ...]:
+    """Where an uploaded image may be read from: gradio's upload cache, and the examples' own folder."""
+    return (demo.GRADIO_CACHE, *{os.path.dirname(path) for _, path, *_ in PROFILE.edit_examples})
+
+
 def stop(request: gr.Request) -> None:
     with _stop_lock:
         flag = _stop_flags.get(request.session_hash)
@@ -116,8 +123,20 @@ def generate_api(request: gr.Request, **raw):
 
     Returns the image without edits, the image with edits, and the parameters actually used (seed included).
     """
+    return _api(raw, request, "generate")
+
+
+def edit_api(request: gr.Request, **raw):
+    """Edit an uploaded image: invert it, then apply the concepts.
+
+    Returns the reconstruction without edits, the image with edits, and the parameters actually used.
+    """
+    return _api(raw, request, "edit")
+
+
+def _api(raw: dict, request: gr.Request, endpoint: str):
     try:
-        _, result = _run(raw, request)
+        _, result = _run(raw, request, endpoint)
     except service.GenerationStopped as exc:
         raise gr.Error(str(exc), title="Stopped", print_exception=False) from None
     return *_saved(result), result.used
@@ -134,28 +153,32 @@ def api_signature(params: tuple[api.Param, ...]) -> inspect.Signature:
 
 
 generate_api.__signature__ = api_signature(api.GENERATE_PARAMS)
+edit_api.__signature__ = api_signature(api.EDIT_PARAMS)
 
 
 def _saved(result: service.GenerationResult) -> tuple[str | None, str | None]:
     return service.save_png(result.original, demo.GRADIO_CACHE), service.save_png(result.edited, demo.GRADIO_CACHE)
 
 
-def _run_ui(raw: dict, request: gr.Request | None) -> tuple:
+def _run_ui(raw: dict, request: gr.Request | None, endpoint: str = "generate") -> tuple:
     """Run for the UI: a stopped run keeps the previous images on screen."""
+    n_outputs = 5 if endpoint == "generate" else 8
     try:
-        params, result = _run(raw, request)
+        params, result = _run(raw, request, endpoint)
     except service.GenerationStopped as exc:
         gr.Info(str(exc))
-        return (gr.skip(),) * 5
-    return _ui_outputs(params, result)
+        return (gr.skip(),) * n_outputs
+    return _ui_outputs(params, result)[:n_outputs]
 
 
 def _ui_outputs(params: api.GenerationParams, result: service.GenerationResult) -> tuple:
+    """Both images, the pair for the slider, the seed and the JSON; then the summary and both snippets (the
+    Generate tab derives those from the JSON instead, so that cached examples show them too)."""
     for notice in result.used["notices"]:
         gr.Warning(notice)
     original, edited = _saved(result)
     pair = (original, edited) if original is not None and edited is not None else None
-    return original, edited, pair, params.seed, result.used
+    return (original, edited, pair, params.seed, result.used, result.summary, *snippets.as_code(params))
 
 
 def show_details(used) -> tuple[str, str, str]:
@@ -276,64 +299,165 @@ class ConceptRows:
         return updates
 
 
+def result_column(first_label: str, prefix: str) -> dict:
+    """The images side by side, the before/after slider, the seed, summary, JSON and "as code"."""
+    with gr.Row():
+        first = gr.Image(label=first_label, format="png", interactive=False, height=260, elem_id=f"{prefix}original",
+                         elem_classes="pixelated")
+        edited = gr.Image(label="With edits", format="png", interactive=False, height=260, elem_id=f"{prefix}edited",
+                          elem_classes="pixelated")
+    slider = gr.ImageSlider(label="Before / after", format="png", interactive=False, max_height=360,
+                            elem_id=f"{prefix}slider", elem_classes="pixelated")
+    seed_used = gr.Number(label="Seed used", precision=0, interactive=False, elem_id=f"{prefix}seed-used")
+    summary = gr.Markdown(elem_id=f"{prefix}summary")
+    with gr.Accordion("Parameters used (JSON)", open=False):
+        used = gr.JSON(show_label=False)
+    with gr.Accordion("As code", open=False):
+        client_code = gr.Code(language="python", label="gradio_client (call this app)")
+        library_code = gr.Code(language="python", label="sega library (run it yourself)")
+    return {"images": [first, edited, slider, seed_used, used], "details": [summary, client_code, library_code],
+            "used": used}
+
+
+def seed_row(prefix: str) -> tuple[gr.Number, gr.Checkbox]:
+    with gr.Row():
+        seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=api.MAX_SEED, elem_id=f"{prefix}seed")
+        randomize = gr.Checkbox(True, label="Random seed", elem_id=f"{prefix}randomize")
+    return seed, randomize
+
+
+def momentum_sliders(defaults: dict) -> tuple[gr.Slider, gr.Slider]:
+    with gr.Row():
+        scale = gr.Slider(0, 2, value=defaults["momentum_scale"], step=0.05, label="Momentum scale")
+        beta = gr.Slider(0, 0.99, value=defaults["momentum_beta"], step=0.01, label="Momentum beta")
+    return scale, beta
+
+
+def run_example(prompt_text, example_seed, concepts, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+    # Example caching hands gr.JSON values over as a pydantic model, not as plain lists.
+    if hasattr(concepts, "model_dump"):
+        concepts = concepts.model_dump()
+    return _run_ui({"prompt": prompt_text, "seed": example_seed, "concepts": concepts}, request)
+
+
+def fill_generate_form(concepts: list | None) -> dict:
+    """An example's concepts in the rows, every other setting back to its default."""
+    return {**concept_rows.fill(concepts or []), randomize: False,
+            **{widget: DEFAULTS[name] for name, widget in settings.items()}}
+
+
+def fill_edit_form(concepts: list | None) -> dict:
+    """An edit example's concepts in the rows, every other setting back to its default."""
+    return {**edit_rows.fill(concepts or []), edit_randomize: False,
+            **{widget: EDIT_DEFAULTS[name] for name, widget in edit_settings.items() if name != "source_prompt"}}
+
+
 with gr.Blocks(title="SEGA: semantic guidance", delete_cache=(900, 3600)) as demo:
     gr.Markdown("# SEGA: semantic guidance for diffusion\n" + LOADED.intro)
     if LOADED.fallback_reason:
         gr.Markdown(f"**Note:** {LOADED.fallback_reason}", elem_id="fallback-banner")
 
-    with gr.Row():
-        with gr.Column(scale=5):
-            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt", placeholder=PROFILE.prompt_placeholder)
-            negative_prompt = gr.Textbox(label="Negative prompt", value="", elem_id="negative-prompt")
-            concept_rows = ConceptRows("concept")
+    with gr.Tabs():
+        # Generate ---------------------------------------------------------------------------------
+        with gr.Tab("Generate", id="generate-tab"):
             with gr.Row():
-                seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=api.MAX_SEED, elem_id="seed")
-                randomize = gr.Checkbox(True, label="Random seed", elem_id="randomize")
-            with gr.Row():
-                steps = gr.Slider(1, LIMITS.max_steps, value=DEFAULTS["steps"], step=1, label="Steps", elem_id="steps")
-                guidance = gr.Slider(0, api.MAX_GUIDANCE_SCALE, value=DEFAULTS["guidance_scale"], step=0.5,
-                                     label="Guidance scale", elem_id="guidance")
-            with gr.Row():
-                size_max = min(LIMITS.max_size, 2 * LOADED.native_size)
-                width = gr.Slider(LOADED.min_size, size_max, value=DEFAULTS["width"], step=8, label="Width")
-                height = gr.Slider(LOADED.min_size, size_max, value=DEFAULTS["height"], step=8, label="Height")
-                scheduler = gr.Dropdown(list(api.SCHEDULERS), value=DEFAULTS["scheduler"], label="Scheduler")
-            with gr.Accordion("Advanced", open=False):
-                with gr.Row():
-                    momentum_scale = gr.Slider(0, 2, value=DEFAULTS["momentum_scale"], step=0.05,
-                                               label="Momentum scale")
-                    momentum_beta = gr.Slider(0, 0.99, value=DEFAULTS["momentum_beta"], step=0.01,
-                                              label="Momentum beta")
-                show_advanced = gr.Checkbox(False, label="Show cooldown and weight for each concept")
-            with gr.Row():
-                generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
-                stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
+                with gr.Column(scale=5):
+                    prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
+                                        placeholder=PROFILE.prompt_placeholder)
+                    negative_prompt = gr.Textbox(label="Negative prompt", value="", elem_id="negative-prompt")
+                    concept_rows = ConceptRows("concept")
+                    seed, randomize = seed_row("")
+                    with gr.Row():
+                        steps = gr.Slider(1, LIMITS.max_steps, value=DEFAULTS["steps"], step=1, label="Steps",
+                                          elem_id="steps")
+                        guidance = gr.Slider(0, api.MAX_GUIDANCE_SCALE, value=DEFAULTS["guidance_scale"], step=0.5,
+                                             label="Guidance scale", elem_id="guidance")
+                    with gr.Row():
+                        size_max = min(LIMITS.max_size, 2 * LOADED.native_size)
+                        width = gr.Slider(LOADED.min_size, size_max, value=DEFAULTS["width"], step=8, label="Width")
+                        height = gr.Slider(LOADED.min_size, size_max, value=DEFAULTS["height"], step=8,
+                                           label="Height")
+                        scheduler = gr.Dropdown(list(api.SCHEDULERS), value=DEFAULTS["scheduler"], label="Scheduler")
+                    with gr.Accordion("Advanced", open=False):
+                        momentum_scale, momentum_beta = momentum_sliders(DEFAULTS)
+                        show_advanced = gr.Checkbox(False, label="Show cooldown and weight for each concept")
+                    with gr.Row():
+                        generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+                        stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
+                with gr.Column(scale=4):
+                    generated = result_column("Without edits", "")
+            # Examples fill the form (rows included) and show a lazily cached result.
+            example_concepts = gr.JSON(visible=False)
+            gr.Examples(
+                examples=[[p, s, c] for _, p, c, s in PROFILE.examples],
+                example_labels=[label for label, *_ in PROFILE.examples],
+                inputs=[prompt, seed, example_concepts],
+                outputs=generated["images"],
+                fn=run_example,
+                cache_examples=True,
+                cache_mode="lazy",
+                api_visibility="private",
+            )
 
-        with gr.Column(scale=4):
+        # Edit an image ----------------------------------------------------------------------------
+        with gr.Tab("Edit an image", id="edit-tab"):
             with gr.Row():
-                original_img = gr.Image(label="Without edits", format="png", interactive=False, height=260,
-                                        elem_id="original")
-                edited_img = gr.Image(label="With edits", format="png", interactive=False, height=260,
-                                      elem_id="edited")
-            slider = gr.ImageSlider(label="Before / after", format="png", interactive=False, max_height=360,
-                                    elem_id="slider")
-            seed_used = gr.Number(label="Seed used", precision=0, interactive=False, elem_id="seed-used")
-            summary = gr.Markdown(elem_id="summary")
-            with gr.Accordion("Parameters used (JSON)", open=False):
-                used_json = gr.JSON(show_label=False)
-            with gr.Accordion("As code", open=False):
-                client_code = gr.Code(language="python", label="gradio_client (call this app)")
-                library_code = gr.Code(language="python", label="sega library (run it yourself)")
+                with gr.Column(scale=5):
+                    upload = gr.Image(label="Your image (PNG, JPEG or WebP)", type="filepath", sources=["upload", "clipboard"],
+                                      height=260, elem_id="edit-image", elem_classes="pixelated")
+                    source_prompt = gr.Textbox(label="Source prompt", elem_id="edit-source-prompt",
+                                               placeholder="describe your image; empty works too")
+                    edit_rows = ConceptRows("edit-concept")
+                    edit_seed, edit_randomize = seed_row("edit-")
+                    with gr.Row():
+                        edit_steps = gr.Slider(1, LIMITS.max_steps, value=EDIT_DEFAULTS["steps"], step=1,
+                                               label="Steps", elem_id="edit-steps")
+                        skip = gr.Slider(0, 0.95, value=EDIT_DEFAULTS["skip"], step=0.05, elem_id="edit-skip",
+                                         label="Skip: how much of the image to keep",
+                                         info="The share of the first denoising steps left out; higher keeps "
+                                              "more of your image, lower lets the edits change more.")
+                    with gr.Row():
+                        edit_guidance = gr.Slider(0, api.MAX_GUIDANCE_SCALE, value=EDIT_DEFAULTS["guidance_scale"],
+                                                  step=0.5, label="Guidance scale")
+                        source_guidance = gr.Slider(0, api.MAX_GUIDANCE_SCALE, step=0.5,
+                                                    value=EDIT_DEFAULTS["source_guidance_scale"],
+                                                    label="Source prompt guidance (inversion)")
+                    with gr.Accordion("Advanced", open=False):
+                        edit_momentum_scale, edit_momentum_beta = momentum_sliders(EDIT_DEFAULTS)
+                        edit_show_advanced = gr.Checkbox(False, label="Show cooldown and weight for each concept")
+                    with gr.Row():
+                        edit_btn = gr.Button("Edit", variant="primary", elem_id="edit")
+                        edit_stop_btn = gr.Button("Stop", variant="stop", elem_id="edit-stop")
+                with gr.Column(scale=4):
+                    edited = result_column("Reconstruction (without edits)", "edit-")
+            edit_example_concepts = gr.JSON(visible=False)
+            if PROFILE.edit_examples:
+                # They fill the form only; pressing Edit runs them.
+                gr.Examples(
+                    examples=[[path, source, seed_, c] for _, path, source, c, seed_ in PROFILE.edit_examples],
+                    example_labels=[label for label, *_ in PROFILE.edit_examples],
+                    inputs=[upload, source_prompt, edit_seed, edit_example_concepts],
+                    label="Images to edit (drawn by the demo model's renderer, not by the model)",
+                )
 
-    # The settings widgets, by API parameter name: the request is read from (and examples reset) these.
+    # The settings widgets, by API parameter name: requests are read from (and examples reset) these.
     settings = {"negative_prompt": negative_prompt, "steps": steps, "guidance_scale": guidance, "width": width,
                 "height": height, "scheduler": scheduler, "momentum_scale": momentum_scale,
                 "momentum_beta": momentum_beta}
+    edit_settings = {"source_prompt": source_prompt, "steps": edit_steps, "skip": skip,
+                     "guidance_scale": edit_guidance, "source_guidance_scale": source_guidance,
+                     "momentum_scale": edit_momentum_scale, "momentum_beta": edit_momentum_beta}
     concept_rows.wire_advanced(show_advanced)
+    edit_rows.wire_advanced(edit_show_advanced)
+    example_concepts.change(fill_generate_form, example_concepts,
+                            [*concept_rows.outputs, randomize, *settings.values()], api_visibility="private")
+    edit_example_concepts.change(fill_edit_form, edit_example_concepts,
+                                 [*edit_rows.outputs, edit_randomize,
+                                  *(w for n, w in edit_settings.items() if n != "source_prompt")],
+                                 api_visibility="private")
 
     # Summary and code are derived from the JSON: cached examples store JSON faithfully, free text less so.
-    ui_outputs = [original_img, edited_img, slider, seed_used, used_json]
-    used_json.change(show_details, used_json, [summary, client_code, library_code], api_visibility="private")
+    generated["used"].change(show_details, generated["used"], generated["details"], api_visibility="private")
 
     # Generate -----------------------------------------------------------------------------------
     def generate_ui(v: dict, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
@@ -342,49 +466,38 @@ with gr.Blocks(title="SEGA: semantic guidance", delete_cache=(900, 3600)) as dem
         return _run_ui(raw, request)
 
     gen_event = gr.on([generate_btn.click, prompt.submit], generate_ui,
-                      {prompt, randomize, seed, *settings.values(), *concept_rows.inputs}, ui_outputs,
+                      {prompt, randomize, seed, *settings.values(), *concept_rows.inputs}, generated["images"],
                       api_visibility="private", concurrency_id="gpu", concurrency_limit="default")
     stop_btn.click(stop, None, None, cancels=[gen_event], queue=False, api_visibility="private")
 
-    # Public API: one endpoint with named parameters, built from their declarations (validated in server/).
-    api_widget = {"text": lambda d: gr.Textbox(d), "json": lambda d: gr.JSON(d),
+    # Edit ---------------------------------------------------------------------------------------
+    def edit_ui(v: dict, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+        raw = {"image": v[upload], "concepts": edit_rows.read(v), "seed": None if v[edit_randomize] else v[edit_seed],
+               **{name: v[widget] for name, widget in edit_settings.items()}}
+        return _run_ui(raw, request, endpoint="edit")
+
+    edit_event = edit_btn.click(edit_ui, {upload, edit_randomize, edit_seed, *edit_settings.values(),
+                                          *edit_rows.inputs},
+                                [*edited["images"], *edited["details"]], api_visibility="private",
+                                concurrency_id="gpu", concurrency_limit="default")
+    edit_stop_btn.click(stop, None, None, cancels=[edit_event], queue=False, api_visibility="private")
+
+    # Public API: named parameters built from their declarations (validated in server/).
+    api_widget = {"text": lambda d: gr.Textbox(d), "json": lambda d: gr.JSON(d), "file": lambda d: gr.File(d),
                   "int": lambda d: gr.Number(d, precision=0), "float": lambda d: gr.Number(d)}
     with gr.Group(visible=False):
         api_inputs = {p.name: api_widget[p.kind](DEFAULTS[p.name]) for p in api.GENERATE_PARAMS}
         api_outputs = [gr.Image(format="png", label="without edits"), gr.Image(format="png", label="with edits"),
                        gr.JSON(label="parameters used")]
-        api_button = gr.Button()
+        edit_api_inputs = {p.name: api_widget[p.kind](EDIT_DEFAULTS.get(p.name)) for p in api.EDIT_PARAMS}
+        edit_api_outputs = [gr.Image(format="png", label="reconstruction"), gr.Image(format="png", label="with edits"),
+                            gr.JSON(label="parameters used")]
+        api_button, edit_api_button = gr.Button(), gr.Button()
     # concurrency_limit "default": the queue's default_concurrency_limit, set in launch().
     api_button.click(generate_api, inputs_kwargs=api_inputs, outputs=api_outputs, api_name="generate",
                      preprocess=False, concurrency_id="gpu", concurrency_limit="default")
-
-    # Examples: fill the form (rows included) and show a lazily cached result ---------------------
-    example_concepts = gr.JSON(visible=False)
-
-    def run_example(prompt_text, example_seed, concepts, request: gr.Request,
-                    progress=gr.Progress(track_tqdm=True)):
-        # Example caching hands gr.JSON values over as a pydantic model, not as plain lists.
-        if hasattr(concepts, "model_dump"):
-            concepts = concepts.model_dump()
-        return _run_ui({"prompt": prompt_text, "seed": example_seed, "concepts": concepts}, request)
-
-    def fill_form(concepts: list | None) -> dict:
-        """An example's concepts in the rows, every other setting back to its default."""
-        return {**concept_rows.fill(concepts or []), randomize: False,
-                **{widget: DEFAULTS[name] for name, widget in settings.items()}}
-
-    example_concepts.change(fill_form, example_concepts, [*concept_rows.outputs, randomize, *settings.values()],
-                            api_visibility="private")
-    gr.Examples(
-        examples=[[p, s, c] for _, p, c, s in PROFILE.examples],
-        example_labels=[label for label, *_ in PROFILE.examples],
-        inputs=[prompt, seed, example_concepts],
-        outputs=ui_outputs,
-        fn=run_example,
-        cache_examples=True,
-        cache_mode="lazy",
-        api_visibility="private",
-    )
+    edit_api_button.click(edit_api, inputs_kwargs=edit_api_inputs, outputs=edit_api_outputs, api_name="edit",
+                          preprocess=False, concurrency_id="gpu", concurrency_limit="default")
 
 
 async def _http_error(request, exc: StarletteHTTPException):

@@ -16,7 +16,7 @@ import PIL.Image
 
 from sega.images import load_image
 
-from .params import InvalidInput
+from .errors import InvalidInput
 
 
 def upload_path(payload, allowed_roots: Sequence[str | os.PathLike]) -> Path:

@@ -13,6 +13,7 @@ it, a widget in ``app.py``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import secrets
 import unicodedata
@@ -20,11 +21,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import PIL.Image
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from sega.concepts import EditConcept, check_number, show_value
 
+from .errors import InvalidInput
+from .images import read_upload, upload_path
 from .loading import LoadedModel
 
 MAX_SEED = 2**32 - 1
@@ -33,10 +37,6 @@ MAX_MOMENTUM_SCALE = 10.0
 SCHEDULERS = {"DDIM": DDIMScheduler, "DPM-Solver++": DPMSolverMultistepScheduler, "Euler": EulerDiscreteScheduler}
 DEFAULT_SCHEDULER = "DDIM"
 CONCEPT_KEYS = ("prompt", "scale", "threshold", "warmup", "reverse", "cooldown", "weight", "preset")
-
-
-class InvalidInput(ValueError):
-    """A request parameter is not acceptable; the message names it and what is allowed."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,6 +100,7 @@ class Context:
 
     loaded: LoadedModel
     limits: Limits
+    upload_roots: tuple[str, ...] = ()  # where uploaded files may be read from (gradio's cache)
     notices: list[str] = field(default_factory=list)
 
 
@@ -206,45 +207,54 @@ def _scheduler(value, ctx: Context) -> str:
 
 @dataclass(frozen=True)
 class Keyword:
-    """One keyword of the library call: Python source, and how to build the same value for a pipeline.
+    """One keyword of a library call: Python source, and how to build the same value for a pipeline.
 
+    ``call`` is the call it belongs to: ``"pipe"`` (``pipe(...)``) or ``"invert"`` (``pipe.invert(...)``).
     ``imports`` are the lines the source needs. :func:`server.service.generate` calls ``build(pipe)``;
     :mod:`server.snippets` writes ``source``.
     """
 
+    name: str
     source: str
     build: Callable[[Any], Any]
     imports: tuple[str, ...] = ()
+    call: str = "pipe"
 
     @classmethod
-    def literal(cls, value) -> Keyword:
-        return cls(repr(value), lambda _pipe: value)
+    def literal(cls, name: str, value, call: str = "pipe") -> Keyword:
+        return cls(name, repr(value), lambda _pipe: value, call=call)
 
 
-def _generator_keyword(seed: int) -> dict[str, Keyword]:
-    return {"generator": Keyword(f'torch.Generator("cpu").manual_seed({seed})',
-                                 lambda _pipe: torch.Generator("cpu").manual_seed(seed), ("import torch",))}
+def _generator_keyword(seed: int, call: str = "pipe") -> list[Keyword]:
+    return [Keyword("generator", f'torch.Generator("cpu").manual_seed({seed})',
+                    lambda _pipe: torch.Generator("cpu").manual_seed(seed), ("import torch",), call)]
 
 
-def _scheduler_keyword(name: str) -> dict[str, Keyword]:
+def _scheduler_keyword(name: str) -> list[Keyword]:
     cls = SCHEDULERS[name]
-    return {"scheduler": Keyword(f"{cls.__name__}.from_config(pipe.scheduler.config)",
-                                 lambda pipe: cls.from_config(pipe.scheduler.config),
-                                 (f"from diffusers import {cls.__name__}",))}
+    return [Keyword("scheduler", f"{cls.__name__}.from_config(pipe.scheduler.config)",
+                    lambda pipe: cls.from_config(pipe.scheduler.config), (f"from diffusers import {cls.__name__}",))]
 
 
-def _concepts_keyword(concepts: tuple[EditConcept, ...]) -> dict[str, Keyword]:
+def _concepts_keyword(concepts: tuple[EditConcept, ...]) -> list[Keyword]:
     if not concepts:
-        return {}  # no concepts: a plain Stable Diffusion run
+        return []  # no concepts: a plain Stable Diffusion run
     items = "".join(
         "\n        EditConcept(" + ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(c).items()) + "),"
         for c in concepts
     )
-    return {"concepts": Keyword(f"[{items}\n    ]", lambda _pipe: list(concepts), ("from sega import EditConcept",))}
+    return [Keyword("concepts", f"[{items}\n    ]", lambda _pipe: list(concepts), ("from sega import EditConcept",))]
 
 
-def _as(keyword: str, convert: Callable[[Any], Any] = lambda v: v) -> Callable[[Any], dict[str, Keyword]]:
-    return lambda value: {keyword: Keyword.literal(convert(value))}
+def _as(*keywords: str, convert: Callable[[Any], Any] = lambda v: v) -> Callable[[Any], list[Keyword]]:
+    """The value as literal keyword(s): ``"name"`` for ``pipe(...)``, ``"invert.name"`` for ``pipe.invert(...)``."""
+    def build(value) -> list[Keyword]:
+        out = []
+        for keyword in keywords:
+            call, _, name = keyword.rpartition(".")
+            out.append(Keyword.literal(name, convert(value), call or "pipe"))
+        return out
+    return build
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,8 +272,9 @@ class Param:
         doc: one line for the API docs.
         check: ``check(raw value, ctx)`` -> the validated value, or raise :class:`InvalidInput`.
         default: ``default(loaded)`` for a missing value; None makes the parameter required.
-        keywords: the library keywords it becomes, ``keywords(value) -> {keyword: Keyword}``.
+        keywords: the library keywords it becomes, ``keywords(value) -> [Keyword, ...]``.
         to_json: the value as JSON (default: unchanged).
+        client_source: how the gradio_client snippet writes the JSON value (default: as a literal).
     """
 
     name: str
@@ -271,8 +282,9 @@ class Param:
     doc: str
     check: Callable[[Any, Context], Any]
     default: Callable[[LoadedModel], Any] | None
-    keywords: Callable[[Any], dict[str, Keyword]]
+    keywords: Callable[[Any], list[Keyword]]
     to_json: Callable[[Any], Any] = lambda v: v
+    client_source: Callable[[Any], str] | None = None  # the value in the gradio_client snippet, from its JSON
 
 
 def _profile_default(key: str) -> Callable[[LoadedModel], Any]:
@@ -309,7 +321,7 @@ GENERATE_PARAMS: tuple[Param, ...] = (
           default=_profile_default("guidance_scale"), keywords=_as("guidance_scale")),
     Param("negative_prompt", "text", "what the image should not show",
           check=lambda v, ctx: text("negative_prompt", v, ctx), default=_empty_text,
-          keywords=_as("negative_prompt", lambda v: v or None)),
+          keywords=_as("negative_prompt", convert=lambda v: v or None)),
     Param("width", "int", "width in pixels, a multiple of 8", check=_size("width"), default=_native_size,
           keywords=_as("width")),
     Param("height", "int", "height in pixels, a multiple of 8", check=_size("height"), default=_native_size,
@@ -324,12 +336,77 @@ GENERATE_PARAMS: tuple[Param, ...] = (
           default=lambda _loaded: DEFAULT_SCHEDULER, keywords=_scheduler_keyword),
 )
 API_PARAMS: tuple[str, ...] = tuple(p.name for p in GENERATE_PARAMS)
-# Every endpoint's parameters, by API name.
-ENDPOINTS: dict[str, tuple[Param, ...]] = {"generate": GENERATE_PARAMS}
-
 # Fixed keywords of every app call: both images, the plain run computed on its own first so that an answer never
 # depends on what earlier visitors left in the re-edit cache.
-APP_KEYWORDS = {"return_original": Keyword.literal(True), "original_first": Keyword.literal(True)}
+APP_KEYWORDS = [Keyword.literal("return_original", True), Keyword.literal("original_first", True)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Editing an uploaded image: /edit
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UploadedImage:
+    """An uploaded image made ready for the model, and what names it in the JSON of the parameters used."""
+
+    image: PIL.Image.Image
+    name: str  # the file's name as uploaded
+    sha256: str  # of the prepared image's pixels
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "sha256": self.sha256, "width": self.image.width, "height": self.image.height}
+
+
+def _image(value, ctx: Context) -> UploadedImage:
+    path = upload_path(value, ctx.upload_roots)
+    image, notes = read_upload(path, ctx.loaded.native_size, ctx.limits.max_image_mb, ctx.limits.max_image_pixels)
+    ctx.notices += notes
+    name = (value.get("orig_name") if isinstance(value, Mapping) else None) or path.name
+    return UploadedImage(image, str(name), hashlib.sha256(image.tobytes()).hexdigest())
+
+
+def _image_keyword(upload: UploadedImage) -> list[Keyword]:
+    size = max(upload.image.size)
+    return [Keyword("image", f"load_image({upload.name!r}, size={size})[0]", lambda _pipe: upload.image,
+                    ("from sega.images import load_image",), "invert")]
+
+
+def _edit_default(key: str) -> Callable[[LoadedModel], Any]:
+    return lambda loaded: loaded.profile.edit_defaults[key]
+
+
+_BY_NAME = {p.name: p for p in GENERATE_PARAMS}
+# The order is /edit's positional order. The inversion and the edit share the source prompt, the steps and the
+# seed; concepts, guidance and momentum act in the edit, as in /generate.
+EDIT_PARAMS: tuple[Param, ...] = (
+    Param("image", "file", "the image to edit: PNG, JPEG or WebP (gradio_client.handle_file(path))",
+          check=_image, default=None, keywords=_image_keyword, to_json=UploadedImage.to_json,
+          client_source=lambda upload: f"handle_file({upload['name']!r})"),
+    Param("source_prompt", "text", "what the image shows (optional; empty works too)",
+          check=lambda v, ctx: text("source_prompt", v, ctx), default=_empty_text,
+          keywords=_as("prompt", "invert.source_prompt")),
+    _BY_NAME["concepts"],
+    dataclasses.replace(_BY_NAME["seed"], doc="random seed of the inversion's noise (default: random)",
+                        keywords=lambda seed: _generator_keyword(seed, "invert")),
+    dataclasses.replace(_BY_NAME["steps"], default=_edit_default("steps"), keywords=_as("invert.num_inference_steps")),
+    Param("skip", "float", "how much of the image to keep, in [0, 1): the share of the first denoising steps "
+          "skipped; more keeps more of the original",
+          check=lambda v, ctx: number("skip", v, 0, 1, high_inclusive=False), default=_edit_default("skip"),
+          keywords=_as("invert.skip")),
+    dataclasses.replace(_BY_NAME["guidance_scale"], default=_edit_default("guidance_scale")),
+    Param("source_guidance_scale", "float",
+          f"guidance of the source prompt in the inversion, in [0, {MAX_GUIDANCE_SCALE:g}]",
+          check=lambda v, ctx: number("source_guidance_scale", v, 0, MAX_GUIDANCE_SCALE),
+          default=_edit_default("source_guidance_scale"), keywords=_as("invert.source_guidance_scale")),
+    _BY_NAME["momentum_scale"],
+    _BY_NAME["momentum_beta"],
+)
+EDIT_KEYWORDS = [Keyword.literal("return_original", True)]  # the reconstruction without edits, too
+
+# Every endpoint's parameters, by API name, and the fixed keywords of its library calls.
+ENDPOINTS: dict[str, tuple[Param, ...]] = {"generate": GENERATE_PARAMS, "edit": EDIT_PARAMS}
+ENDPOINT_KEYWORDS: dict[str, list[Keyword]] = {"generate": APP_KEYWORDS, "edit": EDIT_KEYWORDS}
 
 
 def defaults(loaded: LoadedModel, endpoint: str = "generate") -> dict:
@@ -372,12 +449,11 @@ class GenerationParams:
         """The parameters actually used: the API's, plus the model (chosen by the server)."""
         return {**self.api_kwargs(), "model": self.model}
 
-    def pipeline_keywords(self) -> dict[str, Keyword]:
-        """The library call that gives this request's images, keyword by keyword."""
-        out: dict[str, Keyword] = {}
-        for p in self.declarations:
-            out.update(p.keywords(self.values[p.name]))
-        return {**out, **APP_KEYWORDS}
+    def pipeline_keywords(self, call: str = "pipe") -> dict[str, Keyword]:
+        """The library call (``"pipe"`` or ``"invert"``) that gives this request's images, keyword by keyword."""
+        keywords = [k for p in self.declarations for k in p.keywords(self.values[p.name])]
+        keywords += ENDPOINT_KEYWORDS[self.endpoint]
+        return {k.name: k for k in keywords if k.call == call}
 
 
 def _notices_across_fields(values: Mapping[str, Any]) -> list[str]:
@@ -392,13 +468,14 @@ def _notices_across_fields(values: Mapping[str, Any]) -> list[str]:
     return notices
 
 
-def parse_request(loaded: LoadedModel, raw: Mapping, limits: Limits | None = None,
-                  endpoint: str = "generate") -> GenerationParams:
-    """Validate an API/UI request (a dict with the API's parameter names; None means "the default").
+def parse_request(loaded: LoadedModel, raw: Mapping, limits: Limits | None = None, endpoint: str = "generate",
+                  upload_roots: tuple[str, ...] = ()) -> GenerationParams:
+    """Validate an API/UI request (a dict with the endpoint's parameter names; None means "the default").
 
-    Raises :class:`InvalidInput` with a message that names the field and what it accepts.
+    ``upload_roots`` are the folders an uploaded image may be read from (gradio's upload cache). Raises
+    :class:`InvalidInput` with a message that names the field and what it accepts.
     """
-    ctx = Context(loaded, limits or Limits.from_env())
+    ctx = Context(loaded, limits or Limits.from_env(), tuple(str(r) for r in upload_roots))
     values = {}
     for p in ENDPOINTS[endpoint]:
         value = raw.get(p.name)

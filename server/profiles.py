@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sega.demo.editing import DEMO_EDIT_DEFAULTS, DEMO_EDIT_EXAMPLES
 from sega.demo.presets import DEMO_DEFAULTS, DEMO_EXAMPLES, DEMO_PRESETS
 from sega.demo.shapes import BACKGROUNDS, COLORS, SHAPES, SIZES, VOCAB_WORDS
 from sega.pipeline import SegaPipeline
@@ -28,7 +29,8 @@ class ModelProfile:
     intro: str  # Markdown; "{size}" stands for the native size in pixels
     prompt_placeholder: str
     concept_placeholder: str
-    # Images for the "Edit an image" tab's examples: (label, path, source prompt, concepts); none for SD.
+    edit_defaults: dict  # /edit: steps, skip, guidance_scale, source_guidance_scale
+    # The "Edit an image" tab's examples: (label, image path, source prompt, concepts, seed); none for SD.
     edit_examples: list = field(default_factory=list)
 
     @property
@@ -51,6 +53,8 @@ DEMO_PROFILE = ModelProfile(
            "background. Try a concept such as `blue` or `black background`."),
     prompt_placeholder="a large red circle on a white background",
     concept_placeholder="e.g. blue (leave empty to skip)",
+    edit_defaults=DEMO_EDIT_DEFAULTS,
+    edit_examples=DEMO_EDIT_EXAMPLES,
 )
 
 SD_PROFILE = ModelProfile(
@@ -76,6 +80,8 @@ SD_PROFILE = ModelProfile(
            "while the rest of the picture stays put."),
     prompt_placeholder="a photo of the face of a woman",
     concept_placeholder="e.g. glasses, wearing glasses (leave empty to skip)",
+    # LEDITS++'s defaults for SD 1.5 (50 steps, skip 0.15, no source guidance, guidance as for generation).
+    edit_defaults={"steps": 50, "skip": 0.15, "guidance_scale": 7.0, "source_guidance_scale": 3.5},
 )
 
 

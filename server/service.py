@@ -80,10 +80,17 @@ def describe_concept(c: EditConcept) -> str:
 
 def summarize(params: GenerationParams, seconds: float, cache_hit: bool, extra: list[str] = ()) -> str:
     edits = "; ".join(describe_concept(c) for c in params.concepts) or "no edits"
-    line = (f"{edits} · seed {params.seed} · {params.steps} steps {params.scheduler} · "
-            f"{params.width}×{params.height} px · guidance {params.guidance_scale:g} · {seconds:.1f} s")
-    if cache_hit:
-        line += " · image without edits reused from cache"
+    if params.endpoint == "edit":
+        image = params.image.image
+        line = (f"{edits} · your image {image.width}×{image.height} px, {params.steps} steps, skip {params.skip:g} · "
+                f"seed {params.seed} · guidance {params.guidance_scale:g} · {seconds:.1f} s")
+        if cache_hit:
+            line += " · inversion reused from cache"
+    else:
+        line = (f"{edits} · seed {params.seed} · {params.steps} steps {params.scheduler} · "
+                f"{params.width}×{params.height} px · guidance {params.guidance_scale:g} · {seconds:.1f} s")
+        if cache_hit:
+            line += " · image without edits reused from cache"
     notes = [*params.notices, *extra]
     return line + ("  Note: " + " ".join(notes) if notes else "")
 
@@ -107,7 +114,10 @@ def generate(loaded: LoadedModel, params: GenerationParams,
         return tensors
 
     start = time.perf_counter()
-    keywords = {name: keyword.build(pipe) for name, keyword in params.pipeline_keywords().items()}
+    keywords = {name: keyword.build(pipe) for name, keyword in params.pipeline_keywords("pipe").items()}
+    invert = {name: keyword.build(pipe) for name, keyword in params.pipeline_keywords("invert").items()}
+    if invert:  # /edit: invert the uploaded image (or take its inversion from the cache), then edit it
+        keywords["inversion"] = pipe.invert(**invert)
     out = pipe(**keywords, callback_on_step_end=on_step_end, output_type="pil")
     seconds = time.perf_counter() - start
     original, edited = out.original_images[0], out.images[0]

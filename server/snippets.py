@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from sega.demo.shapes import DEFAULT_MODEL_DIR
 
-from .params import GenerationParams
+from .params import GenerationParams, Keyword
 
 
 def py_literal(value) -> str:
@@ -25,23 +25,36 @@ def py_literal(value) -> str:
 
 def client_snippet(params: GenerationParams, url: str = "http://127.0.0.1:7860/") -> str:
     """A ``gradio_client`` call to this app that returns the same images."""
-    lines = "".join(f"    {name}={py_literal(value)},\n" for name, value in params.api_kwargs().items())
+    values = params.api_kwargs()
+    lines, needs_file = [], False
+    for p in params.declarations:
+        if p.client_source is not None:
+            lines.append(f"    {p.name}={p.client_source(values[p.name])},\n")
+            needs_file = True
+        else:
+            lines.append(f"    {p.name}={py_literal(values[p.name])},\n")
+    first, second = ("original", "edited") if params.endpoint == "generate" else ("reconstruction", "edited")
     return (
-        "from gradio_client import Client\n\n"
+        f"from gradio_client import Client{', handle_file' if needs_file else ''}\n\n"
         f"client = Client({url!r})\n"
-        "original, edited, used = client.predict(\n"
-        f"{lines}"
-        f'    api_name="/{params.endpoint}",\n)\n'
-        "print(original)\nprint(edited)\n"
+        f"{first}, {second}, used = client.predict(\n"
+        + "".join(lines)
+        + f'    api_name="/{params.endpoint}",\n)\n'
+        f"print({first})\nprint({second})\n"
     )
 
 
+def _call(target: str, keywords: dict) -> str:
+    body = "".join(f"    {name}={keyword.source},\n" for name, keyword in keywords.items())
+    return f"{target}(\n{body})\n"
+
+
 def library_snippet(params: GenerationParams) -> str:
-    """The ``sega`` library call that returns the same images (on the same device and dtype)."""
-    keywords = params.pipeline_keywords()
+    """The ``sega`` library call(s) that return the same images (on the same device and dtype)."""
+    invert, pipe = params.pipeline_keywords("invert"), params.pipeline_keywords("pipe")
     bundled = params.model in ("", str(DEFAULT_MODEL_DIR))
     imports = {"import torch", "from sega import SegaPipeline"}
-    for keyword in keywords.values():
+    for keyword in (*invert.values(), *pipe.values()):
         imports.update(keyword.imports)
     if bundled:
         imports.add("from sega.demo.shapes import DEFAULT_MODEL_DIR")
@@ -52,15 +65,18 @@ def library_snippet(params: GenerationParams) -> str:
     third_party = sorted((i for i in imports if "sega" not in i), key=lambda i: (i.startswith("from"), i))
     ours = sorted(i for i in imports if "sega" in i)
     model_expr = "DEFAULT_MODEL_DIR" if bundled else repr(params.model)
-    body = "".join(f"    {name}={keyword.source},\n" for name, keyword in keywords.items())
+    calls = ""
+    if invert:
+        calls += "inversion = " + _call("pipe.invert", invert)
+        pipe = {**pipe, "inversion": Keyword("inversion", "inversion", lambda _pipe: None)}
+    calls += "out = " + _call("pipe", pipe)
+    first = "original" if params.endpoint == "generate" else "reconstruction"
     return (
         "\n".join(third_party) + "\n\n" + "\n".join(ours) + "\n\n"
         "# float32 on the CPU; on a GPU use dtype=torch.float16 and pipe.to(\"cuda\") (as the app does there)\n"
         f"pipe = SegaPipeline.from_pretrained({model_expr}, dtype=torch.float32)\n"
-        "out = pipe(\n"
-        f"{body}"
-        ")\n"
-        'out.original_images[0].save("original.png")\n'
+        f"{calls}"
+        f'out.original_images[0].save("{first}.png")\n'
         'out.images[0].save("edited.png")\n'
     )
 

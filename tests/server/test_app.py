@@ -48,9 +48,14 @@ def generate(client, **kwargs):
     return pixels(original), pixels(edited), used
 
 
-def test_the_api_lists_one_endpoint_with_named_parameters(client, app_module):
+def test_the_api_lists_two_endpoints_with_named_parameters(client, app_module):
     info = client.view_api(return_format="dict", print_info=False)
-    assert list(info["named_endpoints"]) == ["/generate"] and not info["unnamed_endpoints"]
+    assert list(info["named_endpoints"]) == ["/generate", "/edit"] and not info["unnamed_endpoints"]
+    edit = info["named_endpoints"]["/edit"]["parameters"]
+    assert [p["parameter_name"] for p in edit] == ["image", "source_prompt", "concepts", "seed", "steps", "skip",
+                                                   "guidance_scale", "source_guidance_scale", "momentum_scale",
+                                                   "momentum_beta"]
+    assert [p["parameter_name"] for p in edit if not p["parameter_has_default"]] == ["image"]
     params = info["named_endpoints"]["/generate"]["parameters"]
     assert [p["parameter_name"] for p in params] == ["prompt", "concepts", "seed", "steps", "guidance_scale",
                                                      "negative_prompt", "width", "height", "momentum_scale",
