@@ -12,13 +12,12 @@ import sys
 import threading
 
 import gradio as gr
-import torch
 from fastapi.exception_handlers import http_exception_handler
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sega.demo.presets import DEMO_EXAMPLES
 from sega.demo.shapes import BACKGROUNDS, COLORS, SHAPES, SIZES
-from server import service
+from server import gpu, service
 from server.loading import load_pipeline
 from server.profiles import defaults_for, presets_for
 
@@ -93,18 +92,24 @@ else:
 # ----------------------------------------------------------------------------------------------
 
 
-def _gpu_seconds(params: service.GenerationParams, stop_key: str | None = None) -> int:
+def _gpu_seconds(params: service.GenerationParams) -> int:
     return service.gpu_duration(params.steps, len(params.concepts), params.width, params.height)
 
 
 @spaces.GPU(duration=_gpu_seconds)
-def run_on_gpu(params: service.GenerationParams, stop_key: str | None = None) -> service.GenerationResult:
-    # Takes only picklable arguments: on ZeroGPU this runs in a worker process.
-    return service.generate(LOADED, params, stop_event=_stop_flags.get(stop_key) if stop_key else None)
+def run_on_gpu(params: service.GenerationParams):
+    # A generator of steps, then the result (server.gpu): on ZeroGPU it runs in a worker process, and closing
+    # it stops that worker's run and gives the GPU back.
+    yield from gpu.denoise(LOADED, params)
 
 
-def _run(raw: dict, request: gr.Request | None) -> tuple[service.GenerationParams, service.GenerationResult]:
-    """Validate, run, and turn every failure into a message for this visitor only."""
+def _run(raw: dict, request: gr.Request | None,
+         progress: gr.Progress | None = None) -> tuple[service.GenerationParams, service.GenerationResult]:
+    """Validate and run; stop when Stop is pressed, the call is cancelled or the page is closed.
+
+    ``gr.Error``s pass through unchanged: ours (from server.gpu, with our message) and ZeroGPU's (quota, no GPU
+    free), so the visitor learns why. Anything else is a failure here, outside the GPU function.
+    """
     try:
         params = service.parse_request(LOADED, raw, LIMITS)
     except service.InvalidInput as exc:
@@ -114,13 +119,15 @@ def _run(raw: dict, request: gr.Request | None) -> tuple[service.GenerationParam
     if key:
         with _stop_lock:
             _stop_flags[key] = flag
+
+    def on_step(step: gpu.Step) -> None:
+        if progress is not None:
+            progress((step.done, step.total), desc="Denoising", unit="steps")
+
     try:
-        return params, run_on_gpu(params, key)
-    except service.GenerationStopped:
-        raise  # the caller decides how a stop looks (a notice in the UI, an error for API callers)
-    except torch.OutOfMemoryError:
-        raise gr.Error("Out of GPU memory; try a smaller size or fewer concepts.", title="Out of memory",
-                       print_exception=False) from None
+        return params, gpu.drive(run_on_gpu(params), lambda: not flag.is_set() and gpu.event_alive(), on_step)
+    except (service.GenerationStopped, gr.Error):
+        raise  # a stop: the caller decides how it looks (a notice in the UI, an error for API callers)
     except Exception as exc:
         logger.exception("generation failed")
         raise gr.Error(f"Generation failed ({type(exc).__name__}); please try again.", print_exception=False) from None
@@ -132,6 +139,8 @@ def _run(raw: dict, request: gr.Request | None) -> tuple[service.GenerationParam
 
 
 def stop(request: gr.Request) -> None:
+    # The Stop button also cancels the event (which server.gpu.event_alive sees); this flag stops the run even
+    # before that cancel arrives.
     with _stop_lock:
         flag = _stop_flags.get(request.session_hash)
     if flag is not None:
@@ -161,7 +170,7 @@ def _saved(result: service.GenerationResult) -> tuple[str | None, str | None]:
 def _run_ui(raw: dict, request: gr.Request | None) -> tuple:
     """Run for the UI: a stopped run keeps the previous images on screen."""
     try:
-        params, result = _run(raw, request)
+        params, result = _run(raw, request, gr.Progress())
     except service.GenerationStopped as exc:
         gr.Info(str(exc))
         return (gr.skip(),) * 5

@@ -13,7 +13,6 @@ import math
 import os
 import secrets
 import tempfile
-import threading
 import time
 import unicodedata
 from collections.abc import Callable, Mapping
@@ -44,7 +43,7 @@ class InvalidInput(ValueError):
 
 
 class GenerationStopped(Exception):
-    """The visitor pressed Stop; raised from the pipeline's step callback."""
+    """The request was stopped (Stop, a cancelled API call, a closed page); raised from a step callback."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,7 +67,7 @@ def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
 @dataclass(frozen=True)
 class Limits:
     """Server-side bounds on a request; set with SEGA_MAX_STEPS, SEGA_MAX_SIZE, SEGA_MAX_CONCEPTS and
-    SEGA_MAX_PROMPT_CHARS."""
+    SEGA_MAX_PROMPT_CHARS (on a ZeroGPU Space the defaults are lower: ``server.gpu.ZERO_GPU_LIMITS``)."""
 
     max_steps: int = 100
     max_size: int = 1024
@@ -77,20 +76,27 @@ class Limits:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Limits:
+        from . import gpu
+
         env = os.environ if env is None else env
+        base = cls(**gpu.ZERO_GPU_LIMITS) if gpu.on_zero_gpu(env) else cls()
         return cls(
-            max_steps=_env_int(env, "SEGA_MAX_STEPS", cls.max_steps),
-            max_size=_env_int(env, "SEGA_MAX_SIZE", cls.max_size),
-            max_concepts=_env_int(env, "SEGA_MAX_CONCEPTS", cls.max_concepts),
-            max_prompt_chars=_env_int(env, "SEGA_MAX_PROMPT_CHARS", cls.max_prompt_chars),
+            max_steps=_env_int(env, "SEGA_MAX_STEPS", base.max_steps),
+            max_size=_env_int(env, "SEGA_MAX_SIZE", base.max_size),
+            max_concepts=_env_int(env, "SEGA_MAX_CONCEPTS", base.max_concepts),
+            max_prompt_chars=_env_int(env, "SEGA_MAX_PROMPT_CHARS", base.max_prompt_chars),
         )
 
 
 def queue_settings(env: Mapping[str, str] | None = None) -> tuple[int, int]:
     """``(queue size, concurrency)`` from SEGA_QUEUE_SIZE (requests that may wait, default 32) and
-    SEGA_CONCURRENCY (generations that run at the same time, default 1)."""
+    SEGA_CONCURRENCY (generations that run at the same time; default 1, on ZeroGPU
+    ``server.gpu.ZERO_GPU_CONCURRENCY``, as each call there runs in its own worker)."""
+    from . import gpu
+
     env = os.environ if env is None else env
-    return _env_int(env, "SEGA_QUEUE_SIZE", 32), _env_int(env, "SEGA_CONCURRENCY", 1)
+    concurrency = gpu.ZERO_GPU_CONCURRENCY if gpu.on_zero_gpu(env) else 1
+    return _env_int(env, "SEGA_QUEUE_SIZE", 32), _env_int(env, "SEGA_CONCURRENCY", concurrency)
 
 
 def native_size(loaded: LoadedModel) -> int:
@@ -372,19 +378,16 @@ def summarize(params: GenerationParams, seconds: float, cache_hit: bool, extra: 
 
 
 def generate(loaded: LoadedModel, params: GenerationParams,
-             progress_callback: Callable[[int, int], None] | None = None,
-             stop_event: threading.Event | None = None) -> GenerationResult:
+             progress_callback: Callable[[int, int], None] | None = None) -> GenerationResult:
     """Run the pipeline once: the image without edits and the image with edits for ``params.seed``.
 
-    ``progress_callback(done, total)`` is called after every step; setting ``stop_event`` stops the run at
-    the next step with :class:`GenerationStopped`.
+    ``progress_callback(done, total)`` is called after every step; it stops the run by raising (e.g.
+    :class:`GenerationStopped`), which this request's pipeline call passes on.
     """
     pipe = loaded.pipe
 
     def on_step_end(_pipe, i: int, _t, tensors: dict) -> dict:
-        # Per request, never pipe._interrupt: that flag is shared by every request on this pipeline.
-        if stop_event is not None and stop_event.is_set():
-            raise GenerationStopped(f"Stopped after {i + 1} of {params.steps} steps.")
+        # Stop per request by raising here, never with pipe._interrupt: that flag is shared by every request.
         if progress_callback is not None:
             progress_callback(i + 1, params.steps)
         return tensors

@@ -1,0 +1,160 @@
+"""The GPU-call boundary: what runs under ``@spaces.GPU``, and how its progress, result, errors and cancellation
+cross into the process that serves the request.
+
+On a ZeroGPU Space, ``spaces`` runs the decorated function in a forked worker process, so nothing in the main
+process (a ``threading.Event``, Gradio's request state) reaches it, and an exception that is not a ``gr.Error``
+comes back only as its class name. Hence:
+
+- the GPU function is a generator (:func:`denoise`) that yields a :class:`Step` after every denoising step, then
+  the result. Closing it stops the run at the next step: on ZeroGPU, ``spaces`` forwards the close to the worker
+  (its stop event, checked after each yield) and releases the GPU once the worker's generator has ended;
+  without ZeroGPU the close reaches :func:`denoise` directly. Either way ``close()`` returns after the run ended.
+- our own failures cross as ``gr.Error`` with our message (out of memory, failed); ``gr.Error`` pickles.
+- the serving side (:func:`drive`) checks after every step whether the request is still wanted (Stop, a
+  ``gradio_client`` ``Job.cancel()``, a closed page: :func:`event_alive`) and closes the generator when not.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import gradio as gr
+import torch
+
+from . import service
+from .loading import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+OUT_OF_MEMORY = "Out of GPU memory; try a smaller size or fewer concepts."
+
+# ZeroGPU's documented limits (https://huggingface.co/docs/hub/spaces-zerogpu, "Usage Tiers" and "Duration
+# Management"): a daily GPU quota of 2 minutes for unauthenticated visitors, 3.5 minutes for free accounts and
+# 25 minutes for PRO; a call reserves its declared duration (60 s unless set), and a shorter one gets a better
+# place in ZeroGPU's queue. A request whose reservation exceeds what the visitor has left is refused outright
+# ("You have exceeded your ... quota (Ns requested vs. Ms left)"), so on ZeroGPU the default limits keep the
+# largest request's reservation (service.gpu_duration: 60 steps, 6 concepts, 768 px -> 64 s) to about half of
+# an anonymous visitor's day. SEGA_MAX_STEPS, SEGA_MAX_SIZE and SEGA_MAX_CONCEPTS still raise them.
+ZERO_GPU_LIMITS = {"max_steps": 60, "max_size": 768, "max_concepts": 6}
+# Each ZeroGPU call runs in its own forked worker on its own GPU slice, and a call waits in ZeroGPU's own queue
+# (up to 60 s, "No GPU was available after 60s") while it holds a Gradio slot. One slot would make every
+# visitor wait behind one visitor's ZeroGPU queueing; four lets that many calls be scheduled at once while
+# bounding the forked workers (each a copy-on-write copy of this process) a burst can start.
+ZERO_GPU_CONCURRENCY = 4
+
+
+def on_zero_gpu(env: Mapping[str, str] | None = None) -> bool:
+    """True on a Hugging Face ZeroGPU Space (``SPACES_ZERO_GPU``, as the ``spaces`` package reads it)."""
+    env = os.environ if env is None else env
+    return env.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One denoising step done (``done`` of ``total``); what the GPU function yields between its result."""
+
+    done: int
+    total: int
+
+
+def denoise(loaded: LoadedModel, params: service.GenerationParams) -> Iterator[Step | service.GenerationResult]:
+    """Run one generation, yielding a :class:`Step` after every denoising step and the result last.
+
+    The pipeline runs in a thread of the calling process (the ZeroGPU worker, or the server itself), because a
+    step callback cannot yield. Closing this generator stops that run at its next step and waits for it.
+    Failures are raised as ``gr.Error`` with our message, so they survive ZeroGPU's process boundary.
+    """
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    stop = threading.Event()
+
+    def on_step(done: int, total: int) -> None:
+        if stop.is_set():
+            raise service.GenerationStopped(f"Stopped after {done} of {total} steps.")
+        events.put(Step(done, total))
+
+    def work() -> None:
+        try:
+            events.put(service.generate(loaded, params, progress_callback=on_step))
+        except BaseException as exc:  # handed to the generator, which raises it in its own thread
+            events.put(exc)
+
+    thread = threading.Thread(target=work, name="sega-denoise", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = events.get()
+            if isinstance(item, BaseException):
+                raise _as_gradio_error(item)
+            yield item
+            if isinstance(item, service.GenerationResult):
+                return
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _as_gradio_error(exc: BaseException) -> BaseException:
+    """Our message for a failure inside the GPU function (ZeroGPU would pass on only its class name)."""
+    if isinstance(exc, gr.Error):
+        return exc
+    if isinstance(exc, torch.OutOfMemoryError):
+        return gr.Error(OUT_OF_MEMORY, title="Out of memory", print_exception=False)
+    if isinstance(exc, service.GenerationStopped):
+        return gr.Error(str(exc), title="Stopped", print_exception=False)
+    if not isinstance(exc, Exception):
+        return exc  # KeyboardInterrupt, SystemExit: not ours to translate
+    logger.error("generation failed", exc_info=exc)
+    return gr.Error(f"Generation failed ({type(exc).__name__}); please try again.", title="Generation failed",
+                    print_exception=False)
+
+
+def event_alive() -> bool:
+    """False once Gradio has let go of the event being handled: cancelled (the Stop button, ``Job.cancel()``)
+    or its page closed. True outside a queued Gradio event (a direct call, a test).
+
+    A cancel ends the event's asyncio task at once, and the queue then drops the event from its active jobs
+    while the handler's thread runs on; a closed page ends the browser's event stream, and the queue marks the
+    session's events not alive (``Queue.clean_events``). The ``spaces`` package reads the same state.
+    """
+    from gradio.context import LocalContext
+
+    blocks = LocalContext.blocks.get(None)
+    event_id = LocalContext.event_id.get(None)
+    queue_ = getattr(blocks, "_queue", None)
+    if queue_ is None or event_id is None:
+        return True
+    for job in queue_.active_jobs:
+        for event in job or ():
+            if event._id == event_id:
+                return bool(event.alive)
+    return False
+
+
+def drive(steps: Iterator[Step | service.GenerationResult], wanted: Callable[[], bool] = event_alive,
+          on_step: Callable[[Step], None] | None = None) -> service.GenerationResult:
+    """Consume a GPU generator (:func:`denoise`, possibly in a ZeroGPU worker) in the serving process.
+
+    After every step, ``on_step`` is told (progress) and ``wanted()`` is asked; when it says no, the generator
+    is closed, which ends the GPU work (and on ZeroGPU gives the GPU back) before :class:`GenerationStopped`
+    is raised here.
+    """
+    result = None
+    try:
+        for item in steps:
+            if isinstance(item, service.GenerationResult):
+                result = item  # and let the generator end by itself, so that the worker finishes normally
+                continue
+            if on_step is not None:
+                on_step(item)
+            if not wanted():
+                raise service.GenerationStopped(f"Stopped after {item.done} of {item.total} steps.")
+    finally:
+        steps.close()
+    if result is None:
+        raise RuntimeError("the GPU function ended without a result")
+    return result
