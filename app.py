@@ -52,7 +52,7 @@ QUEUE_SIZE, CONCURRENCY = service.queue_settings()  # SEGA_QUEUE_SIZE, SEGA_CONC
 BUSY_MESSAGE = "The server is busy (its queue of waiting requests is full). Please try again in a minute."
 
 # One stop flag per browser session: the step callback of that session's run checks it.
-_stop_flags: dict[str, threading.Event] = {}
+_stop_flags: dict[str, gpu.StopSignal] = {}
 _stop_lock = threading.Lock()
 
 CSS = """
@@ -92,15 +92,15 @@ else:
 # ----------------------------------------------------------------------------------------------
 
 
-def _gpu_seconds(params: service.GenerationParams) -> int:
+def _gpu_seconds(params: service.GenerationParams, stop: gpu.StopSignal | None = None) -> int:
     return service.gpu_duration(params.steps, len(params.concepts), params.width, params.height)
 
 
 @spaces.GPU(duration=_gpu_seconds)
-def run_on_gpu(params: service.GenerationParams):
-    # A generator of steps, then the result (server.gpu): on ZeroGPU it runs in a worker process, and closing
-    # it stops that worker's run and gives the GPU back.
-    yield from gpu.denoise(LOADED, params)
+def run_on_gpu(params: service.GenerationParams, stop: gpu.StopSignal | None = None):
+    # A generator of steps, then the result (server.gpu); on ZeroGPU it runs in a worker process, which sees
+    # ``stop`` (a file) at the end of every step.
+    yield from gpu.denoise(LOADED, params, stop)
 
 
 def _run(raw: dict, request: gr.Request | None,
@@ -115,7 +115,7 @@ def _run(raw: dict, request: gr.Request | None,
     except service.InvalidInput as exc:
         raise gr.Error(str(exc), title="Invalid input", print_exception=False) from None
     key = getattr(request, "session_hash", None)
-    flag = threading.Event()
+    flag = gpu.StopSignal()
     if key:
         with _stop_lock:
             _stop_flags[key] = flag
@@ -125,13 +125,14 @@ def _run(raw: dict, request: gr.Request | None,
             progress((step.done, step.total), desc="Denoising", unit="steps")
 
     try:
-        return params, gpu.drive(run_on_gpu(params), lambda: not flag.is_set() and gpu.event_alive(), on_step)
+        return params, gpu.drive(run_on_gpu(params, flag), flag, gpu.event_alive, on_step)
     except (service.GenerationStopped, gr.Error):
         raise  # a stop: the caller decides how it looks (a notice in the UI, an error for API callers)
     except Exception as exc:
         logger.exception("generation failed")
         raise gr.Error(f"Generation failed ({type(exc).__name__}); please try again.", print_exception=False) from None
     finally:
+        flag.discard()
         if key:
             with _stop_lock:
                 if _stop_flags.get(key) is flag:
@@ -139,8 +140,7 @@ def _run(raw: dict, request: gr.Request | None,
 
 
 def stop(request: gr.Request) -> None:
-    # The Stop button also cancels the event (which server.gpu.event_alive sees); this flag stops the run even
-    # before that cancel arrives.
+    # The Stop button also cancels the event, which server.gpu.drive notices too; this is the direct way.
     with _stop_lock:
         flag = _stop_flags.get(request.session_hash)
     if flag is not None:

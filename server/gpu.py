@@ -6,20 +6,24 @@ process (a ``threading.Event``, Gradio's request state) reaches it, and an excep
 comes back only as its class name. Hence:
 
 - the GPU function is a generator (:func:`denoise`) that yields a :class:`Step` after every denoising step, then
-  the result. Closing it stops the run at the next step: on ZeroGPU, ``spaces`` forwards the close to the worker
-  (its stop event, checked after each yield) and releases the GPU once the worker's generator has ended;
-  without ZeroGPU the close reaches :func:`denoise` directly. Either way ``close()`` returns after the run ended.
+  the result (or :class:`Stopped`): values, which cross the boundary as they are, and give progress.
+- a stop reaches the process that runs the denoising loop through a :class:`StopSignal` (a file) that the step
+  callback checks; the serving side (:func:`drive`) sets it on Stop, and when Gradio lets go of the request
+  (a ``gradio_client`` ``Job.cancel()``, a closed page: :func:`event_alive`). The run then ends at the end of
+  the step under way, and ``spaces`` releases the GPU as for any finished call. Closing the generator (which
+  ``spaces`` forwards to the worker) stops it too, one step later.
 - our own failures cross as ``gr.Error`` with our message (out of memory, failed); ``gr.Error`` pickles.
-- the serving side (:func:`drive`) checks after every step whether the request is still wanted (Stop, a
-  ``gradio_client`` ``Job.cancel()``, a closed page: :func:`event_alive`) and closes the generator when not.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import queue
+import tempfile
 import threading
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -32,6 +36,7 @@ from .loading import LoadedModel
 logger = logging.getLogger(__name__)
 
 OUT_OF_MEMORY = "Out of GPU memory; try a smaller size or fewer concepts."
+WATCH_SECONDS = 0.1  # how often a running request checks whether it is still wanted
 
 # ZeroGPU's documented limits (https://huggingface.co/docs/hub/spaces-zerogpu, "Usage Tiers" and "Duration
 # Management"): a daily GPU quota of 2 minutes for unauthenticated visitors, 3.5 minutes for free accounts and
@@ -56,30 +61,70 @@ def on_zero_gpu(env: Mapping[str, str] | None = None) -> bool:
 
 @dataclass(frozen=True)
 class Step:
-    """One denoising step done (``done`` of ``total``); what the GPU function yields between its result."""
+    """One denoising step done (``done`` of ``total``): what the GPU function yields before its result."""
 
     done: int
     total: int
 
 
-def denoise(loaded: LoadedModel, params: service.GenerationParams) -> Iterator[Step | service.GenerationResult]:
-    """Run one generation, yielding a :class:`Step` after every denoising step and the result last.
+@dataclass(frozen=True)
+class Stopped:
+    """The GPU function's last value when its run was stopped (a value, so it crosses ZeroGPU's boundary)."""
+
+    message: str
+
+
+class StopSignal:
+    """A per-request stop flag that a forked ZeroGPU worker sees too: a file, named when the request starts.
+
+    A ``threading.Event`` would not do: the worker checks its own copy, made when it was forked. The object
+    pickles as its path, so it travels to the worker as an argument of the GPU function.
+    """
+
+    _folder: str | None = None
+
+    def __init__(self) -> None:
+        if StopSignal._folder is None:
+            StopSignal._folder = tempfile.mkdtemp(prefix="sega-stop-")
+        self.path = os.path.join(StopSignal._folder, uuid.uuid4().hex)
+
+    def set(self) -> None:
+        with open(self.path, "w"):
+            pass
+
+    def is_set(self) -> bool:
+        return os.path.exists(self.path)
+
+    def discard(self) -> None:
+        """Forget the flag (the request is over)."""
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def denoise(loaded: LoadedModel, params: service.GenerationParams,
+            stop: StopSignal | None = None) -> Iterator[Step | Stopped | service.GenerationResult]:
+    """Run one generation, yielding a :class:`Step` after every denoising step, then the result, or
+    :class:`Stopped` once ``stop`` is set (checked at the end of every step).
 
     The pipeline runs in a thread of the calling process (the ZeroGPU worker, or the server itself), because a
-    step callback cannot yield. Closing this generator stops that run at its next step and waits for it.
+    step callback cannot yield. Closing this generator also stops the run at its next step, and waits for it.
     Failures are raised as ``gr.Error`` with our message, so they survive ZeroGPU's process boundary.
     """
     events: queue.SimpleQueue = queue.SimpleQueue()
-    stop = threading.Event()
+    closing = threading.Event()
 
     def on_step(done: int, total: int) -> None:
-        if stop.is_set():
+        if closing.is_set() or (stop is not None and stop.is_set()):
             raise service.GenerationStopped(f"Stopped after {done} of {total} steps.")
         events.put(Step(done, total))
 
     def work() -> None:
         try:
             events.put(service.generate(loaded, params, progress_callback=on_step))
+        except service.GenerationStopped as exc:
+            events.put(Stopped(str(exc)))
         except BaseException as exc:  # handed to the generator, which raises it in its own thread
             events.put(exc)
 
@@ -91,10 +136,10 @@ def denoise(loaded: LoadedModel, params: service.GenerationParams) -> Iterator[S
             if isinstance(item, BaseException):
                 raise _as_gradio_error(item)
             yield item
-            if isinstance(item, service.GenerationResult):
+            if not isinstance(item, Step):
                 return
     finally:
-        stop.set()
+        closing.set()
         thread.join()
 
 
@@ -104,8 +149,6 @@ def _as_gradio_error(exc: BaseException) -> BaseException:
         return exc
     if isinstance(exc, torch.OutOfMemoryError):
         return gr.Error(OUT_OF_MEMORY, title="Out of memory", print_exception=False)
-    if isinstance(exc, service.GenerationStopped):
-        return gr.Error(str(exc), title="Stopped", print_exception=False)
     if not isinstance(exc, Exception):
         return exc  # KeyboardInterrupt, SystemExit: not ours to translate
     logger.error("generation failed", exc_info=exc)
@@ -135,26 +178,43 @@ def event_alive() -> bool:
     return False
 
 
-def drive(steps: Iterator[Step | service.GenerationResult], wanted: Callable[[], bool] = event_alive,
+def drive(steps: Iterator[Step | Stopped | service.GenerationResult], stop: StopSignal,
+          wanted: Callable[[], bool] = event_alive,
           on_step: Callable[[Step], None] | None = None) -> service.GenerationResult:
-    """Consume a GPU generator (:func:`denoise`, possibly in a ZeroGPU worker) in the serving process.
+    """Consume the GPU function's generator (:func:`denoise`, possibly in a ZeroGPU worker) where the request
+    is served, and return its result.
 
-    After every step, ``on_step`` is told (progress) and ``wanted()`` is asked; when it says no, the generator
-    is closed, which ends the GPU work (and on ZeroGPU gives the GPU back) before :class:`GenerationStopped`
-    is raised here.
+    ``on_step`` hears of every step (progress). A watcher asks ``wanted()`` every :data:`WATCH_SECONDS` and
+    sets ``stop`` when it says no, so the run ends at the end of the step under way, wherever it runs; then
+    :class:`GenerationStopped` is raised here, after the GPU work (and on ZeroGPU the GPU) was given up.
     """
-    result = None
+    finished = threading.Event()
+
+    def watch() -> None:
+        while not finished.wait(WATCH_SECONDS):
+            if not wanted():
+                stop.set()
+                return
+
+    # The watcher reads Gradio's request state from context variables: give it this thread's.
+    watcher = threading.Thread(target=contextvars.copy_context().run, args=(watch,), name="sega-watch",
+                               daemon=True)
+    watcher.start()
+    result = stopped = None
     try:
         for item in steps:
             if isinstance(item, service.GenerationResult):
-                result = item  # and let the generator end by itself, so that the worker finishes normally
-                continue
-            if on_step is not None:
+                result = item
+            elif isinstance(item, Stopped):
+                stopped = item
+            elif on_step is not None and not stop.is_set():
                 on_step(item)
-            if not wanted():
-                raise service.GenerationStopped(f"Stopped after {item.done} of {item.total} steps.")
     finally:
-        steps.close()
+        finished.set()
+        steps.close()  # a no-op after the last value; else (an error here) it ends the run too
+        watcher.join()
+    if stopped is not None:
+        raise service.GenerationStopped(stopped.message)
     if result is None:
         raise RuntimeError("the GPU function ended without a result")
     return result
