@@ -4,6 +4,9 @@ Hugging Face's infrastructure.
 
     python -m tests.zerogpu [app.py arguments]      # env: SPACES_ZERO_GPU=true, ZEROGPU_EMULATION_LOG=...
 
+Without SPACES_ZERO_GPU=true it starts the plain app (as on a CPU or a GPU Space without ZeroGPU), with the
+same step log, so that tests can compare the two.
+
 Written against ``spaces`` 0.51 (the test extras pin ``spaces>=0.51,<0.52``). The ``spaces`` internals replaced:
 
 - ``spaces.zero.client.api_client``: the HTTP client of ZeroGPU's device API (``/schedule``, ``/allow``,
@@ -26,13 +29,19 @@ the worker (``{"oom_at_step": 2}``).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import runpy
+import signal
+import subprocess
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -65,6 +74,13 @@ def control() -> dict:
         return {}
     with open(path) as f:
         return json.load(f)
+
+
+def fake_ip_token() -> str:
+    """A stand-in for the X-IP-Token header that Hugging Face adds to a Space's requests (a JWT; ``spaces``
+    only decodes its payload): with it, ZeroGPU's quota message speaks of the visitor's quota."""
+    payload = base64.urlsafe_b64encode(json.dumps({"sub": "emulated-visitor"}).encode()).decode().rstrip("=")
+    return f"emulated.{payload}.signature"
 
 
 def _not_in_bad_fork() -> bool:
@@ -161,7 +177,8 @@ def fake_move(callback=None) -> None:
 
 
 def recording_generate(real_generate):
-    """``service.generate`` that logs every step (with the pid that ran it) and can raise an OOM."""
+    """``service.generate`` that logs every step and the run's end (with the pid that ran it), and can raise
+    an out-of-memory at a step."""
 
     def generate(loaded, params, progress_callback=None, **kwargs):
         def on_step(done: int, total: int) -> None:
@@ -173,14 +190,30 @@ def recording_generate(real_generate):
             if progress_callback is not None:
                 progress_callback(done, total)
 
-        return real_generate(loaded, params, progress_callback=on_step, **kwargs)
+        outcome = "error"
+        try:
+            result = real_generate(loaded, params, progress_callback=on_step, **kwargs)
+            outcome = "result"
+            return result
+        except BaseException as exc:
+            outcome = type(exc).__name__
+            raise
+        finally:  # in the process that ran the loop: the run's work is over
+            record("run_end", seed=params.seed, outcome=outcome)
 
     generate.__wrapped__ = real_generate
     return generate
 
 
+def install_recorder() -> None:
+    """Log the app's denoising steps (and raise an out-of-memory when the control file asks for one)."""
+    from server import service
+
+    service.generate = recording_generate(service.generate)
+
+
 def install() -> None:
-    """Apply the fakes (before ``spaces`` is imported: it initialises ZeroGPU at import)."""
+    """Apply the fakes (before ``spaces`` is imported: it initialises ZeroGPU at import), and the recorder."""
     if "spaces" in sys.modules:
         raise RuntimeError("install() must run before spaces is imported")
     os.environ.setdefault("SPACES_ZERO_DEVICE_API_URL", "http://127.0.0.1:9/emulated")
@@ -200,16 +233,94 @@ def install() -> None:
     spaces.zero.torch.init = fake_cuda_init
     spaces.zero.torch.pack = fake_pack
     spaces.zero.torch.move = fake_move
+    install_recorder()
 
-    from server import service
 
-    service.generate = recording_generate(service.generate)
+# ----------------------------------------------------------------------------------------------
+# Starting the app for a test
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Served:
+    """An app started by :func:`serve_app`: its URL, its pid, and the emulation's log and control file."""
+
+    url: str
+    pid: int
+    log: Path
+    control_file: Path
+
+    def events(self, since: int = 0) -> list[dict]:
+        return read_log(self.log)[since:]
+
+    def mark(self) -> int:
+        """A position in the log; ``events(mark)`` is what happened since."""
+        return len(read_log(self.log))
+
+    def control(self, **values) -> None:
+        self.control_file.write_text(json.dumps(values))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve_app(folder: Path, zero_gpu: bool, env: dict[str, str] | None = None,
+              timeout: float = 300) -> Iterator[Served]:
+    """``python app.py`` on the bundled demo model, as on a ZeroGPU Space (emulated) or as on a CPU."""
+    import httpx
+
+    from sega.demo.shapes import DEFAULT_MODEL_DIR
+
+    port = _free_port()
+    served = Served(url=f"http://127.0.0.1:{port}/", pid=0, log=folder / "log.jsonl",
+                    control_file=folder / "control.json")
+    environ = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+               "TQDM_DISABLE": "1", "SEGA_MODEL": str(DEFAULT_MODEL_DIR), LOG_ENV: str(served.log),
+               CONTROL_ENV: str(served.control_file), "PYTHONPATH": str(ROOT)}
+    environ.pop("SPACES_ZERO_GPU", None)
+    if zero_gpu:
+        environ["SPACES_ZERO_GPU"] = "true"
+    environ.update(env or {})
+    output = open(folder / "server.log", "w")  # closed below
+    # Its own process group: the ZeroGPU workers it forks go with it.
+    process = subprocess.Popen([sys.executable, "-m", "tests.zerogpu", "--host", "127.0.0.1", "--port", str(port)],
+                               cwd=ROOT, env=environ, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    served.pid = process.pid
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the app exited ({process.returncode}):\n{(folder / 'server.log').read_text()[-3000:]}")
+            try:
+                if httpx.get(served.url, timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the app did not start:\n{(folder / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield served
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(process.pid, signal.SIGKILL)
+        output.close()
 
 
 def main(argv: list[str]) -> None:
-    if os.environ.get("SPACES_ZERO_GPU", "").lower() not in ("1", "t", "true"):
-        raise SystemExit("set SPACES_ZERO_GPU=true: this starts the app as on a ZeroGPU Space")
-    install()
+    """``python app.py`` with the emulation (SPACES_ZERO_GPU=true), else with only the step recorder."""
+    if os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true"):
+        install()
+    else:
+        install_recorder()
     record("launch")
     sys.argv = [str(ROOT / "app.py"), *argv]
     sys.path.insert(0, str(ROOT))
