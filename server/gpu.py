@@ -112,21 +112,34 @@ def denoise(loaded: LoadedModel, params: service.GenerationParams,
     step callback cannot yield. Closing this generator also stops the run at its next step, and waits for it.
     Failures are raised as ``gr.Error`` with our message, so they survive ZeroGPU's process boundary.
     """
-    events: queue.SimpleQueue = queue.SimpleQueue()
+    # One item at most waits to be taken: the loop runs at most a step ahead of whoever reads the steps.
+    events: queue.Queue = queue.Queue(maxsize=1)
     closing = threading.Event()
 
+    def put(item) -> bool:
+        while not closing.is_set():
+            try:
+                events.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def stopped() -> bool:
+        return closing.is_set() or (stop is not None and stop.is_set())
+
     def on_step(done: int, total: int) -> None:
-        if closing.is_set() or (stop is not None and stop.is_set()):
+        # Asked again after the (possibly waiting) hand-over: the stop may have come meanwhile.
+        if stopped() or not put(Step(done, total)) or stopped():
             raise service.GenerationStopped(f"Stopped after {done} of {total} steps.")
-        events.put(Step(done, total))
 
     def work() -> None:
         try:
-            events.put(service.generate(loaded, params, progress_callback=on_step))
+            put(service.generate(loaded, params, progress_callback=on_step))
         except service.GenerationStopped as exc:
-            events.put(Stopped(str(exc)))
+            put(Stopped(str(exc)))
         except BaseException as exc:  # handed to the generator, which raises it in its own thread
-            events.put(exc)
+            put(exc)
 
     thread = threading.Thread(target=work, name="sega-denoise", daemon=True)
     thread.start()
@@ -184,9 +197,10 @@ def drive(steps: Iterator[Step | Stopped | service.GenerationResult], stop: Stop
     """Consume the GPU function's generator (:func:`denoise`, possibly in a ZeroGPU worker) where the request
     is served, and return its result.
 
-    ``on_step`` hears of every step (progress). A watcher asks ``wanted()`` every :data:`WATCH_SECONDS` and
-    sets ``stop`` when it says no, so the run ends at the end of the step under way, wherever it runs; then
-    :class:`GenerationStopped` is raised here, after the GPU work (and on ZeroGPU the GPU) was given up.
+    ``on_step`` hears of every step (progress). ``wanted()`` is asked after every step and, by a watcher
+    thread, every :data:`WATCH_SECONDS`; when it says no, ``stop`` is set, so the run ends at the end of the
+    step under way, wherever it runs. Then :class:`GenerationStopped` is raised here, after the GPU work (on
+    ZeroGPU, the GPU) was given up.
     """
     finished = threading.Event()
 
@@ -207,8 +221,11 @@ def drive(steps: Iterator[Step | Stopped | service.GenerationResult], stop: Stop
                 result = item
             elif isinstance(item, Stopped):
                 stopped = item
-            elif on_step is not None and not stop.is_set():
-                on_step(item)
+            elif not stop.is_set():
+                if on_step is not None:
+                    on_step(item)
+                if not wanted():  # also between the watcher's looks, for steps faster than it
+                    stop.set()
     finally:
         finished.set()
         steps.close()  # a no-op after the last value; else (an error here) it ends the run too
