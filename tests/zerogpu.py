@@ -7,7 +7,8 @@ Hugging Face's infrastructure.
 Without SPACES_ZERO_GPU=true it starts the plain app (as on a CPU or a GPU Space without ZeroGPU), with the
 same step log, so that tests can compare the two.
 
-Written against ``spaces`` 0.51 (the test extras pin ``spaces>=0.51,<0.52``). The ``spaces`` internals replaced:
+Written against ``spaces`` 0.51.3 (for the test extras: ``spaces>=0.51,<0.52``). The ``spaces`` internals
+replaced:
 
 - ``spaces.zero.client.api_client``: the HTTP client of ZeroGPU's device API (``/schedule``, ``/allow``,
   ``/release``, ``/startup-report``). :class:`FakeDeviceAPI` answers instead, so ``client.schedule``,
@@ -20,8 +21,8 @@ Written against ``spaces`` 0.51 (the test extras pin ``spaces>=0.51,<0.52``). Th
   is a lambda, which cannot be pickled) and ``torch._C._cuda_init`` (absent; ``spaces`` keeps it to restore),
   with named functions, never lambdas, since some are pickled to a worker.
 
-Every call to the fake device API, and every denoising step the app's generation reports, is appended as one
-JSON line to ``$ZEROGPU_EMULATION_LOG`` (time, pid, what), which the tests read. ``$ZEROGPU_EMULATION_CONTROL``
+Every call to the fake device API, every denoising step the app's generation reports, the end of each run, and
+each time the app signals a run to stop, is appended as one JSON line to ``$ZEROGPU_EMULATION_LOG`` (time, pid, what), which the tests read. ``$ZEROGPU_EMULATION_CONTROL``
 names a JSON file the tests write to make the next schedule answer ``{"refuse": "quota"}`` (ZeroGPU's quota
 error) or ``{"refuse": "no_gpu"}`` (no GPU free), or to raise ``torch.OutOfMemoryError`` at a denoising step in
 the worker (``{"oom_at_step": 2}``).
@@ -206,10 +207,18 @@ def recording_generate(real_generate):
 
 
 def install_recorder() -> None:
-    """Log the app's denoising steps (and raise an out-of-memory when the control file asks for one)."""
-    from server import service
+    """Log the app's denoising steps and the moments it signals a stop (and raise an out-of-memory when the
+    control file asks for one)."""
+    from server import gpu, service
 
     service.generate = recording_generate(service.generate)
+    real_set = gpu.StopSignal.set
+
+    def recording_set(self) -> None:
+        record("stop_set")
+        real_set(self)
+
+    gpu.StopSignal.set = recording_set
 
 
 def install() -> None:

@@ -116,6 +116,19 @@ def test_an_out_of_memory_in_the_worker_reaches_the_caller_as_such(space, client
     assert used["seed"] == 2
 
 
+def test_two_visitors_run_at_once_each_in_its_own_worker(space):
+    from gradio_client import Client
+
+    mark = space.mark()
+    jobs = [Client(space.url, verbose=False).submit(prompt=PROMPT, steps=6, seed=seed, api_name="/generate")
+            for seed in (51, 52)]
+    assert [job.result(timeout=300)[2]["seed"] for job in jobs] == [51, 52]
+    steps = [e for e in space.events(mark) if e["event"] == "step"]
+    spans = {seed: [e["t"] for e in steps if e["seed"] == seed] for seed in (51, 52)}
+    assert {e["pid"] for e in steps if e["seed"] == 51}.isdisjoint({e["pid"] for e in steps if e["seed"] == 52})
+    assert spans[51][0] < spans[52][-1] and spans[52][0] < spans[51][-1]  # their steps interleaved
+
+
 def test_progress_reaches_the_browser_from_the_worker(space):
     from tests.server.test_cancel import browser_page, start_in_browser, wait_for_step
 
