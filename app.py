@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Iterator
 
 import gradio as gr
 from fastapi.exception_handlers import http_exception_handler
@@ -97,7 +98,8 @@ def _gpu_seconds(params: service.GenerationParams, stop: gpu.StopSignal | None =
 
 
 @spaces.GPU(duration=_gpu_seconds)
-def run_on_gpu(params: service.GenerationParams, stop: gpu.StopSignal | None = None):
+def run_on_gpu(params: service.GenerationParams,
+               stop: gpu.StopSignal | None = None) -> Iterator[gpu.Step | gpu.Stopped | service.GenerationResult]:
     # A generator of steps, then the result (server.gpu); on ZeroGPU it runs in a worker process, which sees
     # ``stop`` (a file) at the end of every step.
     yield from gpu.denoise(LOADED, params, stop)
@@ -127,7 +129,7 @@ def _run(raw: dict, request: gr.Request | None,
     try:
         return params, gpu.drive(run_on_gpu(params, flag), flag, gpu.event_alive, on_step)
     except (service.GenerationStopped, gr.Error):
-        raise  # a stop: the caller decides how it looks (a notice in the UI, an error for API callers)
+        raise  # messages already; for a stop the caller decides how it looks (a UI notice, an API error)
     except Exception as exc:
         logger.exception("generation failed")
         raise gr.Error(f"Generation failed ({type(exc).__name__}); please try again.", print_exception=False) from None

@@ -316,11 +316,12 @@ def serve_app(folder: Path, zero_gpu: bool, env: dict[str, str] | None = None,
             time.sleep(0.5)
         yield served
     finally:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(process.pid, signal.SIGKILL)
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # a ZeroGPU worker busy with a run outlives a SIGTERM
+            try:
+                os.killpg(process.pid, sig)
+                process.wait(30)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
         output.close()
 
 
