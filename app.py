@@ -11,15 +11,15 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import gradio as gr
-import torch
 from fastapi.exception_handlers import http_exception_handler
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server import gpu, service, snippets
 from server import params as api
-from server import service, snippets
 from server.loading import load_pipeline
 
 logger = logging.getLogger("sega.app")
@@ -52,7 +52,7 @@ QUEUE_SIZE, CONCURRENCY = api.queue_settings()  # SEGA_QUEUE_SIZE, SEGA_CONCURRE
 BUSY_MESSAGE = "The server is busy (its queue of waiting requests is full). Please try again in a minute."
 
 # One stop flag per browser session: the step callback of that session's run checks it.
-_stop_flags: dict[str, threading.Event] = {}
+_stop_flags: dict[str, gpu.StopSignal] = {}
 _stop_lock = threading.Lock()
 
 CSS = """
@@ -67,39 +67,48 @@ CSS = """
 # ----------------------------------------------------------------------------------------------
 
 
-def _gpu_seconds(params: api.GenerationParams, stop_key: str | None = None) -> int:
+def _gpu_seconds(params: api.GenerationParams, stop: gpu.StopSignal | None = None) -> int:
     return service.gpu_duration(params.steps, len(params.concepts), params.width, params.height)
 
 
 @spaces.GPU(duration=_gpu_seconds)
-def run_on_gpu(params: api.GenerationParams, stop_key: str | None = None) -> service.GenerationResult:
-    # Takes only picklable arguments: on ZeroGPU this runs in a worker process.
-    return service.generate(LOADED, params, stop_event=_stop_flags.get(stop_key) if stop_key else None)
+def run_on_gpu(params: api.GenerationParams,
+               stop: gpu.StopSignal | None = None) -> Iterator[gpu.Step | gpu.Stopped | service.GenerationResult]:
+    # A generator of steps, then the result (server.gpu); on ZeroGPU it runs in a worker process, which sees
+    # ``stop`` (a file) at the end of every step. Takes only picklable arguments.
+    yield from gpu.denoise(LOADED, params, stop)
 
 
-def _run(raw: dict, request: gr.Request | None,
-         endpoint: str = "generate") -> tuple[api.GenerationParams, service.GenerationResult]:
-    """Validate, run, and turn every failure into a message for this visitor only."""
+def _run(raw: dict, request: gr.Request | None, endpoint: str = "generate",
+         progress: gr.Progress | None = None) -> tuple[api.GenerationParams, service.GenerationResult]:
+    """Validate and run; stop when Stop is pressed, the call is cancelled or the page is closed.
+
+    ``gr.Error``s pass through unchanged: ours (from server.gpu, with our message) and ZeroGPU's (quota, no GPU
+    free), so the visitor learns why. Anything else is a failure here, outside the GPU function.
+    """
     try:
         params = api.parse_request(LOADED, raw, LIMITS, endpoint, upload_roots=_upload_roots())
     except api.InvalidInput as exc:
         raise gr.Error(str(exc), title="Invalid input", print_exception=False) from None
     key = getattr(request, "session_hash", None)
-    flag = threading.Event()
+    flag = gpu.StopSignal()
     if key:
         with _stop_lock:
             _stop_flags[key] = flag
+
+    def on_step(step: gpu.Step) -> None:
+        if progress is not None:
+            progress((step.done, step.total), desc="Denoising", unit="steps")
+
     try:
-        return params, run_on_gpu(params, key)
-    except service.GenerationStopped:
-        raise  # the caller decides how a stop looks (a notice in the UI, an error for API callers)
-    except torch.OutOfMemoryError:
-        raise gr.Error("Out of GPU memory; try a smaller size or fewer concepts.", title="Out of memory",
-                       print_exception=False) from None
+        return params, gpu.drive(run_on_gpu(params, flag), flag, gpu.event_alive, on_step)
+    except (service.GenerationStopped, gr.Error):
+        raise  # messages already; for a stop the caller decides how it looks (a UI notice, an API error)
     except Exception as exc:
         logger.exception("generation failed")
         raise gr.Error(f"Generation failed ({type(exc).__name__}); please try again.", print_exception=False) from None
     finally:
+        flag.discard()
         if key:
             with _stop_lock:
                 if _stop_flags.get(key) is flag:
@@ -112,6 +121,7 @@ def _upload_roots() -> tuple[str, ...]:
 
 
 def stop(request: gr.Request) -> None:
+    # The Stop button also cancels the event, which server.gpu.drive notices too; this is the direct way.
     with _stop_lock:
         flag = _stop_flags.get(request.session_hash)
     if flag is not None:
@@ -164,7 +174,7 @@ def _run_ui(raw: dict, request: gr.Request | None, endpoint: str = "generate") -
     """Run for the UI: a stopped run keeps the previous images on screen."""
     n_outputs = 5 if endpoint == "generate" else 8
     try:
-        params, result = _run(raw, request, endpoint)
+        params, result = _run(raw, request, endpoint, gr.Progress())
     except service.GenerationStopped as exc:
         gr.Info(str(exc))
         return (gr.skip(),) * n_outputs

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,9 +47,11 @@ class LoadedModel:
         return self.profile.intro.replace("{size}", str(self.native_size))
 
 
-def on_zero_gpu() -> bool:
-    """True on a Hugging Face ZeroGPU Space (the GPU is attached per call, so CUDA may look absent here)."""
-    return os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
+def on_zero_gpu(env: Mapping[str, str] | None = None) -> bool:
+    """True on a Hugging Face ZeroGPU Space (``SPACES_ZERO_GPU``, read as the ``spaces`` package reads it; the
+    GPU is attached per call, so CUDA may look absent here)."""
+    env = os.environ if env is None else env
+    return env.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
 
 
 def gpu_present() -> bool:

@@ -11,7 +11,6 @@ import io
 import math
 import os
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from .params import GenerationParams
 
 
 class GenerationStopped(Exception):
-    """The visitor pressed Stop; raised from the pipeline's step callback."""
+    """The request was stopped (Stop, a cancelled API call, a closed page); raised from a step callback."""
 
 
 def model_fingerprint(loaded: LoadedModel) -> str:
@@ -96,19 +95,16 @@ def summarize(params: GenerationParams, seconds: float, cache_hit: bool, extra: 
 
 
 def generate(loaded: LoadedModel, params: GenerationParams,
-             progress_callback: Callable[[int, int], None] | None = None,
-             stop_event: threading.Event | None = None) -> GenerationResult:
+             progress_callback: Callable[[int, int], None] | None = None) -> GenerationResult:
     """Run the pipeline once: the image without edits and the image with edits for ``params.seed``.
 
-    ``progress_callback(done, total)`` is called after every step; setting ``stop_event`` stops the run at
-    the next step with :class:`GenerationStopped`.
+    ``progress_callback(done, total)`` is called after every step; it stops the run by raising (e.g.
+    :class:`GenerationStopped`), which this request's pipeline call passes on.
     """
     pipe = loaded.pipe
 
     def on_step_end(_pipe, i: int, _t, tensors: dict) -> dict:
-        # Per request, never pipe._interrupt: that flag is shared by every request on this pipeline.
-        if stop_event is not None and stop_event.is_set():
-            raise GenerationStopped(f"Stopped after {i + 1} of {params.steps} steps.")
+        # Stop per request by raising here, never with pipe._interrupt: that flag is shared by every request.
         if progress_callback is not None:
             progress_callback(i + 1, params.steps)
         return tensors

@@ -3,7 +3,6 @@
 
 import ast
 import math
-import threading
 
 import numpy as np
 import pytest
@@ -267,17 +266,16 @@ def test_generate_without_concepts_gives_the_same_image_twice(tiny):
     assert r.summary.startswith("no edits")
 
 
-def test_stop_event_stops_at_the_next_step(tiny):
-    stop = threading.Event()
+def test_a_raising_step_callback_stops_the_run_at_that_step(tiny):
     seen = []
 
     def progress(done, total):
         seen.append((done, total))
         if done == 2:
-            stop.set()
+            raise service.GenerationStopped(f"Stopped after {done} of {total} steps.")
 
-    with pytest.raises(service.GenerationStopped, match="after 3 of 6 steps"):
-        service.generate(tiny, parse(tiny, seed=1, steps=6), progress_callback=progress, stop_event=stop)
+    with pytest.raises(service.GenerationStopped, match="after 2 of 6 steps"):
+        service.generate(tiny, parse(tiny, seed=1, steps=6), progress_callback=progress)
     assert seen == [(1, 6), (2, 6)]
 
 
