@@ -7,6 +7,7 @@
 """
 
 from .concepts import EditConcept
+from .inversion import SegaInversion
 from .pipeline import SegaPipeline, SegaPipelineOutput
 
-__all__ = ["EditConcept", "SegaPipeline", "SegaPipelineOutput"]
+__all__ = ["EditConcept", "SegaInversion", "SegaPipeline", "SegaPipelineOutput"]

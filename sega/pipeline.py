@@ -12,7 +12,10 @@ Same keywords, same images (latents within 1e-4 in fp32), plus:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
+import hashlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -35,13 +38,16 @@ from .guidance import (
     plan_step,
     semantic_guidance_step,
 )
+from .inversion import SegaInversion, image_to_tensor, inversion_scheduler, noise_map, performed_steps
 from .reedit import (
     LockstepPlainRun,
     LRUCache,
     PlainRun,
     ReplayedPlainRun,
     SharedPlainRun,
+    generator_fingerprint,
     reedit_key,
+    scheduler_step,
     step_kwargs,
 )
 
@@ -58,6 +64,9 @@ class SegaPipelineOutput(BaseOutput):
         original_images: with ``return_original=True``, the images without edits for the same seed.
         original_nsfw_content_detected: safety flags of ``original_images``.
         sem_guidance: with ``return_sem_guidance=True``, the per-step edit terms, to replay with ``sem_guidance=``.
+        cache_hit: whether the run without edits was replayed from the re-edit cache.
+        unet_calls, unet_samples: UNet calls of this call and the samples they evaluated.
+        inversion_cache_hit: with ``inversion=``, whether that inversion came from ``inversion_cache``.
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
@@ -68,6 +77,7 @@ class SegaPipelineOutput(BaseOutput):
     cache_hit: bool = False
     unet_calls: int = 0
     unet_samples: int = 0
+    inversion_cache_hit: bool | None = None
 
 
 @dataclass
@@ -97,16 +107,17 @@ class _Denoising:
     guidance_scale: float
     edit_cfg: bool  # the edited run evaluates e_u and e_p (else e_p only)
     embeddings: dict  # "u", "p": (batch, seq, dim); "c": (C, batch, seq, dim)
-    concepts: _Concepts
-    plans: list[StepPlan]
-    needed: list[list[int]]  # per step, the concepts in the UNet batch
-    signed_scales: torch.Tensor
-    thresholds: torch.Tensor
     momentum: torch.Tensor
-    momentum_scale: float
-    momentum_beta: float
-    sem_guidance: list[torch.Tensor] | None
-    recorded_guidance: list[torch.Tensor] | None
+    concepts: _Concepts = field(default_factory=lambda: _Concepts(None, None, [], [], [], [], []))
+    plans: list[StepPlan] = field(default_factory=list)
+    needed: list[list[int]] = field(default_factory=list)  # per step, the concepts in the UNet batch
+    signed_scales: torch.Tensor | None = None
+    thresholds: torch.Tensor | None = None
+    momentum_scale: float = 0.0
+    momentum_beta: float = 0.0
+    sem_guidance: list[torch.Tensor] | None = None
+    recorded_guidance: list[torch.Tensor] | None = None
+    noise_maps: torch.Tensor | None = None  # an inversion's per-step variance noise
     device_tensors: dict = field(default_factory=dict)  # built once per call: weights, embedding layouts
     unet_calls: int = 0
     unet_samples: int = 0
@@ -150,6 +161,7 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         feature_extractor: the safety checker's image processor (required with a safety checker).
         reedit_cache_size: how many runs without edits the re-edit cache keeps (0 turns it off).
         embedding_cache_size: how many text embeddings are kept.
+        inversion_cache_size: how many image inversions (:meth:`invert`) are kept (0 turns it off).
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
@@ -169,6 +181,7 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         requires_safety_checker: bool = False,
         reedit_cache_size: int = 4,
         embedding_cache_size: int = 256,
+        inversion_cache_size: int = 4,
     ):
         super().__init__()
         if safety_checker is not None and feature_extractor is None:
@@ -187,6 +200,7 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         self.register_to_config(requires_safety_checker=requires_safety_checker)
         self.reedit_cache = LRUCache(reedit_cache_size)
         self.embedding_cache = LRUCache(embedding_cache_size)
+        self.inversion_cache = LRUCache(inversion_cache_size)
 
     # ------------------------------------------------------------------------------------------
     # Text
@@ -437,7 +451,7 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         plain.observe(i, latents, noise_uncond, noise_pred)
         if state.recorded_guidance is not None:
             state.recorded_guidance.append(edit_term if edit_term is not None else torch.zeros_like(latents))
-        return state.scheduler.step(noise_pred, t, latents, **state.step_kwargs, return_dict=False)[0]
+        return scheduler_step(state.scheduler, state.step_kwargs, state.noise_maps, i, noise_pred, t, latents)
 
     def _unet_step(self, state: _Denoising, t, parts: list[tuple[torch.Tensor, list]]) -> list[torch.Tensor]:
         """One UNet call on every (latent input, embedding segments) part; one chunk per segment."""
@@ -501,6 +515,146 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         nsfw, original_nsfw = (None, None) if flags is None else (list(flags[:batch]), list(flags[batch:]))
         return decoded[:batch], nsfw, decoded[batch:], original_nsfw
 
+    def check_inversion_inputs(self, inversion: SegaInversion | None, height, width, num_inference_steps,
+                               guidance_scale, latents, scheduler, eta) -> tuple[int, int, int, float]:
+        """Defaults for size, steps and guidance (the inversion's when editing one) and the arguments an
+        inversion fixes; returns (height, width, num_inference_steps, guidance_scale)."""
+        if inversion is None:
+            native = self.unet.config.sample_size * self.vae_scale_factor
+            return (height or native, width or native, 50 if num_inference_steps is None else num_inference_steps,
+                    7.5 if guidance_scale is None else guidance_scale)
+        if not isinstance(inversion, SegaInversion):
+            raise ValueError(f"inversion must come from SegaPipeline.invert, got {type(inversion).__name__}")
+        for name, value in (("latents", latents), ("scheduler", scheduler)):
+            if value is not None:
+                raise ValueError(f"{name} cannot be set with inversion: the inversion fixes it")
+        if eta:
+            raise ValueError("eta cannot be set with inversion: an inverted image is edited at eta 1")
+        for name, value, fixed in (("height", height, inversion.height), ("width", width, inversion.width),
+                                   ("num_inference_steps", num_inference_steps, inversion.num_inference_steps)):
+            if value is not None and value != fixed:
+                raise ValueError(f"{name}={value} differs from the inversion's {fixed}; leave it out")
+        scale = inversion.source_guidance_scale if guidance_scale is None else guidance_scale
+        return inversion.height, inversion.width, inversion.num_inference_steps, scale
+
+    def prepare_timesteps_and_latents(self, inversion: SegaInversion | None, scheduler, num_inference_steps: int,
+                                      batch: int, height: int, width: int, dtype, generator, latents):
+        """A copy of the scheduler with its timesteps set, the initial latents, and an inversion's noise maps."""
+        device = self._execution_device
+        if inversion is not None:
+            scheduler = copy.deepcopy(inversion.scheduler)
+            return scheduler, inversion.latents.to(device=device, dtype=dtype), inversion.noise_maps.to(device, dtype)
+        scheduler = copy.deepcopy(scheduler if scheduler is not None else self.scheduler)
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = self.prepare_latents(batch, self.unet.config.in_channels, height, width, dtype, device, generator,
+                                       latents, scheduler.init_noise_sigma)
+        return scheduler, latents, None
+
+    # ------------------------------------------------------------------------------------------
+    # Real images
+    # ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def invert(
+        self,
+        image: PIL.Image.Image | list[PIL.Image.Image] | torch.Tensor,
+        source_prompt: str = "",
+        num_inference_steps: int = 50,
+        skip: float = 0.15,
+        source_guidance_scale: float = 3.5,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> SegaInversion:
+        r"""Invert a real image for editing (edit-friendly DDPM inversion, as LEDITS++ with DDIM).
+
+        Then ``pipe(source_prompt, inversion=inv, concepts=[...], return_original=True)`` edits it; the image
+        without edits is the input as the VAE sees it.
+
+        Args:
+            image: a PIL image (or a list of same-size images) or a tensor (3, H, W) / (B, 3, H, W) in [-1, 1];
+                H and W multiples of 8 (resize first).
+            source_prompt: a description of the image; "" for none. Guides the inversion with
+                ``source_guidance_scale`` and is the prompt to edit with.
+            num_inference_steps: steps of the whole schedule, >= 1, including the skipped ones (SD: 50).
+            skip: in [0, 1): the share of the first (noisiest) steps skipped, i.e. how much of the image is
+                kept: 0 inverts from pure noise (edits can change everything), 0.15 (default) to 0.3 keeps the
+                layout. The edit runs ``num_inference_steps - int(skip * num_inference_steps)`` steps.
+            source_guidance_scale: classifier-free guidance of ``source_prompt`` during inversion, >= 0
+                (LEDITS++: 3.5; <= 1 uses the prompt's estimate alone). Edits use the same by default.
+            generator: draws the independent noisy versions of the image; same generator state, same inversion.
+            use_cache: read and fill ``inversion_cache`` (keyed by the image content and every setting).
+
+        Returns:
+            :class:`~sega.inversion.SegaInversion` with the start latents, noise maps, ``cache_hit`` and the
+            UNet calls/samples spent.
+        """
+        # 1. Check inputs
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+        if not 0 <= skip < 1:
+            raise ValueError(f"skip must be in [0, 1), got {skip!r}")
+        if not source_guidance_scale >= 0:
+            raise ValueError(f"source_guidance_scale must be >= 0, got {source_guidance_scale!r}")
+        if not isinstance(source_prompt, str):
+            raise ValueError(f"source_prompt must be a string, got {type(source_prompt).__name__}")
+        pixels = image_to_tensor(image, self.image_processor)
+        device, dtype = self._execution_device, self.unet.dtype
+
+        # 2. The cache: same pixels, settings, random stream and model placement, same inversion
+        scheduler = inversion_scheduler(self.scheduler.config)
+        key = hashlib.sha256(pixels.numpy().tobytes() + json.dumps(
+            [source_prompt, num_inference_steps, skip, float(source_guidance_scale), str(device), str(dtype),
+             dict(scheduler.config), list(pixels.shape)], sort_keys=True, default=str).encode()
+            + (generator_fingerprint(generator) or b"global")).hexdigest()
+        cached = self.inversion_cache.get(key) if use_cache and generator is not None else None
+        if cached is not None:
+            return dataclasses.replace(cached, cache_hit=True, unet_calls=0, unet_samples=0)
+
+        # 3. Encode the image and the prompts
+        x0 = self.vae.encode(pixels.to(device=device, dtype=self.vae.dtype)).latent_dist.mode()
+        x0 = (x0 * self.vae.config.scaling_factor).to(dtype)
+        batch = x0.shape[0]
+        do_cfg = source_guidance_scale > 1.0
+        embeddings = {"u": self.encode_text([""], use_cache).expand(batch, -1, -1),
+                      "p": self.encode_text([source_prompt], use_cache).expand(batch, -1, -1)}
+        state = _Denoising(scheduler=scheduler, timesteps=scheduler.timesteps, step_kwargs={}, generator=generator,
+                           batch=batch, guidance_scale=source_guidance_scale, edit_cfg=do_cfg, embeddings=embeddings,
+                           momentum=torch.zeros_like(x0))
+
+        # 4. Timesteps: the whole schedule, of which the last n are performed
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        n = performed_steps(num_inference_steps, skip)
+        timesteps = scheduler.timesteps[-n:]
+
+        # 5. Independent noisy versions x_t of the image, drawn from the least noisy up (as LEDITS++)
+        xts = [None] * n
+        for k in reversed(range(n)):
+            noise = randn_tensor(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+            xts[k] = scheduler.add_noise(x0, noise, timesteps[k : k + 1].long())
+        xts.append(x0)
+
+        # 6. Noise maps, from the noisiest step down; each step's landing point is the next step's input
+        zs = []
+        segments = ["u", "p"] if do_cfg else ["p"]
+        for k, t in enumerate(self.progress_bar(timesteps)):
+            chunks = self._unet_step(state, t, [(scheduler.scale_model_input(xts[k], t), segments)])
+            noise_pred = chunks[0]
+            if do_cfg:
+                noise_pred = noise_pred + classifier_free_guidance(chunks[0], chunks[1], source_guidance_scale)
+            z, xts[k + 1] = noise_map(scheduler, xts[k + 1], xts[k], t, noise_pred)
+            zs.append(z)
+
+        height, width = pixels.shape[-2:]
+        inversion = SegaInversion(
+            latents=xts[0], noise_maps=torch.stack(zs), image_latents=x0, timesteps=timesteps, scheduler=scheduler,
+            source_prompt=source_prompt, source_guidance_scale=float(source_guidance_scale),
+            num_inference_steps=num_inference_steps, skip=float(skip), height=int(height), width=int(width),
+            key=key, unet_calls=state.unet_calls, unet_samples=state.unet_samples,
+        )
+        if use_cache and generator is not None:
+            self.inversion_cache.put(key, inversion)
+        return inversion
+
     # ------------------------------------------------------------------------------------------
     # Generation
     # ------------------------------------------------------------------------------------------
@@ -511,8 +665,8 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         prompt: str | list[str],
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
         eta: float = 0.0,
@@ -538,6 +692,7 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         return_sem_guidance: bool = False,
         use_cache: bool = True,
         original_first: bool = False,
+        inversion: SegaInversion | None = None,
         scheduler=None,
         callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
@@ -546,11 +701,14 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
 
         Args:
             prompt: the prompt or prompts (a list makes a batch).
-            height, width: image size in pixels, multiples of 8; default the UNet's native size.
-            num_inference_steps: denoising steps, >= 1. More is slower and usually finer (SD: 50).
-            guidance_scale: classifier-free guidance s_g. Values <= 1 disable it for the image without
-                edits; with edit concepts the unconditional estimate is still computed and the edits are
-                applied (the deprecated pipeline silently dropped them), with a warning.
+            height, width: image size in pixels, multiples of 8; default the UNet's native size (or the
+                inversion's).
+            num_inference_steps: denoising steps, >= 1, default 50. More is slower and usually finer (SD: 50).
+                With ``inversion``, the inversion's (leave it out).
+            guidance_scale: classifier-free guidance s_g, default 7.5 (with ``inversion``, its
+                ``source_guidance_scale``: the image without edits is then the input). Values <= 1 disable it
+                for the image without edits; with edit concepts the unconditional estimate is still computed
+                and the edits are applied (the deprecated pipeline silently dropped them), with a warning.
             negative_prompt: replaces the empty prompt of the unconditional estimate.
             num_images_per_prompt: images per prompt, >= 1.
             eta: DDIM eta in [0, 1]; only for schedulers that take it.
@@ -589,6 +747,12 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
                 per step. The two runs advance in step, so a callback or a stop acts on both. Without a seed it
                 falls back to one pass.
             scheduler: a scheduler for this call only (copied), instead of ``self.scheduler``.
+            inversion: edit a real image: the result of :meth:`invert`. The edit starts from its latents at its
+                first timestep and each DDIM step (eta 1) takes its noise map; ``prompt`` should be its
+                ``source_prompt`` (another prompt edits by prompt, as in DDPM inversion). The run without edits
+                (``return_original``) then reconstructs the input as the VAE sees it. Size, steps, noise and
+                scheduler come from the inversion: ``latents``, ``scheduler`` and ``eta`` must stay unset and
+                the batch (prompts x ``num_images_per_prompt``) must match the inverted images.
             callback_on_step_end: ``f(pipe, step, t, tensors) -> dict``, called once per step (steps 0 to
                 N-1, also with ``original_first``) after the edited run's scheduler step, with the edited
                 run's latents. Returning new "latents" changes the edited run only: the run without edits
@@ -601,8 +765,8 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
             :class:`SegaPipelineOutput`, or a tuple ``(images, nsfw_content_detected)``.
         """
         # 1. Check inputs and resolve the concepts from either API
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        height, width, num_inference_steps, guidance_scale = self.check_inversion_inputs(
+            inversion, height, width, num_inference_steps, guidance_scale, latents, scheduler, eta)
         prompts, negative_prompts = self.check_inputs(prompt, negative_prompt, height, width, num_inference_steps,
                                                       callback_steps, callback_on_step_end_tensor_inputs)
         cc = self._resolve_concepts(concepts, editing_prompt, editing_prompt_embeddings, reverse_editing_direction,
@@ -623,18 +787,21 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         embeddings = self.encode_prompts(prompts, negative_prompts, num_images_per_prompt, cc, use_cache)
         dtype = embeddings["p"].dtype
 
-        # 3. Timesteps on a copy of the scheduler (never shared between calls or threads), initial noise
-        reproducible = generator is not None or latents is not None
-        scheduler = copy.deepcopy(scheduler if scheduler is not None else self.scheduler)
-        scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = self.prepare_latents(batch, self.unet.config.in_channels, height, width, dtype, device, generator,
-                                       latents, scheduler.init_noise_sigma)
+        # 3. Timesteps on a copy of the scheduler (never shared between calls or threads), initial latents
+        if inversion is not None and inversion.batch_size != batch:
+            raise ValueError(f"inversion holds {inversion.batch_size} image(s) but prompt x num_images_per_prompt "
+                             f"makes a batch of {batch}")
+        reproducible = generator is not None or latents is not None or inversion is not None
+        scheduler, latents, noise_maps = self.prepare_timesteps_and_latents(
+            inversion, scheduler, num_inference_steps, batch, height, width, dtype, generator, latents)
+        eta = 1.0 if inversion is not None else eta
 
         # 4. Plan the edits: which concepts matter at each step, where the edited run leaves the plain one
-        n_steps = len(scheduler.timesteps)
+        n_steps = len(scheduler.timesteps) if inversion is None else len(inversion.timesteps)
         plans, needed, diverge = self.plan_edits(cc, n_steps, do_cfg, edit_momentum_scale, sem_guidance is not None)
         state = _Denoising(
-            scheduler=scheduler, timesteps=scheduler.timesteps, step_kwargs=step_kwargs(scheduler, generator, eta),
+            scheduler=scheduler, timesteps=scheduler.timesteps if inversion is None else inversion.timesteps,
+            step_kwargs=step_kwargs(scheduler, generator, eta, noise_maps), noise_maps=noise_maps,
             generator=generator, batch=batch, guidance_scale=guidance_scale, edit_cfg=do_cfg or has_edits,
             embeddings=embeddings, concepts=cc, plans=plans, needed=needed,
             signed_scales=torch.tensor(cc.signed_scales, device=device, dtype=torch.float32),
@@ -648,10 +815,11 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         key = None
         if use_cache and (return_original or not has_edits):
             key = reedit_key(prompts, negative_prompts, num_images_per_prompt, height, width, num_inference_steps,
-                             guidance_scale, eta, scheduler, generator, latents, device, self.unet.dtype)
+                             guidance_scale, eta, scheduler, generator, latents, device, self.unet.dtype,
+                             source=None if inversion is None else inversion.key)
         plain = self.prepare_plain_run(state, key, diverge, return_original, original_first and reproducible,
                                        has_edits)
-        plain.start(scheduler, generator, latents, eta)
+        plain.start(scheduler, generator, latents, eta, noise_maps)
 
         # 6. Denoising loop
         latents = self.denoise(state, latents, plain, callback, callback_steps, callback_on_step_end,
@@ -681,4 +849,5 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         return SegaPipelineOutput(images=images, nsfw_content_detected=nsfw, original_images=originals,
                                   original_nsfw_content_detected=original_nsfw, sem_guidance=state.recorded_guidance,
                                   cache_hit=plain.cache_hit, unet_calls=state.unet_calls,
-                                  unet_samples=state.unet_samples)
+                                  unet_samples=state.unet_samples,
+                                  inversion_cache_hit=None if inversion is None else inversion.cache_hit)

@@ -113,12 +113,15 @@ def clone_generator(generator):
 
 def reedit_key(prompts: list[str], negative_prompts: list[str], num_images_per_prompt: int, height: int,
                width: int, num_inference_steps: int, guidance_scale: float, eta: float, scheduler, generator,
-               latents: torch.Tensor | None, device, dtype) -> tuple | None:
+               latents: torch.Tensor | None, device, dtype, source: str | None = None) -> tuple | None:
     """Everything the run without edits depends on; None when it cannot be reproduced (no seed, no latents).
 
-    ``generator`` is fingerprinted at the state before the initial noise is drawn.
+    The start is ``source`` (an inversion's key) when given, else the initial latents' content, else the
+    generator's state.
     """
-    if latents is not None:
+    if source is not None:
+        source = f"inversion:{source}"
+    elif latents is not None:
         source = hashlib.sha256(latents.detach().float().cpu().numpy().tobytes()).hexdigest()
     elif generator is not None:
         source = hashlib.sha256(generator_fingerprint(generator)).hexdigest()
@@ -129,15 +132,24 @@ def reedit_key(prompts: list[str], negative_prompts: list[str], num_images_per_p
             float(guidance_scale), float(eta), sched, source, str(device), dtype)
 
 
-def step_kwargs(scheduler, generator, eta: float) -> dict:
-    """``eta`` and ``generator`` for schedulers whose ``step`` takes them."""
+def step_kwargs(scheduler, generator, eta: float, noise_maps: torch.Tensor | None = None) -> dict:
+    """``eta`` and ``generator`` for schedulers whose ``step`` takes them; with an inversion's noise maps,
+    the generator stays out (the step's noise is the map)."""
     params = set(inspect.signature(scheduler.step).parameters)
     kwargs = {}
     if "eta" in params:
         kwargs["eta"] = eta
-    if "generator" in params:
+    if "generator" in params and noise_maps is None:
         kwargs["generator"] = generator
     return kwargs
+
+
+def scheduler_step(scheduler, kwargs: dict, noise_maps: torch.Tensor | None, i: int, noise_pred: torch.Tensor, t,
+                   latents: torch.Tensor) -> torch.Tensor:
+    """One scheduler step; step i of an inverted image takes its noise map as the variance noise."""
+    if noise_maps is not None:
+        kwargs = {**kwargs, "variance_noise": noise_maps[i]}
+    return scheduler.step(noise_pred, t, latents, **kwargs, return_dict=False)[0]
 
 
 class PlainRun:
@@ -158,7 +170,8 @@ class PlainRun:
     def __init__(self, record: bool = False):
         self.record = PlainTrajectory() if record else None
 
-    def start(self, scheduler, generator, latents: torch.Tensor, eta: float) -> None:
+    def start(self, scheduler, generator, latents: torch.Tensor, eta: float,
+              noise_maps: torch.Tensor | None = None) -> None:
         pass
 
     def advance(self, i: int, t) -> None:
@@ -190,9 +203,11 @@ class PlainRun:
 class _OwnRun:
     """A plain run's own scheduler state, random stream and latents once it no longer is the edited run."""
 
-    def __init__(self, scheduler, generator, latents: torch.Tensor, eta: float, do_cfg: bool, guidance_scale: float):
+    def __init__(self, scheduler, generator, latents: torch.Tensor, eta: float, noise_maps: torch.Tensor | None,
+                 do_cfg: bool, guidance_scale: float):
         self.scheduler = copy.deepcopy(scheduler)
-        self.kwargs = step_kwargs(self.scheduler, clone_generator(generator), eta)
+        self.kwargs = step_kwargs(self.scheduler, clone_generator(generator), eta, noise_maps)
+        self.noise_maps = noise_maps
         self.latents = latents
         self.do_cfg, self.guidance_scale = do_cfg, guidance_scale
         self.segments = ["u", "p"] if do_cfg else ["p"]
@@ -200,7 +215,8 @@ class _OwnRun:
     def input(self, t) -> tuple[torch.Tensor, list]:
         return self.scheduler.scale_model_input(self.latents, t), self.segments
 
-    def step(self, t, chunks: list[torch.Tensor], record: PlainTrajectory | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, i: int, t, chunks: list[torch.Tensor],
+             record: PlainTrajectory | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Consume this run's chunks from the front of ``chunks``; returns (e_u, e) and steps the latents."""
         noise_uncond = chunks.pop(0)
         noise_pred = noise_uncond
@@ -208,7 +224,7 @@ class _OwnRun:
             noise_pred = noise_uncond + classifier_free_guidance(noise_uncond, chunks.pop(0), self.guidance_scale)
         if record is not None:
             record.append(self.latents, noise_uncond, noise_pred)
-        self.latents = self.scheduler.step(noise_pred, t, self.latents, **self.kwargs, return_dict=False)[0]
+        self.latents = scheduler_step(self.scheduler, self.kwargs, self.noise_maps, i, noise_pred, t, self.latents)
         return noise_uncond, noise_pred
 
 
@@ -221,15 +237,15 @@ class SharedPlainRun(PlainRun):
         self.diverge, self.n_steps, self.wanted = diverge, n_steps, wanted
         self.do_cfg, self.guidance_scale = do_cfg, guidance_scale
         self.own: _OwnRun | None = None
-        self.eta = 0.0
+        self.eta, self.noise_maps = 0.0, None
 
-    def start(self, scheduler, generator, latents, eta):
-        self.eta = eta
+    def start(self, scheduler, generator, latents, eta, noise_maps=None):
+        self.eta, self.noise_maps = eta, noise_maps
         if self.diverge == 0:
             self._fork(scheduler, generator, latents)
 
     def _fork(self, scheduler, generator, latents) -> None:
-        self.own = _OwnRun(scheduler, generator, latents, self.eta, self.do_cfg, self.guidance_scale)
+        self.own = _OwnRun(scheduler, generator, latents, self.eta, self.noise_maps, self.do_cfg, self.guidance_scale)
 
     def add_inputs(self, i, t, parts):
         if self.own is not None:
@@ -237,7 +253,7 @@ class SharedPlainRun(PlainRun):
 
     def take(self, i, t, chunks):
         if self.own is not None:
-            self.own.step(t, chunks, self.record)
+            self.own.step(i, t, chunks, self.record)
 
     def observe(self, i, latents, noise_uncond, noise_pred):
         if self.own is None and self.record is not None:
@@ -297,12 +313,12 @@ class LockstepPlainRun(PlainRun):
         self.current: tuple[torch.Tensor, torch.Tensor] | None = None
         self.detached = False
 
-    def start(self, scheduler, generator, latents, eta):
-        self.own = _OwnRun(scheduler, generator, latents, eta, self.do_cfg, self.guidance_scale)
+    def start(self, scheduler, generator, latents, eta, noise_maps=None):
+        self.own = _OwnRun(scheduler, generator, latents, eta, noise_maps, self.do_cfg, self.guidance_scale)
 
     def advance(self, i, t):
         z, segments = self.own.input(t)
-        self.current = self.own.step(t, self.unet(t, [(z, segments)]), self.record)
+        self.current = self.own.step(i, t, self.unet(t, [(z, segments)]), self.record)
 
     def estimates(self, i):
         return None if self.detached or i >= self.diverge else self.current
