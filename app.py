@@ -158,7 +158,8 @@ def api_signature(params: tuple[api.Param, ...]) -> inspect.Signature:
     keyword = inspect.Parameter.KEYWORD_ONLY
     return inspect.Signature([
         inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request),
-        *(inspect.Parameter(p.name, keyword, **({} if p.default is None else {"default": None})) for p in params),
+        *(inspect.Parameter(p.name, keyword, **({} if p.default is p.default_from is None else {"default": None}))
+          for p in params),
     ])
 
 
@@ -358,8 +359,9 @@ def fill_generate_form(concepts: list | None) -> dict:
 
 def fill_edit_form(concepts: list | None) -> dict:
     """An edit example's concepts in the rows, every other setting back to its default."""
-    return {**edit_rows.fill(concepts or []), edit_randomize: False,
-            **{widget: EDIT_DEFAULTS[name] for name, widget in edit_settings.items() if name != "source_prompt"}}
+    return {**edit_rows.fill(concepts or []), edit_randomize: False, edit_guidance: None,
+            **{widget: EDIT_DEFAULTS[name] for name, widget in edit_settings.items()
+               if name not in ("source_prompt", "guidance_scale")}}
 
 
 with gr.Blocks(title="SEGA: semantic guidance", delete_cache=(900, 3600)) as demo:
@@ -426,13 +428,13 @@ with gr.Blocks(title="SEGA: semantic guidance", delete_cache=(900, 3600)) as dem
                                          label="Skip: how much of the image to keep",
                                          info="The share of the first denoising steps left out; higher keeps "
                                               "more of your image, lower lets the edits change more.")
-                    with gr.Row():
-                        edit_guidance = gr.Slider(0, api.MAX_GUIDANCE_SCALE, value=EDIT_DEFAULTS["guidance_scale"],
-                                                  step=0.5, label="Guidance scale")
-                        source_guidance = gr.Slider(0, api.MAX_GUIDANCE_SCALE, step=0.5,
-                                                    value=EDIT_DEFAULTS["source_guidance_scale"],
-                                                    label="Source prompt guidance (inversion)")
+                    source_guidance = gr.Slider(0, api.MAX_GUIDANCE_SCALE, step=0.5, label="Guidance scale",
+                                                value=EDIT_DEFAULTS["source_guidance_scale"],
+                                                elem_id="edit-guidance")
                     with gr.Accordion("Advanced", open=False):
+                        edit_guidance = gr.Number(None, minimum=0, maximum=api.MAX_GUIDANCE_SCALE,
+                                                  label="Guidance of the edit (empty: the same as above, which "
+                                                        "reconstructs your image exactly)")
                         edit_momentum_scale, edit_momentum_beta = momentum_sliders(EDIT_DEFAULTS)
                         edit_show_advanced = gr.Checkbox(False, label="Show cooldown and weight for each concept")
                     with gr.Row():
@@ -462,8 +464,7 @@ with gr.Blocks(title="SEGA: semantic guidance", delete_cache=(900, 3600)) as dem
     example_concepts.change(fill_generate_form, example_concepts,
                             [*concept_rows.outputs, randomize, *settings.values()], api_visibility="private")
     edit_example_concepts.change(fill_edit_form, edit_example_concepts,
-                                 [*edit_rows.outputs, edit_randomize,
-                                  *(w for n, w in edit_settings.items() if n != "source_prompt")],
+                                 [*edit_rows.outputs, edit_randomize, *edit_settings.values()],
                                  api_visibility="private")
 
     # Summary and code are derived from the JSON: cached examples store JSON faithfully, free text less so.
@@ -499,7 +500,8 @@ with gr.Blocks(title="SEGA: semantic guidance", delete_cache=(900, 3600)) as dem
         api_inputs = {p.name: api_widget[p.kind](DEFAULTS[p.name]) for p in api.GENERATE_PARAMS}
         api_outputs = [gr.Image(format="png", label="without edits"), gr.Image(format="png", label="with edits"),
                        gr.JSON(label="parameters used")]
-        edit_api_inputs = {p.name: api_widget[p.kind](EDIT_DEFAULTS.get(p.name)) for p in api.EDIT_PARAMS}
+        edit_api_inputs = {p.name: api_widget[p.kind](None if p.default_from else EDIT_DEFAULTS[p.name])
+                           for p in api.EDIT_PARAMS}
         edit_api_outputs = [gr.Image(format="png", label="reconstruction"), gr.Image(format="png", label="with edits"),
                             gr.JSON(label="parameters used")]
         api_button, edit_api_button = gr.Button(), gr.Button()

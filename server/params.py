@@ -26,6 +26,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from sega.concepts import EditConcept, check_number, show_value
+from sega.inversion import performed_steps
 
 from .errors import InvalidInput
 from .images import read_upload, upload_path
@@ -290,7 +291,8 @@ class Param:
         kind: the API's input type: "text", "json", "int" or "float".
         doc: one line for the API docs.
         check: ``check(raw value, ctx)`` -> the validated value, or raise :class:`InvalidInput`.
-        default: ``default(loaded)`` for a missing value; None makes the parameter required.
+        default: ``default(loaded)`` for a missing value; None makes the parameter required (unless
+            ``default_from`` names an earlier parameter whose value is the default).
         keywords: the library keywords it becomes, ``keywords(value) -> [Keyword, ...]``.
         to_json: the value as JSON (default: unchanged).
         client_source: how the gradio_client snippet writes the JSON value (default: as a literal).
@@ -304,6 +306,7 @@ class Param:
     keywords: Callable[[Any], list[Keyword]]
     to_json: Callable[[Any], Any] = lambda v: v
     client_source: Callable[[Any], str] | None = None  # the value in the gradio_client snippet, from its JSON
+    default_from: str | None = None  # take the default from this earlier parameter's value instead
 
 
 def _profile_default(key: str) -> Callable[[LoadedModel], Any]:
@@ -413,11 +416,15 @@ EDIT_PARAMS: tuple[Param, ...] = (
           "skipped; more keeps more of the original",
           check=lambda v, ctx: number("skip", v, 0, 1, high_inclusive=False), default=_edit_default("skip"),
           keywords=_as("invert.skip")),
-    dataclasses.replace(_BY_NAME["guidance_scale"], default=_edit_default("guidance_scale")),
     Param("source_guidance_scale", "float",
-          f"guidance of the source prompt in the inversion, in [0, {MAX_GUIDANCE_SCALE:g}]",
+          f"classifier-free guidance of the source prompt, in the inversion and (by default) the edit, in "
+          f"[0, {MAX_GUIDANCE_SCALE:g}]",
           check=lambda v, ctx: number("source_guidance_scale", v, 0, MAX_GUIDANCE_SCALE),
           default=_edit_default("source_guidance_scale"), keywords=_as("invert.source_guidance_scale")),
+    # The edit's guidance defaults to the inversion's: only then is the image without edits the input itself.
+    dataclasses.replace(_BY_NAME["guidance_scale"], default=None, default_from="source_guidance_scale",
+                        doc="classifier-free guidance of the edit (default: source_guidance_scale, which "
+                            "reconstructs the image exactly)"),
     _BY_NAME["momentum_scale"],
     _BY_NAME["momentum_beta"],
 )
@@ -433,7 +440,9 @@ def defaults(loaded: LoadedModel, endpoint: str = "generate") -> dict:
 
     The seed's default is random per request, so it shows here as None.
     """
-    return {p.name: None if p.default in (None, _random_seed) else p.default(loaded) for p in ENDPOINTS[endpoint]}
+    params = ENDPOINTS[endpoint]
+    values = {p.name: None if p.default in (None, _random_seed) else p.default(loaded) for p in params}
+    return {p.name: values[p.default_from] if p.default_from else values[p.name] for p in params}
 
 
 @dataclass(frozen=True)
@@ -477,10 +486,12 @@ class GenerationParams:
 
 def _notices_across_fields(values: Mapping[str, Any]) -> list[str]:
     notices = []
+    # An edit of an uploaded image runs the steps that skip leaves; warmup counts from the first of them.
+    steps = performed_steps(values["steps"], values["skip"]) if "skip" in values else values["steps"]
     for i, concept in enumerate(values.get("concepts", ())):
-        if concept.warmup >= values["steps"]:
+        if concept.warmup >= steps:
             notices.append(f"concepts[{i}] ({concept.prompt!r}) is never applied: its warmup {concept.warmup} "
-                           f"is not below the {values['steps']} steps.")
+                           f"is not below the {steps} steps{' that skip leaves' if 'skip' in values else ''}.")
     if values.get("concepts") and values["guidance_scale"] <= 1:
         notices.append(f"guidance_scale {values['guidance_scale']:g} <= 1 turns classifier-free guidance off; the "
                        "edits are applied to the unconditional estimate.")
@@ -499,6 +510,9 @@ def parse_request(loaded: LoadedModel, raw: Mapping, limits: Limits | None = Non
     for p in ENDPOINTS[endpoint]:
         value = raw.get(p.name)
         if value is None:
+            if p.default_from is not None:
+                values[p.name] = values[p.default_from]
+                continue
             if p.default is None:
                 raise InvalidInput(f"{p.name} is required")
             value = p.default(loaded)

@@ -29,7 +29,7 @@ class ModelProfile:
     intro: str  # Markdown; "{size}" stands for the native size in pixels
     prompt_placeholder: str
     concept_placeholder: str
-    edit_defaults: dict  # /edit: steps, skip, guidance_scale, source_guidance_scale
+    edit_defaults: dict  # /edit: steps, skip, source_guidance_scale
     # The "Edit an image" tab's examples: (label, image path, source prompt, concepts, seed); none for SD.
     edit_examples: list = field(default_factory=list)
 
@@ -80,8 +80,8 @@ SD_PROFILE = ModelProfile(
            "while the rest of the picture stays put."),
     prompt_placeholder="a photo of the face of a woman",
     concept_placeholder="e.g. glasses, wearing glasses (leave empty to skip)",
-    # LEDITS++'s defaults for SD 1.5 (50 steps, skip 0.15, no source guidance, guidance as for generation).
-    edit_defaults={"steps": 50, "skip": 0.15, "guidance_scale": 7.0, "source_guidance_scale": 3.5},
+    # LEDITS++'s defaults for SD 1.5: 50 steps, skip 0.15, source guidance 3.5.
+    edit_defaults={"steps": 50, "skip": 0.15, "source_guidance_scale": 3.5},
 )
 
 

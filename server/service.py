@@ -124,13 +124,15 @@ def generate(loaded: LoadedModel, params: GenerationParams,
     if out.nsfw_content_detected and out.nsfw_content_detected[0]:
         edited = None
         flagged.append("The image with edits was flagged by the safety checker and is not shown.")
-    summary = summarize(params, seconds, out.cache_hit, flagged)
+    # /edit: whether the inversion was reused; /generate: whether the run without edits was.
+    cache_hit = bool(out.inversion_cache_hit if params.endpoint == "edit" else out.cache_hit)
+    summary = summarize(params, seconds, cache_hit, flagged)
     # Notices (truncation, removed control characters...) and the summary travel with the result, for API
     # callers too.
     used = {**params.to_json(), "notices": [*params.notices, *flagged], "summary": summary,
-            "cache_hit": bool(out.cache_hit)}
+            "cache_hit": cache_hit}
     return GenerationResult(original=original, edited=edited, used=used, summary=summary,
-                            cache_hit=bool(out.cache_hit), seconds=seconds)
+                            cache_hit=cache_hit, seconds=seconds)
 
 
 def gpu_duration(steps: int, n_concepts: int, width: int, height: int) -> int:

@@ -25,7 +25,7 @@ EXAMPLE_IMAGES: dict[str, tuple[ShapeSpec, int]] = {
 }
 
 # /edit's defaults on the demo model: 25 steps as for generation, a fifth of them skipped (keeps the layout).
-DEMO_EDIT_DEFAULTS: dict = {"steps": 25, "skip": 0.2, "guidance_scale": 5.0, "source_guidance_scale": 0.0}
+DEMO_EDIT_DEFAULTS: dict = {"steps": 25, "skip": 0.2, "source_guidance_scale": 5.0}
 
 # (label, image path, source prompt, concepts as the API takes them, seed)
 DEMO_EDIT_EXAMPLES: list[tuple[str, str, str, list[dict], int]] = [
@@ -97,7 +97,7 @@ def edit_upload(pipe, image: PIL.Image.Image, concepts: list, seed: int, edit: d
     inversion = pipe.invert(image, source_prompt="", num_inference_steps=edit["steps"], skip=edit["skip"],
                             source_guidance_scale=edit["source_guidance_scale"],
                             generator=torch.Generator().manual_seed(seed))
-    out = pipe("", inversion=inversion, concepts=concepts or None, guidance_scale=edit["guidance_scale"],
+    out = pipe("", inversion=inversion, concepts=concepts or None,
                edit_momentum_scale=edit.get("momentum_scale", 0.3), edit_mom_beta=edit.get("momentum_beta", 0.6),
                return_original=True, output_type="np")
 
@@ -128,3 +128,23 @@ def evaluate_real(pipe, seeds: list[int], settings: dict[str, dict], edit: dict,
             ious.append(mask_iou(given.mask, after.mask))
         results[kind] = {"success": float(np.mean(wins)), "iou": float(np.mean(ious)), "n": len(seeds)}
     return results
+
+
+def sweep_real(pipe, seeds: list[int], grid: dict[str, list], edit: dict,
+               kinds: tuple[str, ...] = ("color", "background", "shape"), log=print) -> dict:
+    """Per kind, the (scale, warmup, threshold) with the best success on ``seeds`` (ties: the higher mask IoU,
+    then the lower scale); returns the table and the choice."""
+    import itertools
+
+    table, best = [], {}
+    for kind in kinds:
+        for scale, warmup, threshold in itertools.product(grid["scale"], grid["warmup"], grid["threshold"]):
+            setting = {"scale": float(scale), "warmup": int(warmup), "threshold": float(threshold)}
+            r = evaluate_real(pipe, seeds, {kind: setting}, edit, kinds=(kind,))[kind]
+            table.append({"kind": kind, **setting, **r})
+            log(f"{kind:10s} scale {scale:5.1f} warmup {warmup} threshold {threshold}: success {r['success']:.3f} "
+                f"iou {r['iou']:.3f}")
+            rank = (r["success"], r["iou"], -scale)
+            if kind not in best or rank > best[kind][0]:
+                best[kind] = (rank, setting)
+    return {"table": table, "best": {k: v[1] for k, v in best.items()}}
