@@ -66,3 +66,35 @@ def test_two_concepts_one_removed_shows_both_images(server, tmp_path):
         finally:
             browser.close()
     assert 0 < screenshot.stat().st_size < 300_000
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium is not installed")
+def test_an_uploaded_image_is_edited_in_the_second_tab(server, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    from sega.demo.editing import EXAMPLES_DIR
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(server)
+            page.get_by_role("tab", name="Edit an image").click()
+            page.locator("#edit-image input[type=file]").set_input_files(str(EXAMPLES_DIR / "red-circle.png"))
+            expect(page.locator("#edit-image img").first).to_be_visible(timeout=30_000)
+            page.locator("#add-edit-concept").click()
+            page.locator("#edit-concept-0-text textarea, #edit-concept-0-text input").first.fill("blue")
+            page.locator("#edit-concept-1-text textarea, #edit-concept-1-text input").first.fill("red")
+            page.locator("#edit-concept-1-direction").get_by_text("remove").click()
+            page.locator("#edit-randomize input").uncheck()
+            page.locator("#edit-seed input").fill("3")
+
+            page.locator("#edit").click()
+            for image in ("#edit-original img", "#edit-edited img"):
+                expect(page.locator(image).first).to_be_visible(timeout=120_000)
+            summary = page.locator("#edit-summary")
+            expect(summary).to_contain_text("your image 32×32 px", timeout=30_000)
+            assert "+'blue'" in summary.inner_text() and "−'red'" in summary.inner_text()
+            page.screenshot(path=str(tmp_path / "edit.png"), full_page=True)
+        finally:
+            browser.close()
