@@ -68,7 +68,7 @@ CSS = """
 
 
 def _gpu_seconds(params: api.GenerationParams, stop: gpu.StopSignal | None = None) -> int:
-    return service.gpu_duration(params.steps, len(params.concepts), params.width, params.height)
+    return service.gpu_seconds(params)
 
 
 @spaces.GPU(duration=_gpu_seconds)

@@ -157,3 +157,23 @@ def test_zerogpu_defaults_keep_the_largest_request_within_an_anonymous_visitors_
     assert api.ZERO_GPU_CONCURRENCY > 1
     assert api.queue_settings({"SPACES_ZERO_GPU": "true", "SEGA_CONCURRENCY": "1"})[1] == 1
 
+
+
+def test_a_second_edit_of_an_image_reuses_its_inversion_when_zerogpu_reuses_the_worker(space, client):
+    # The emulated scheduler hands every call the same idle GPU, so spaces reuses the worker it forked; the
+    # inversion cache lives on the pipeline in that worker.
+    from gradio_client import handle_file
+
+    from sega.demo.editing import EXAMPLES_DIR
+
+    mark = space.mark()
+    hits, durations = [], []
+    for concepts in ([{"prompt": "blue", "warmup": 1}], [{"prompt": "square", "warmup": 1}]):
+        _, _, used = client.predict(image=handle_file(str(EXAMPLES_DIR / "yellow-triangle.png")), concepts=concepts,
+                                    seed=2, steps=4, api_name="/edit")
+        hits.append(used["cache_hit"])
+    events = space.events(mark)
+    durations = [e["duration"] for e in events if e["event"] == "schedule"]
+    assert hits == [False, True]
+    assert len({e["pid"] for e in events if e["event"] == "step"}) == 1  # both in one worker
+    assert durations[0] == service.gpu_duration(4 - int(0.2 * 4), 1, 32, 32, inversion=True)
