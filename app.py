@@ -344,6 +344,25 @@ def momentum_sliders(defaults: dict) -> tuple[gr.Slider, gr.Slider]:
     return scale, beta
 
 
+API_WIDGETS = {"text": gr.Textbox, "json": gr.JSON, "file": gr.File, "int": lambda d: gr.Number(d, precision=0),
+               "float": gr.Number}
+
+
+def api_endpoint(name: str, handler, first_label: str) -> None:
+    """A public endpoint with named parameters: hidden inputs made from the declarations, three outputs."""
+    defaults = api.defaults(LOADED, name)
+    with gr.Group(visible=False):
+        # A parameter whose default follows another one shows no default of its own.
+        inputs = {p.name: API_WIDGETS[p.kind](None if p.default_from else defaults[p.name])
+                  for p in api.ENDPOINTS[name]}
+        outputs = [gr.Image(format="png", label=first_label), gr.Image(format="png", label="with edits"),
+                   gr.JSON(label="parameters used")]
+        button = gr.Button()
+    # concurrency_limit "default": the queue's default_concurrency_limit, set in launch().
+    button.click(handler, inputs_kwargs=inputs, outputs=outputs, api_name=name, preprocess=False,
+                 concurrency_id="gpu", concurrency_limit="default")
+
+
 def run_example(prompt_text, example_seed, concepts, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
     # Example caching hands gr.JSON values over as a pydantic model, not as plain lists.
     if hasattr(concepts, "model_dump"):
@@ -494,22 +513,8 @@ with gr.Blocks(title="SEGA: semantic guidance", delete_cache=(900, 3600)) as dem
     edit_stop_btn.click(stop, None, None, cancels=[edit_event], queue=False, api_visibility="private")
 
     # Public API: named parameters built from their declarations (validated in server/).
-    api_widget = {"text": lambda d: gr.Textbox(d), "json": lambda d: gr.JSON(d), "file": lambda d: gr.File(d),
-                  "int": lambda d: gr.Number(d, precision=0), "float": lambda d: gr.Number(d)}
-    with gr.Group(visible=False):
-        api_inputs = {p.name: api_widget[p.kind](DEFAULTS[p.name]) for p in api.GENERATE_PARAMS}
-        api_outputs = [gr.Image(format="png", label="without edits"), gr.Image(format="png", label="with edits"),
-                       gr.JSON(label="parameters used")]
-        edit_api_inputs = {p.name: api_widget[p.kind](None if p.default_from else EDIT_DEFAULTS[p.name])
-                           for p in api.EDIT_PARAMS}
-        edit_api_outputs = [gr.Image(format="png", label="reconstruction"), gr.Image(format="png", label="with edits"),
-                            gr.JSON(label="parameters used")]
-        api_button, edit_api_button = gr.Button(), gr.Button()
-    # concurrency_limit "default": the queue's default_concurrency_limit, set in launch().
-    api_button.click(generate_api, inputs_kwargs=api_inputs, outputs=api_outputs, api_name="generate",
-                     preprocess=False, concurrency_id="gpu", concurrency_limit="default")
-    edit_api_button.click(edit_api, inputs_kwargs=edit_api_inputs, outputs=edit_api_outputs, api_name="edit",
-                          preprocess=False, concurrency_id="gpu", concurrency_limit="default")
+    api_endpoint("generate", generate_api, "without edits")
+    api_endpoint("edit", edit_api, "reconstruction")
 
 
 async def _http_error(request, exc: StarletteHTTPException):

@@ -53,7 +53,7 @@ def test_the_api_lists_two_endpoints_with_named_parameters(client, app_module):
     assert list(info["named_endpoints"]) == ["/generate", "/edit"] and not info["unnamed_endpoints"]
     edit = info["named_endpoints"]["/edit"]["parameters"]
     assert [p["parameter_name"] for p in edit] == ["image", "source_prompt", "concepts", "seed", "steps", "skip",
-                                                   "guidance_scale", "source_guidance_scale", "momentum_scale",
+                                                   "source_guidance_scale", "guidance_scale", "momentum_scale",
                                                    "momentum_beta"]
     assert [p["parameter_name"] for p in edit if not p["parameter_has_default"]] == ["image"]
     params = info["named_endpoints"]["/generate"]["parameters"]
