@@ -235,10 +235,8 @@ class ConceptRow:
                 "threshold": v[self.threshold], "warmup": v[self.warmup], "cooldown": v[self.cooldown],
                 "weight": v[self.weight]}
 
-    def fill(self, concept: dict | None) -> dict:
-        """Widget values for an API concept (preset defaults for the keys it leaves out); None clears the row."""
-        concept = concept or {}
-        values = PROFILE.concept_defaults(concept.get("preset")) | concept
+    def fill(self, values: dict) -> dict:
+        """Widget values for an API concept with every key filled in (a missing prompt clears the row)."""
         return {self.text: values.get("prompt", ""), self.direction: "remove" if values["reverse"] else "add",
                 self.preset: values["preset"], self.scale: values["scale"], self.threshold: values["threshold"],
                 self.warmup: values["warmup"], self.cooldown: values["cooldown"], self.weight: values["weight"]}
@@ -250,10 +248,12 @@ class ConceptRows:
     ``prefix`` keeps element ids apart when several tabs each have their rows.
     """
 
-    def __init__(self, prefix: str = "concept"):
+    def __init__(self, prefix: str = "concept", endpoint: str = "generate"):
+        self.endpoint = endpoint
+        presets = PROFILE.presets_for(endpoint)
         self.count = gr.State(1)
         self.rows: list[ConceptRow] = []
-        d = PROFILE.concept_defaults()
+        d = PROFILE.concept_defaults(endpoint=endpoint)
         for i in range(MAX_ROWS):
             with gr.Group(visible=i == 0, elem_id=f"{prefix}-{i}") as group:
                 with gr.Row():
@@ -261,7 +261,7 @@ class ConceptRows:
                                       placeholder=PROFILE.concept_placeholder)
                     direction = gr.Radio(["add", "remove"], value="add", label="Direction", scale=2,
                                          elem_id=f"{prefix}-{i}-direction")
-                    preset = gr.Dropdown(list(PROFILE.presets), value=d["preset"], label="Preset", scale=2,
+                    preset = gr.Dropdown(list(presets), value=d["preset"], label="Preset", scale=2,
                                          elem_id=f"{prefix}-{i}-preset")
                 with gr.Row():
                     scale = gr.Slider(0, max(20, d["scale"]), value=d["scale"], step=0.1, label="Edit scale")
@@ -282,7 +282,7 @@ class ConceptRows:
         remove.click(lambda n: self.show(max(n - 1, 0)), self.count, [self.count, *groups], api_visibility="private")
         for row in self.rows:
             # .input, not .change: filling a row from an example must keep the example's own values.
-            row.preset.input(lambda name: [PROFILE.presets[name][k] for k in ("scale", "threshold", "warmup")],
+            row.preset.input(lambda name: [presets[name][k] for k in ("scale", "threshold", "warmup")],
                              row.preset, [row.scale, row.threshold, row.warmup], api_visibility="private")
 
     def show(self, n: int) -> dict:
@@ -306,7 +306,8 @@ class ConceptRows:
     def fill(self, concepts: list[dict]) -> dict:
         updates = self.show(len(concepts))
         for i, row in enumerate(self.rows):
-            updates |= row.fill(concepts[i] if i < len(concepts) else None)
+            concept = concepts[i] if i < len(concepts) else {}
+            updates |= row.fill(PROFILE.concept_defaults(concept.get("preset"), self.endpoint) | concept)
         return updates
 
 
@@ -438,7 +439,7 @@ with gr.Blocks(title="SEGA: semantic guidance", delete_cache=(900, 3600)) as dem
                                       height=260, elem_id="edit-image", elem_classes="pixelated")
                     source_prompt = gr.Textbox(label="Source prompt", elem_id="edit-source-prompt",
                                                placeholder="describe your image; empty works too")
-                    edit_rows = ConceptRows("edit-concept")
+                    edit_rows = ConceptRows("edit-concept", "edit")
                     edit_seed, edit_randomize = seed_row("edit-")
                     with gr.Row():
                         edit_steps = gr.Slider(1, LIMITS.max_steps, value=EDIT_DEFAULTS["steps"], step=1,

@@ -121,6 +121,7 @@ class Context:
     loaded: LoadedModel
     limits: Limits
     upload_roots: tuple[str, ...] = ()  # where uploaded files may be read from (gradio's cache)
+    endpoint: str = "generate"
     notices: list[str] = field(default_factory=list)
 
 
@@ -178,9 +179,10 @@ def parse_concept(index: int, raw, ctx: Context) -> EditConcept:
     prompt = text(f"{where}.prompt", raw["prompt"], ctx, required=True)
     profile = ctx.loaded.profile
     preset = raw.get("preset")
-    if preset is not None and (not isinstance(preset, str) or preset not in profile.presets):
-        raise InvalidInput(f"{where}.preset must be one of {', '.join(profile.presets)}; got {show_value(preset)}")
-    values = profile.concept_defaults(preset)
+    presets = profile.presets_for(ctx.endpoint)
+    if preset is not None and (not isinstance(preset, str) or preset not in presets):
+        raise InvalidInput(f"{where}.preset must be one of {', '.join(presets)}; got {show_value(preset)}")
+    values = profile.concept_defaults(preset, ctx.endpoint)
     values.pop("preset")
     values.update({k: v for k, v in raw.items() if k not in ("prompt", "preset") and v is not None})
     try:
@@ -505,7 +507,7 @@ def parse_request(loaded: LoadedModel, raw: Mapping, limits: Limits | None = Non
     ``upload_roots`` are the folders an uploaded image may be read from (gradio's upload cache). Raises
     :class:`InvalidInput` with a message that names the field and what it accepts.
     """
-    ctx = Context(loaded, limits or Limits.from_env(), tuple(str(r) for r in upload_roots))
+    ctx = Context(loaded, limits or Limits.from_env(), tuple(str(r) for r in upload_roots), endpoint)
     values = {}
     for p in ENDPOINTS[endpoint]:
         value = raw.get(p.name)

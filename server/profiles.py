@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sega.demo.editing import DEMO_EDIT_DEFAULTS, DEMO_EDIT_EXAMPLES
+from sega.demo.editing import DEMO_EDIT_DEFAULTS, DEMO_EDIT_EXAMPLES, DEMO_EDIT_PRESETS
 from sega.demo.presets import DEMO_DEFAULTS, DEMO_EXAMPLES, DEMO_PRESETS
 from sega.demo.shapes import BACKGROUNDS, COLORS, SHAPES, SIZES, VOCAB_WORDS
 from sega.pipeline import SegaPipeline
@@ -30,6 +30,7 @@ class ModelProfile:
     prompt_placeholder: str
     concept_placeholder: str
     edit_defaults: dict  # /edit: steps, skip, source_guidance_scale
+    edit_presets: dict[str, dict] | None = None  # presets for uploaded images (None: the same as ``presets``)
     # The "Edit an image" tab's examples: (label, image path, source prompt, concepts, seed); none for SD.
     edit_examples: list = field(default_factory=list)
 
@@ -37,10 +38,15 @@ class ModelProfile:
     def default_preset(self) -> str:
         return self.defaults["default_preset"]
 
-    def concept_defaults(self, preset: str | None = None) -> dict:
+    def presets_for(self, endpoint: str = "generate") -> dict[str, dict]:
+        """The preset table of an endpoint: uploaded images (/edit) may have their own."""
+        return self.edit_presets if endpoint == "edit" and self.edit_presets else self.presets
+
+    def concept_defaults(self, preset: str | None = None, endpoint: str = "generate") -> dict:
         """Every key of a concept but its text, from ``preset`` (default: the profile's default preset)."""
         name = preset or self.default_preset
-        return {"preset": name, **self.presets[name], "reverse": False, "cooldown": None, "weight": 1.0}
+        return {"preset": name, **self.presets_for(endpoint)[name], "reverse": False, "cooldown": None,
+                "weight": 1.0}
 
 
 DEMO_PROFILE = ModelProfile(
@@ -54,6 +60,7 @@ DEMO_PROFILE = ModelProfile(
     prompt_placeholder="a large red circle on a white background",
     concept_placeholder="e.g. blue (leave empty to skip)",
     edit_defaults=DEMO_EDIT_DEFAULTS,
+    edit_presets=DEMO_EDIT_PRESETS,
     edit_examples=DEMO_EDIT_EXAMPLES,
 )
 

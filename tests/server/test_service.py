@@ -420,3 +420,16 @@ def test_adding_a_parameter_is_one_declaration(tiny):
     _, library = snippets.as_code(p)
     for name, keyword in keywords.items():
         assert f"    {name}={keyword.source},\n" in library
+
+
+def test_uploaded_images_have_their_own_presets_on_the_demo_model(tiny, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "a.png")
+    raw = {"image": str(tmp_path / "a.png"), "concepts": [{"prompt": "blue", "preset": "color"}]}
+    edit = api.parse_request(tiny, raw, LIMITS, "edit", upload_roots=(str(tmp_path),))
+    want = DEMO_PROFILE.edit_presets["color"]
+    assert (edit.concepts[0].scale, edit.concepts[0].threshold, edit.concepts[0].warmup) == (
+        want["scale"], want["threshold"], want["warmup"])
+    generate = parse(tiny, concepts=[{"prompt": "blue", "preset": "color"}])
+    assert generate.concepts[0].threshold == DEMO_PROFILE.presets["color"]["threshold"]
