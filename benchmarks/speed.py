@@ -193,9 +193,10 @@ def reserved_seconds(steps: int, n_concepts: int, size: int) -> int | None:
     """What server/service.py's gpu_duration reserves for the app's pair, or None if it cannot be imported."""
     try:
         from server.service import gpu_duration
-    except Exception:  # the server is optional for the benchmark
+
+        return gpu_duration(steps, n_concepts, size, size)
+    except Exception:  # the server is optional for the benchmark (and may change its signature)
         return None
-    return gpu_duration(steps, n_concepts, size, size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,7 +311,7 @@ def compare(args, ours: SegaPipeline, device: torch.device, counters: Counters) 
             share = o["outside_share"]
             print(f"  {'':30s} loop time outside UNet and scheduler: ours {share:.1%}, reference "
                   f"{r['outside_share']:.1%}  {'meets' if share <= 0.03 else 'MISSES'} <= 3%")
-        if case == "b":
+        if case == "b" and device.type == "cuda":
             reserved = reserved_seconds(steps, n, args.size)
             if reserved is not None:
                 print(f"  {'':30s} gpu_duration reserves {reserved} s for this request; ours took "
