@@ -234,6 +234,7 @@ def compare(args, ours: SegaPipeline, device: torch.device, counters: Counters) 
     ours(**light, generator=gen(), **four, use_cache=False)
     ref(**light, generator=gen(), **four)
 
+    resident_mb = (torch.cuda.memory_allocated() if device.type == "cuda" else psutil.Process().memory_info().rss) / 2**20
     rows = []
     for case, n in cases:
         kw = concept_kwargs(texts, n, warmup)
@@ -292,6 +293,8 @@ def compare(args, ours: SegaPipeline, device: torch.device, counters: Counters) 
         print(f"cpu: {psutil.cpu_count()} cores, torch threads {torch.get_num_threads()}, load average "
               f"{' '.join(f'{x:.1f}' for x in psutil.getloadavg())} at the end")
     peak_kind = "CUDA max allocated" if device.type == "cuda" else "CPU RSS"
+    print(f"memory held before the cases (weights included): {resident_mb:.0f} MB "
+          f"({'CUDA allocated' if device.type == 'cuda' else 'CPU RSS'})")
     print(f"{'case':30s} {'':9s} {'seconds':>8s} {'CPU s':>8s} {'unet calls':>10s} {'samples':>8s} {'ms/sample':>9s} "
           f"{'peak MB':>8s}   (peak: {peak_kind} above the level before the call)")
     for _, _, label, r, o in rows:
