@@ -6,21 +6,21 @@
 import spaces  # noqa: I001  first: on a ZeroGPU Space it must patch CUDA before torch initialises it
 
 import argparse
+import inspect
 import logging
 import os
 import sys
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import gradio as gr
-import torch
 from fastapi.exception_handlers import http_exception_handler
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sega.demo.presets import DEMO_EXAMPLES
-from sega.demo.shapes import BACKGROUNDS, COLORS, SHAPES, SIZES
-from server import service
+from server import gpu, service, snippets
+from server import params as api
 from server.loading import load_pipeline
-from server.profiles import defaults_for, presets_for
 
 logger = logging.getLogger("sega.app")
 
@@ -37,143 +37,158 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 # Command-line options only when run as a script: under pytest, sys.argv belongs to pytest.
 ARGS = parse_args(sys.argv[1:] if __name__ == "__main__" else [])
-LIMITS = service.Limits.from_env()
+LIMITS = api.Limits.from_env()
 LOADED = load_pipeline(ARGS.model, safety_checker=not ARGS.no_safety_checker)  # logs a fallback itself
-DEFAULTS = service.ui_defaults(LOADED)
-PRESETS = presets_for(LOADED.is_demo)
-DEFAULT_PRESET = defaults_for(LOADED.is_demo)["default_preset"]
-NATIVE = service.native_size(LOADED)
+PROFILE = LOADED.profile
+DEFAULTS = api.defaults(LOADED)
+EDIT_DEFAULTS = api.defaults(LOADED, "edit")
 MAX_ROWS = LIMITS.max_concepts
 # Cached example results belong to one set of weights: another model (or a retrained one) gets its own folder.
 os.environ.setdefault("GRADIO_EXAMPLES_CACHE", os.path.join(".gradio", "cached_examples",
                                                             service.model_fingerprint(LOADED)))
-QUEUE_SIZE, CONCURRENCY = service.queue_settings()  # SEGA_QUEUE_SIZE, SEGA_CONCURRENCY
+QUEUE_SIZE, CONCURRENCY = api.queue_settings()  # SEGA_QUEUE_SIZE, SEGA_CONCURRENCY
 # What an API caller gets when the queue is full (gradio's browser client says "This application is currently
 # busy. Please try again.", gradio_client "Queue is full! Please try again.").
 BUSY_MESSAGE = "The server is busy (its queue of waiting requests is full). Please try again in a minute."
 
 # One stop flag per browser session: the step callback of that session's run checks it.
-_stop_flags: dict[str, threading.Event] = {}
+_stop_flags: dict[str, gpu.StopSignal] = {}
 _stop_lock = threading.Lock()
 
 CSS = """
 /* small images (the demo model's are 32 px) are scaled up to fill their box, without blurring */
-#original img, #edited img, #slider img { image-rendering: pixelated; }
-#original img, #edited img { width: 100%; height: 100%; object-fit: contain; }
+.pixelated img { image-rendering: pixelated; }
+#original img, #edited img, #edit-original img, #edit-edited img { width: 100%; height: 100%; object-fit: contain; }
 #fallback-banner { border: 1px solid #f59e0b; border-radius: 8px; padding: 0 12px; background: #fffbeb; }
 """
 
-if LOADED.is_demo:
-    EXAMPLES = DEMO_EXAMPLES
-    INTRO = (f"The bundled **demo model** draws {NATIVE}×{NATIVE} px shapes; it knows only these words: "
-             f"{', '.join(SIZES)}; {', '.join(COLORS)}; {', '.join(SHAPES)}; "
-             f"on a {' / '.join(BACKGROUNDS)} background. Try a concept such as `blue` or `black background`.")
-else:
-    EXAMPLES = [
-        ("face: smile, glasses, curls, beard (the authors' example)", "a photo of the face of a woman", [
-            {"prompt": "smiling, smile", "scale": 4, "threshold": 0.99, "warmup": 10, "preset": "face"},
-            {"prompt": "glasses, wearing glasses", "scale": 5, "threshold": 0.975, "warmup": 10, "preset": "face"},
-            {"prompt": "curls, wavy hair, curly hair", "scale": 5, "threshold": 0.925, "warmup": 10, "preset": "face"},
-            {"prompt": "beard, full beard, mustache", "scale": 5.4, "threshold": 0.96, "warmup": 10, "preset": "face"},
-        ], 21),
-        ("castle: add a boat, paint like Monet", "a castle next to a river", [
-            {"prompt": "boat on a river, boat", "preset": "object"},
-            {"prompt": "monet, impression, sunrise", "preset": "style"},
-        ], 48),
-        ("street: remove the cars", "a crowded city street with cars, photo", [
-            {"prompt": "cars, traffic", "reverse": True, "preset": "object"},
-        ], 7),
-    ]
-    INTRO = ("Describe an image, then add **concepts** to steer it towards (add) or away from (remove) "
-             "an idea while the rest of the picture stays put.")
-
-
 # ----------------------------------------------------------------------------------------------
-# Handlers (thin: validation and generation live in server.service)
+# Handlers (thin: validation and generation live in server/)
 # ----------------------------------------------------------------------------------------------
 
 
-def _gpu_seconds(params: service.GenerationParams, stop_key: str | None = None) -> int:
+def _gpu_seconds(params: api.GenerationParams, stop: gpu.StopSignal | None = None) -> int:
     return service.gpu_duration(params.steps, len(params.concepts), params.width, params.height)
 
 
 @spaces.GPU(duration=_gpu_seconds)
-def run_on_gpu(params: service.GenerationParams, stop_key: str | None = None) -> service.GenerationResult:
-    # Takes only picklable arguments: on ZeroGPU this runs in a worker process.
-    return service.generate(LOADED, params, stop_event=_stop_flags.get(stop_key) if stop_key else None)
+def run_on_gpu(params: api.GenerationParams,
+               stop: gpu.StopSignal | None = None) -> Iterator[gpu.Step | gpu.Stopped | service.GenerationResult]:
+    # A generator of steps, then the result (server.gpu); on ZeroGPU it runs in a worker process, which sees
+    # ``stop`` (a file) at the end of every step. Takes only picklable arguments.
+    yield from gpu.denoise(LOADED, params, stop)
 
 
-def _run(raw: dict, request: gr.Request | None) -> tuple[service.GenerationParams, service.GenerationResult]:
-    """Validate, run, and turn every failure into a message for this visitor only."""
+def _run(raw: dict, request: gr.Request | None, endpoint: str = "generate",
+         progress: gr.Progress | None = None) -> tuple[api.GenerationParams, service.GenerationResult]:
+    """Validate and run; stop when Stop is pressed, the call is cancelled or the page is closed.
+
+    ``gr.Error``s pass through unchanged: ours (from server.gpu, with our message) and ZeroGPU's (quota, no GPU
+    free), so the visitor learns why. Anything else is a failure here, outside the GPU function.
+    """
     try:
-        params = service.parse_request(LOADED, raw, LIMITS)
-    except service.InvalidInput as exc:
+        params = api.parse_request(LOADED, raw, LIMITS, endpoint, upload_roots=_upload_roots())
+    except api.InvalidInput as exc:
         raise gr.Error(str(exc), title="Invalid input", print_exception=False) from None
     key = getattr(request, "session_hash", None)
-    flag = threading.Event()
+    flag = gpu.StopSignal()
     if key:
         with _stop_lock:
             _stop_flags[key] = flag
+
+    def on_step(step: gpu.Step) -> None:
+        if progress is not None:
+            progress((step.done, step.total), desc="Denoising", unit="steps")
+
     try:
-        return params, run_on_gpu(params, key)
-    except service.GenerationStopped:
-        raise  # the caller decides how a stop looks (a notice in the UI, an error for API callers)
-    except torch.OutOfMemoryError:
-        raise gr.Error("Out of GPU memory; try a smaller size or fewer concepts.", title="Out of memory",
-                       print_exception=False) from None
+        return params, gpu.drive(run_on_gpu(params, flag), flag, gpu.event_alive, on_step)
+    except (service.GenerationStopped, gr.Error):
+        raise  # messages already; for a stop the caller decides how it looks (a UI notice, an API error)
     except Exception as exc:
         logger.exception("generation failed")
         raise gr.Error(f"Generation failed ({type(exc).__name__}); please try again.", print_exception=False) from None
     finally:
+        flag.discard()
         if key:
             with _stop_lock:
                 if _stop_flags.get(key) is flag:
                     del _stop_flags[key]
 
 
+def _upload_roots() -> tuple[str, ...]:
+    """Where an uploaded image may be read from: gradio's upload cache, and the examples' own folder."""
+    return (demo.GRADIO_CACHE, *{os.path.dirname(path) for _, path, *_ in PROFILE.edit_examples})
+
+
 def stop(request: gr.Request) -> None:
+    # The Stop button also cancels the event, which server.gpu.drive notices too; this is the direct way.
     with _stop_lock:
         flag = _stop_flags.get(request.session_hash)
     if flag is not None:
         flag.set()
 
 
-def generate_api(prompt, concepts=None, seed=None, steps=None, guidance_scale=None, negative_prompt=None,
-                 width=None, height=None, momentum_scale=None, momentum_beta=None, request: gr.Request = None):
+def generate_api(request: gr.Request, **raw):
     """Generate the image without edits and the image with edits for one seed.
 
     Returns the image without edits, the image with edits, and the parameters actually used (seed included).
     """
-    raw = {"prompt": prompt, "concepts": concepts, "seed": seed, "steps": steps, "guidance_scale": guidance_scale,
-           "negative_prompt": negative_prompt, "width": width, "height": height,
-           "momentum_scale": momentum_scale, "momentum_beta": momentum_beta}
+    return _api(raw, request, "generate")
+
+
+def edit_api(request: gr.Request, **raw):
+    """Edit an uploaded image: invert it, then apply the concepts.
+
+    Returns the reconstruction without edits, the image with edits, and the parameters actually used.
+    """
+    return _api(raw, request, "edit")
+
+
+def _api(raw: dict, request: gr.Request, endpoint: str):
     try:
-        _, result = _run(raw, request)
+        _, result = _run(raw, request, endpoint)
     except service.GenerationStopped as exc:
         raise gr.Error(str(exc), title="Stopped", print_exception=False) from None
     return *_saved(result), result.used
+
+
+def api_signature(params: tuple[api.Param, ...]) -> inspect.Signature:
+    """``(request, *, name=None, ...)`` for an endpoint's declared parameters: gradio reads the API's parameter
+    names and which of them are optional from the handler's signature."""
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    return inspect.Signature([
+        inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request),
+        *(inspect.Parameter(p.name, keyword, **({} if p.default is None else {"default": None})) for p in params),
+    ])
+
+
+generate_api.__signature__ = api_signature(api.GENERATE_PARAMS)
+edit_api.__signature__ = api_signature(api.EDIT_PARAMS)
 
 
 def _saved(result: service.GenerationResult) -> tuple[str | None, str | None]:
     return service.save_png(result.original, demo.GRADIO_CACHE), service.save_png(result.edited, demo.GRADIO_CACHE)
 
 
-def _run_ui(raw: dict, request: gr.Request | None) -> tuple:
+def _run_ui(raw: dict, request: gr.Request | None, endpoint: str = "generate") -> tuple:
     """Run for the UI: a stopped run keeps the previous images on screen."""
+    n_outputs = 5 if endpoint == "generate" else 8
     try:
-        params, result = _run(raw, request)
+        params, result = _run(raw, request, endpoint, gr.Progress())
     except service.GenerationStopped as exc:
         gr.Info(str(exc))
-        return (gr.skip(),) * 5
-    return _ui_outputs(params, result)
+        return (gr.skip(),) * n_outputs
+    return _ui_outputs(params, result)[:n_outputs]
 
 
-def _ui_outputs(params: service.GenerationParams, result: service.GenerationResult) -> tuple:
+def _ui_outputs(params: api.GenerationParams, result: service.GenerationResult) -> tuple:
+    """Both images, the pair for the slider, the seed and the JSON; then the summary and both snippets (the
+    Generate tab derives those from the JSON instead, so that cached examples show them too)."""
     for notice in result.used["notices"]:
         gr.Warning(notice)
     original, edited = _saved(result)
     pair = (original, edited) if original is not None and edited is not None else None
-    return original, edited, pair, params.seed, result.used
+    return (original, edited, pair, params.seed, result.used, result.summary, *snippets.as_code(params))
 
 
 def show_details(used) -> tuple[str, str, str]:
@@ -182,7 +197,7 @@ def show_details(used) -> tuple[str, str, str]:
         used = used.model_dump()
     if not used:
         return "", "", ""
-    client_code, library_code = service.as_code(service.params_from_json(LOADED, used, LIMITS))
+    client_code, library_code = snippets.as_code(api.params_from_json(LOADED, used, LIMITS))
     return used.get("summary", ""), client_code, library_code
 
 
@@ -191,186 +206,308 @@ def show_details(used) -> tuple[str, str, str]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _slider_max(value: float, floor: float) -> float:
-    return max(floor, value)
+@dataclass
+class ConceptRow:
+    """The widgets of one concept row."""
+
+    group: gr.Group
+    advanced: gr.Row  # cooldown and weight, shown with "Show cooldown and weight"
+    text: gr.Textbox
+    direction: gr.Radio
+    preset: gr.Dropdown
+    scale: gr.Slider
+    threshold: gr.Slider
+    warmup: gr.Slider
+    cooldown: gr.Number
+    weight: gr.Slider
+
+    @property
+    def values(self) -> list[gr.components.Component]:
+        return [self.text, self.direction, self.preset, self.scale, self.threshold, self.warmup, self.cooldown,
+                self.weight]
+
+    def read(self, v: dict) -> dict | None:
+        """This row as an API concept, or None when its text is empty (an empty row is not a concept)."""
+        if not (v[self.text] or "").strip():
+            return None
+        return {"prompt": v[self.text], "reverse": v[self.direction] == "remove", "scale": v[self.scale],
+                "threshold": v[self.threshold], "warmup": v[self.warmup], "cooldown": v[self.cooldown],
+                "weight": v[self.weight]}
+
+    def fill(self, concept: dict | None) -> dict:
+        """Widget values for an API concept (preset defaults for the keys it leaves out); None clears the row."""
+        concept = concept or {}
+        values = PROFILE.concept_defaults(concept.get("preset")) | concept
+        return {self.text: values.get("prompt", ""), self.direction: "remove" if values["reverse"] else "add",
+                self.preset: values["preset"], self.scale: values["scale"], self.threshold: values["threshold"],
+                self.warmup: values["warmup"], self.cooldown: values["cooldown"], self.weight: values["weight"]}
+
+
+class ConceptRows:
+    """Up to MAX_ROWS concept rows with add/remove buttons, presets and a cooldown/weight switch.
+
+    ``prefix`` keeps element ids apart when several tabs each have their rows.
+    """
+
+    def __init__(self, prefix: str = "concept"):
+        self.count = gr.State(1)
+        self.rows: list[ConceptRow] = []
+        d = PROFILE.concept_defaults()
+        for i in range(MAX_ROWS):
+            with gr.Group(visible=i == 0, elem_id=f"{prefix}-{i}") as group:
+                with gr.Row():
+                    text = gr.Textbox(label=f"Concept {i + 1}", scale=3, elem_id=f"{prefix}-{i}-text",
+                                      placeholder=PROFILE.concept_placeholder)
+                    direction = gr.Radio(["add", "remove"], value="add", label="Direction", scale=2,
+                                         elem_id=f"{prefix}-{i}-direction")
+                    preset = gr.Dropdown(list(PROFILE.presets), value=d["preset"], label="Preset", scale=2,
+                                         elem_id=f"{prefix}-{i}-preset")
+                with gr.Row():
+                    scale = gr.Slider(0, max(20, d["scale"]), value=d["scale"], step=0.1, label="Edit scale")
+                    threshold = gr.Slider(0, 0.995, value=d["threshold"], step=0.005, label="Threshold")
+                    warmup = gr.Slider(0, LIMITS.max_steps, value=d["warmup"], step=1, label="Warmup (steps)")
+                with gr.Row(visible=False) as advanced:
+                    cooldown = gr.Number(None, label="Cooldown step (empty: never)", precision=0, minimum=0,
+                                         maximum=LIMITS.max_steps)
+                    weight = gr.Slider(0, 5, value=1.0, step=0.1, label="Weight")
+            self.rows.append(ConceptRow(group, advanced, text, direction, preset, scale, threshold, warmup,
+                                        cooldown, weight))
+        with gr.Row():
+            add = gr.Button("Add concept", size="sm", elem_id=f"add-{prefix}")
+            remove = gr.Button("Remove last concept", size="sm", elem_id=f"remove-{prefix}")
+        groups = [r.group for r in self.rows]
+        add.click(lambda n: self.show(min(n + 1, MAX_ROWS)), self.count, [self.count, *groups],
+                  api_visibility="private")
+        remove.click(lambda n: self.show(max(n - 1, 0)), self.count, [self.count, *groups], api_visibility="private")
+        for row in self.rows:
+            # .input, not .change: filling a row from an example must keep the example's own values.
+            row.preset.input(lambda name: [PROFILE.presets[name][k] for k in ("scale", "threshold", "warmup")],
+                             row.preset, [row.scale, row.threshold, row.warmup], api_visibility="private")
+
+    def show(self, n: int) -> dict:
+        return {self.count: n, **{r.group: gr.Group(visible=i < n) for i, r in enumerate(self.rows)}}
+
+    def wire_advanced(self, switch: gr.Checkbox) -> None:
+        switch.change(lambda on: [gr.Row(visible=on) for _ in self.rows], switch, [r.advanced for r in self.rows],
+                      api_visibility="private")
+
+    @property
+    def inputs(self) -> list[gr.components.Component]:
+        return [self.count, *(c for r in self.rows for c in r.values)]
+
+    @property
+    def outputs(self) -> list:
+        return [self.count, *(r.group for r in self.rows), *(c for r in self.rows for c in r.values)]
+
+    def read(self, v: dict) -> list[dict]:
+        return [c for c in (r.read(v) for r in self.rows[:v[self.count]]) if c is not None]
+
+    def fill(self, concepts: list[dict]) -> dict:
+        updates = self.show(len(concepts))
+        for i, row in enumerate(self.rows):
+            updates |= row.fill(concepts[i] if i < len(concepts) else None)
+        return updates
+
+
+def result_column(first_label: str, prefix: str) -> dict:
+    """The images side by side, the before/after slider, the seed, summary, JSON and "as code"."""
+    with gr.Row():
+        first = gr.Image(label=first_label, format="png", interactive=False, height=260, elem_id=f"{prefix}original",
+                         elem_classes="pixelated")
+        edited = gr.Image(label="With edits", format="png", interactive=False, height=260, elem_id=f"{prefix}edited",
+                          elem_classes="pixelated")
+    slider = gr.ImageSlider(label="Before / after", format="png", interactive=False, max_height=360,
+                            elem_id=f"{prefix}slider", elem_classes="pixelated")
+    seed_used = gr.Number(label="Seed used", precision=0, interactive=False, elem_id=f"{prefix}seed-used")
+    summary = gr.Markdown(elem_id=f"{prefix}summary")
+    with gr.Accordion("Parameters used (JSON)", open=False):
+        used = gr.JSON(show_label=False)
+    with gr.Accordion("As code", open=False):
+        client_code = gr.Code(language="python", label="gradio_client (call this app)")
+        library_code = gr.Code(language="python", label="sega library (run it yourself)")
+    return {"images": [first, edited, slider, seed_used, used], "details": [summary, client_code, library_code],
+            "used": used}
+
+
+def seed_row(prefix: str) -> tuple[gr.Number, gr.Checkbox]:
+    with gr.Row():
+        seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=api.MAX_SEED, elem_id=f"{prefix}seed")
+        randomize = gr.Checkbox(True, label="Random seed", elem_id=f"{prefix}randomize")
+    return seed, randomize
+
+
+def momentum_sliders(defaults: dict) -> tuple[gr.Slider, gr.Slider]:
+    with gr.Row():
+        scale = gr.Slider(0, 2, value=defaults["momentum_scale"], step=0.05, label="Momentum scale")
+        beta = gr.Slider(0, 0.99, value=defaults["momentum_beta"], step=0.01, label="Momentum beta")
+    return scale, beta
+
+
+def run_example(prompt_text, example_seed, concepts, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+    # Example caching hands gr.JSON values over as a pydantic model, not as plain lists.
+    if hasattr(concepts, "model_dump"):
+        concepts = concepts.model_dump()
+    return _run_ui({"prompt": prompt_text, "seed": example_seed, "concepts": concepts}, request)
+
+
+def fill_generate_form(concepts: list | None) -> dict:
+    """An example's concepts in the rows, every other setting back to its default."""
+    return {**concept_rows.fill(concepts or []), randomize: False,
+            **{widget: DEFAULTS[name] for name, widget in settings.items()}}
+
+
+def fill_edit_form(concepts: list | None) -> dict:
+    """An edit example's concepts in the rows, every other setting back to its default."""
+    return {**edit_rows.fill(concepts or []), edit_randomize: False,
+            **{widget: EDIT_DEFAULTS[name] for name, widget in edit_settings.items() if name != "source_prompt"}}
 
 
 with gr.Blocks(title="SEGA: semantic guidance", delete_cache=(900, 3600)) as demo:
-    gr.Markdown("# SEGA: semantic guidance for diffusion\n" + INTRO)
+    gr.Markdown("# SEGA: semantic guidance for diffusion\n" + LOADED.intro)
     if LOADED.fallback_reason:
         gr.Markdown(f"**Note:** {LOADED.fallback_reason}", elem_id="fallback-banner")
 
-    with gr.Row():
-        with gr.Column(scale=5):
-            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
-                                placeholder="a large red circle on a white background" if LOADED.is_demo
-                                else "a photo of the face of a woman")
-            negative_prompt = gr.Textbox(label="Negative prompt", value="", elem_id="negative-prompt")
-
-            n_rows = gr.State(1)
-            rows = []  # per row: (group, advanced row, text, direction, preset, scale, threshold, warmup, cooldown, weight)
-            for i in range(MAX_ROWS):
-                d = service.concept_defaults(LOADED)
-                with gr.Group(visible=i == 0, elem_id=f"concept-{i}") as group:
+    with gr.Tabs():
+        # Generate ---------------------------------------------------------------------------------
+        with gr.Tab("Generate", id="generate-tab"):
+            with gr.Row():
+                with gr.Column(scale=5):
+                    prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
+                                        placeholder=PROFILE.prompt_placeholder)
+                    negative_prompt = gr.Textbox(label="Negative prompt", value="", elem_id="negative-prompt")
+                    concept_rows = ConceptRows("concept")
+                    seed, randomize = seed_row("")
                     with gr.Row():
-                        text = gr.Textbox(label=f"Concept {i + 1}", scale=3, elem_id=f"concept-{i}-text",
-                                          placeholder="e.g. blue (leave empty to skip)" if LOADED.is_demo
-                                          else "e.g. glasses, wearing glasses (leave empty to skip)")
-                        direction = gr.Radio(["add", "remove"], value="add", label="Direction", scale=2,
-                                             elem_id=f"concept-{i}-direction")
-                        preset = gr.Dropdown(list(PRESETS), value=DEFAULT_PRESET, label="Preset", scale=2,
-                                             elem_id=f"concept-{i}-preset")
+                        steps = gr.Slider(1, LIMITS.max_steps, value=DEFAULTS["steps"], step=1, label="Steps",
+                                          elem_id="steps")
+                        guidance = gr.Slider(0, api.MAX_GUIDANCE_SCALE, value=DEFAULTS["guidance_scale"], step=0.5,
+                                             label="Guidance scale", elem_id="guidance")
                     with gr.Row():
-                        scale = gr.Slider(0, _slider_max(d["scale"], 20), value=d["scale"], step=0.1,
-                                          label="Edit scale")
-                        threshold = gr.Slider(0, 0.995, value=d["threshold"], step=0.005, label="Threshold")
-                        warmup = gr.Slider(0, LIMITS.max_steps, value=d["warmup"], step=1, label="Warmup (steps)")
-                    with gr.Row(visible=False) as advanced_row:
-                        cooldown = gr.Number(None, label="Cooldown step (empty: never)", precision=0, minimum=0,
-                                             maximum=LIMITS.max_steps)
-                        weight = gr.Slider(0, 5, value=1.0, step=0.1, label="Weight")
-                rows.append((group, advanced_row, text, direction, preset, scale, threshold, warmup, cooldown, weight))
-            with gr.Row():
-                add_btn = gr.Button("Add concept", size="sm", elem_id="add-concept")
-                remove_btn = gr.Button("Remove last concept", size="sm", elem_id="remove-concept")
+                        size_max = min(LIMITS.max_size, 2 * LOADED.native_size)
+                        width = gr.Slider(LOADED.min_size, size_max, value=DEFAULTS["width"], step=8, label="Width")
+                        height = gr.Slider(LOADED.min_size, size_max, value=DEFAULTS["height"], step=8,
+                                           label="Height")
+                        scheduler = gr.Dropdown(list(api.SCHEDULERS), value=DEFAULTS["scheduler"], label="Scheduler")
+                    with gr.Accordion("Advanced", open=False):
+                        momentum_scale, momentum_beta = momentum_sliders(DEFAULTS)
+                        show_advanced = gr.Checkbox(False, label="Show cooldown and weight for each concept")
+                    with gr.Row():
+                        generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+                        stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
+                with gr.Column(scale=4):
+                    generated = result_column("Without edits", "")
+            # Examples fill the form (rows included) and show a lazily cached result.
+            example_concepts = gr.JSON(visible=False)
+            gr.Examples(
+                examples=[[p, s, c] for _, p, c, s in PROFILE.examples],
+                example_labels=[label for label, *_ in PROFILE.examples],
+                inputs=[prompt, seed, example_concepts],
+                outputs=generated["images"],
+                fn=run_example,
+                cache_examples=True,
+                cache_mode="lazy",
+                api_visibility="private",
+            )
 
+        # Edit an image ----------------------------------------------------------------------------
+        with gr.Tab("Edit an image", id="edit-tab"):
             with gr.Row():
-                seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=service.MAX_SEED, elem_id="seed")
-                randomize = gr.Checkbox(True, label="Random seed", elem_id="randomize")
-            with gr.Row():
-                steps = gr.Slider(1, LIMITS.max_steps, value=DEFAULTS["steps"], step=1, label="Steps", elem_id="steps")
-                guidance = gr.Slider(0, service.MAX_GUIDANCE_SCALE, value=DEFAULTS["guidance_scale"], step=0.5,
-                                     label="Guidance scale", elem_id="guidance")
-            with gr.Row():
-                size_max = min(LIMITS.max_size, 2 * NATIVE)
-                width = gr.Slider(service.min_size(LOADED), size_max, value=NATIVE, step=8, label="Width")
-                height = gr.Slider(service.min_size(LOADED), size_max, value=NATIVE, step=8, label="Height")
-                scheduler = gr.Dropdown(list(service.SCHEDULERS), value=DEFAULTS["scheduler"], label="Scheduler")
-            with gr.Accordion("Advanced", open=False):
-                with gr.Row():
-                    momentum_scale = gr.Slider(0, 2, value=DEFAULTS["momentum_scale"], step=0.05,
-                                               label="Momentum scale")
-                    momentum_beta = gr.Slider(0, 0.99, value=DEFAULTS["momentum_beta"], step=0.01,
-                                              label="Momentum beta")
-                show_advanced = gr.Checkbox(False, label="Show cooldown and weight for each concept")
-            with gr.Row():
-                generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
-                stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
+                with gr.Column(scale=5):
+                    upload = gr.Image(label="Your image (PNG, JPEG or WebP)", type="filepath", sources=["upload", "clipboard"],
+                                      height=260, elem_id="edit-image", elem_classes="pixelated")
+                    source_prompt = gr.Textbox(label="Source prompt", elem_id="edit-source-prompt",
+                                               placeholder="describe your image; empty works too")
+                    edit_rows = ConceptRows("edit-concept")
+                    edit_seed, edit_randomize = seed_row("edit-")
+                    with gr.Row():
+                        edit_steps = gr.Slider(1, LIMITS.max_steps, value=EDIT_DEFAULTS["steps"], step=1,
+                                               label="Steps", elem_id="edit-steps")
+                        skip = gr.Slider(0, 0.95, value=EDIT_DEFAULTS["skip"], step=0.05, elem_id="edit-skip",
+                                         label="Skip: how much of the image to keep",
+                                         info="The share of the first denoising steps left out; higher keeps "
+                                              "more of your image, lower lets the edits change more.")
+                    with gr.Row():
+                        edit_guidance = gr.Slider(0, api.MAX_GUIDANCE_SCALE, value=EDIT_DEFAULTS["guidance_scale"],
+                                                  step=0.5, label="Guidance scale")
+                        source_guidance = gr.Slider(0, api.MAX_GUIDANCE_SCALE, step=0.5,
+                                                    value=EDIT_DEFAULTS["source_guidance_scale"],
+                                                    label="Source prompt guidance (inversion)")
+                    with gr.Accordion("Advanced", open=False):
+                        edit_momentum_scale, edit_momentum_beta = momentum_sliders(EDIT_DEFAULTS)
+                        edit_show_advanced = gr.Checkbox(False, label="Show cooldown and weight for each concept")
+                    with gr.Row():
+                        edit_btn = gr.Button("Edit", variant="primary", elem_id="edit")
+                        edit_stop_btn = gr.Button("Stop", variant="stop", elem_id="edit-stop")
+                with gr.Column(scale=4):
+                    edited = result_column("Reconstruction (without edits)", "edit-")
+            edit_example_concepts = gr.JSON(visible=False)
+            if PROFILE.edit_examples:
+                # They fill the form only; pressing Edit runs them.
+                gr.Examples(
+                    examples=[[path, source, seed_, c] for _, path, source, c, seed_ in PROFILE.edit_examples],
+                    example_labels=[label for label, *_ in PROFILE.edit_examples],
+                    inputs=[upload, source_prompt, edit_seed, edit_example_concepts],
+                    label="Images to edit (drawn by the demo model's renderer, not by the model)",
+                )
 
-        with gr.Column(scale=4):
-            with gr.Row():
-                original_img = gr.Image(label="Without edits", format="png", interactive=False, height=260,
-                                        elem_id="original")
-                edited_img = gr.Image(label="With edits", format="png", interactive=False, height=260,
-                                      elem_id="edited")
-            slider = gr.ImageSlider(label="Before / after", format="png", interactive=False, max_height=360,
-                                    elem_id="slider")
-            seed_used = gr.Number(label="Seed used", precision=0, interactive=False, elem_id="seed-used")
-            summary = gr.Markdown(elem_id="summary")
-            with gr.Accordion("Parameters used (JSON)", open=False):
-                used_json = gr.JSON(show_label=False)
-            with gr.Accordion("As code", open=False):
-                client_code = gr.Code(language="python", label="gradio_client (call this app)")
-                library_code = gr.Code(language="python", label="sega library (run it yourself)")
+    # The settings widgets, by API parameter name: requests are read from (and examples reset) these.
+    settings = {"negative_prompt": negative_prompt, "steps": steps, "guidance_scale": guidance, "width": width,
+                "height": height, "scheduler": scheduler, "momentum_scale": momentum_scale,
+                "momentum_beta": momentum_beta}
+    edit_settings = {"source_prompt": source_prompt, "steps": edit_steps, "skip": skip,
+                     "guidance_scale": edit_guidance, "source_guidance_scale": source_guidance,
+                     "momentum_scale": edit_momentum_scale, "momentum_beta": edit_momentum_beta}
+    concept_rows.wire_advanced(show_advanced)
+    edit_rows.wire_advanced(edit_show_advanced)
+    example_concepts.change(fill_generate_form, example_concepts,
+                            [*concept_rows.outputs, randomize, *settings.values()], api_visibility="private")
+    edit_example_concepts.change(fill_edit_form, edit_example_concepts,
+                                 [*edit_rows.outputs, edit_randomize,
+                                  *(w for n, w in edit_settings.items() if n != "source_prompt")],
+                                 api_visibility="private")
 
     # Summary and code are derived from the JSON: cached examples store JSON faithfully, free text less so.
-    ui_outputs = [original_img, edited_img, slider, seed_used, used_json]
-    used_json.change(show_details, used_json, [summary, client_code, library_code], api_visibility="private")
-    settings = [negative_prompt, seed, steps, guidance, width, height, scheduler, momentum_scale, momentum_beta]
-
-    # Concept rows -------------------------------------------------------------------------------
-    groups = [r[0] for r in rows]
-
-    def show_rows(n: int) -> list:
-        return [n] + [gr.Group(visible=i < n) for i in range(MAX_ROWS)]
-
-    add_btn.click(lambda n: show_rows(min(n + 1, MAX_ROWS)), n_rows, [n_rows, *groups], api_visibility="private")
-    remove_btn.click(lambda n: show_rows(max(n - 1, 0)), n_rows, [n_rows, *groups], api_visibility="private")
-    show_advanced.change(lambda on: [gr.Row(visible=on) for _ in rows], show_advanced, [r[1] for r in rows],
-                         api_visibility="private")
-    for r in rows:
-        # .input, not .change: filling a row from an example must keep the example's own values.
-        r[4].input(lambda name: [PRESETS[name][k] for k in ("scale", "threshold", "warmup")], r[4],
-                    [r[5], r[6], r[7]], api_visibility="private")
+    generated["used"].change(show_details, generated["used"], generated["details"], api_visibility="private")
 
     # Generate -----------------------------------------------------------------------------------
-    all_inputs = {prompt, randomize, n_rows, *settings, *(c for r in rows for c in r[2:])}
-
     def generate_ui(v: dict, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
-        concepts = []
-        for _, _, text, direction, _, c_scale, c_threshold, c_warmup, c_cooldown, c_weight in rows[:v[n_rows]]:
-            if not (v[text] or "").strip():
-                continue  # an empty row is not a concept
-            concepts.append({"prompt": v[text], "reverse": v[direction] == "remove", "scale": v[c_scale],
-                             "threshold": v[c_threshold], "warmup": v[c_warmup], "cooldown": v[c_cooldown],
-                             "weight": v[c_weight]})
-        raw = {"prompt": v[prompt], "negative_prompt": v[negative_prompt], "concepts": concepts,
-               "seed": None if v[randomize] else v[seed], "steps": v[steps], "guidance_scale": v[guidance],
-               "width": v[width], "height": v[height], "scheduler": v[scheduler],
-               "momentum_scale": v[momentum_scale], "momentum_beta": v[momentum_beta]}
+        raw = {"prompt": v[prompt], "concepts": concept_rows.read(v), "seed": None if v[randomize] else v[seed],
+               **{name: v[widget] for name, widget in settings.items()}}
         return _run_ui(raw, request)
 
-    gen_event = gr.on([generate_btn.click, prompt.submit], generate_ui, all_inputs, ui_outputs,
+    gen_event = gr.on([generate_btn.click, prompt.submit], generate_ui,
+                      {prompt, randomize, seed, *settings.values(), *concept_rows.inputs}, generated["images"],
                       api_visibility="private", concurrency_id="gpu", concurrency_limit="default")
     stop_btn.click(stop, None, None, cancels=[gen_event], queue=False, api_visibility="private")
 
-    # Public API: one endpoint with named parameters, raw payloads (validated by server.service).
+    # Edit ---------------------------------------------------------------------------------------
+    def edit_ui(v: dict, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+        raw = {"image": v[upload], "concepts": edit_rows.read(v), "seed": None if v[edit_randomize] else v[edit_seed],
+               **{name: v[widget] for name, widget in edit_settings.items()}}
+        return _run_ui(raw, request, endpoint="edit")
+
+    edit_event = edit_btn.click(edit_ui, {upload, edit_randomize, edit_seed, *edit_settings.values(),
+                                          *edit_rows.inputs},
+                                [*edited["images"], *edited["details"]], api_visibility="private",
+                                concurrency_id="gpu", concurrency_limit="default")
+    edit_stop_btn.click(stop, None, None, cancels=[edit_event], queue=False, api_visibility="private")
+
+    # Public API: named parameters built from their declarations (validated in server/).
+    api_widget = {"text": lambda d: gr.Textbox(d), "json": lambda d: gr.JSON(d), "file": lambda d: gr.File(d),
+                  "int": lambda d: gr.Number(d, precision=0), "float": lambda d: gr.Number(d)}
     with gr.Group(visible=False):
-        api_inputs = [
-            gr.Textbox(None, label="prompt"),
-            gr.JSON([], label="concepts"),
-            gr.Number(None, label="seed", precision=0),
-            gr.Number(DEFAULTS["steps"], label="steps", precision=0),
-            gr.Number(DEFAULTS["guidance_scale"], label="guidance_scale"),
-            gr.Textbox("", label="negative_prompt"),
-            gr.Number(DEFAULTS["width"], label="width", precision=0),
-            gr.Number(DEFAULTS["height"], label="height", precision=0),
-            gr.Number(DEFAULTS["momentum_scale"], label="momentum_scale"),
-            gr.Number(DEFAULTS["momentum_beta"], label="momentum_beta"),
-        ]
+        api_inputs = {p.name: api_widget[p.kind](DEFAULTS[p.name]) for p in api.GENERATE_PARAMS}
         api_outputs = [gr.Image(format="png", label="without edits"), gr.Image(format="png", label="with edits"),
                        gr.JSON(label="parameters used")]
-        api_button = gr.Button()
+        edit_api_inputs = {p.name: api_widget[p.kind](EDIT_DEFAULTS.get(p.name)) for p in api.EDIT_PARAMS}
+        edit_api_outputs = [gr.Image(format="png", label="reconstruction"), gr.Image(format="png", label="with edits"),
+                            gr.JSON(label="parameters used")]
+        api_button, edit_api_button = gr.Button(), gr.Button()
     # concurrency_limit "default": the queue's default_concurrency_limit, set in launch().
-    api_button.click(generate_api, api_inputs, api_outputs, api_name="generate", preprocess=False,
-                     concurrency_id="gpu", concurrency_limit="default")
-
-    # Examples: fill the form (rows included) and show a lazily cached result ---------------------
-    example_concepts = gr.JSON(visible=False)
-
-    def run_example(prompt_text, example_seed, concepts, request: gr.Request,
-                    progress=gr.Progress(track_tqdm=True)):
-        # Example caching hands gr.JSON values over as a pydantic model, not as plain lists.
-        if hasattr(concepts, "model_dump"):
-            concepts = concepts.model_dump()
-        return _run_ui({"prompt": prompt_text, "seed": example_seed, "concepts": concepts}, request)
-
-    def fill_rows(concepts: list | None) -> list:
-        concepts = concepts or []
-        updates = [*show_rows(len(concepts)), False]
-        for i in range(MAX_ROWS):
-            c = concepts[i] if i < len(concepts) else {}
-            values = service.concept_defaults(LOADED, c.get("preset")) | c
-            updates += [values.get("prompt", ""), "remove" if values["reverse"] else "add", values["preset"],
-                        values["scale"], values["threshold"], values["warmup"], values["cooldown"], values["weight"]]
-        defaults = [DEFAULTS[k] for k in ("negative_prompt", "steps", "guidance_scale", "width", "height",
-                                          "scheduler", "momentum_scale", "momentum_beta")]
-        return updates + defaults
-
-    example_concepts.change(fill_rows, example_concepts,
-                            [n_rows, *groups, randomize, *(c for r in rows for c in r[2:]), negative_prompt, steps,
-                             guidance, width, height, scheduler, momentum_scale, momentum_beta],
-                            api_visibility="private")
-    gr.Examples(
-        examples=[[p, s, c] for _, p, c, s in EXAMPLES],
-        example_labels=[label for label, *_ in EXAMPLES],
-        inputs=[prompt, seed, example_concepts],
-        outputs=ui_outputs,
-        fn=run_example,
-        cache_examples=True,
-        cache_mode="lazy",
-        api_visibility="private",
-    )
+    api_button.click(generate_api, inputs_kwargs=api_inputs, outputs=api_outputs, api_name="generate",
+                     preprocess=False, concurrency_id="gpu", concurrency_limit="default")
+    edit_api_button.click(edit_api, inputs_kwargs=edit_api_inputs, outputs=edit_api_outputs, api_name="edit",
+                          preprocess=False, concurrency_id="gpu", concurrency_limit="default")
 
 
 async def _http_error(request, exc: StarletteHTTPException):
@@ -393,5 +530,5 @@ def launch(queue_size: int | None = None, concurrency: int | None = None, **kwar
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logger.info("model %s on %s (demo model: %s)", LOADED.model_id, LOADED.device, LOADED.is_demo)
+    logger.info("model %s on %s (profile: %s)", LOADED.model_id, LOADED.device, PROFILE.name)
     launch(server_name=ARGS.host, server_port=ARGS.port)

@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from server.service import API_PARAMS  # the order of /generate's inputs
+from server.params import API_PARAMS  # the order of /generate's inputs
 
 PROMPTS = ("a large red circle on a white background", "a small blue square on a black background",
            "a large yellow triangle on a white background", "a small green circle on a black background")

@@ -1,12 +1,13 @@
 """SEGA: semantic guidance for Stable Diffusion on diffusers components.
 
     from sega import SegaPipeline, EditConcept
-    pipe = SegaPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", torch_dtype=torch.float16)
+    pipe = SegaPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", dtype=torch.float16)
     out = pipe("a photo of the face of a woman", concepts=[EditConcept("smiling, smile", scale=4)],
                return_original=True, generator=torch.Generator().manual_seed(42))
 """
 
 from .concepts import EditConcept
+from .inversion import SegaInversion
 from .pipeline import SegaPipeline, SegaPipelineOutput
 
-__all__ = ["EditConcept", "SegaPipeline", "SegaPipelineOutput"]
+__all__ = ["EditConcept", "SegaInversion", "SegaPipeline", "SegaPipelineOutput"]

@@ -12,13 +12,12 @@ Same keywords, same images (latents within 1e-4 in fp32), plus:
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import hashlib
-import inspect
 import json
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import PIL.Image
@@ -32,7 +31,25 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel
 
 from .concepts import EditConcept
-from .guidance import classifier_free_guidance, concept_directions, plan_step, semantic_guidance_step
+from .guidance import (
+    StepPlan,
+    classifier_free_guidance,
+    concept_directions,
+    plan_step,
+    semantic_guidance_step,
+)
+from .inversion import SegaInversion, image_to_tensor, inversion_scheduler, noise_map, performed_steps
+from .reedit import (
+    LockstepPlainRun,
+    LRUCache,
+    PlainRun,
+    ReplayedPlainRun,
+    SharedPlainRun,
+    generator_fingerprint,
+    reedit_key,
+    scheduler_step,
+    step_kwargs,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -47,6 +64,9 @@ class SegaPipelineOutput(BaseOutput):
         original_images: with ``return_original=True``, the images without edits for the same seed.
         original_nsfw_content_detected: safety flags of ``original_images``.
         sem_guidance: with ``return_sem_guidance=True``, the per-step edit terms, to replay with ``sem_guidance=``.
+        cache_hit: whether the run without edits was replayed from the re-edit cache.
+        unet_calls, unet_samples: UNet calls of this call and the samples they evaluated.
+        inversion_cache_hit: with ``inversion=``, whether that inversion came from ``inversion_cache``.
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
@@ -57,6 +77,7 @@ class SegaPipelineOutput(BaseOutput):
     cache_hit: bool = False
     unet_calls: int = 0
     unet_samples: int = 0
+    inversion_cache_hit: bool | None = None
 
 
 @dataclass
@@ -74,50 +95,45 @@ class _Concepts:
     def __len__(self) -> int:
         return len(self.signed_scales)
 
-
 @dataclass
-class _PlainTrajectory:
-    """The run without edits, as the re-edit cache keeps it: per step, the input latents, e_u, and
-    the guided estimate fed to the scheduler; then the final latents and the decoded image."""
+class _Denoising:
+    """One call's denoising state. Never kept on the pipeline: calls may run in parallel threads."""
 
-    latents: list[torch.Tensor]
-    noise_uncond: list[torch.Tensor]
-    noise_pred: list[torch.Tensor]
-    final_latents: torch.Tensor | None = None
-    image: torch.Tensor | None = None
-    nsfw: list[bool] | None = None
+    scheduler: object
+    timesteps: torch.Tensor
+    step_kwargs: dict
+    generator: torch.Generator | list[torch.Generator] | None
+    batch: int
+    guidance_scale: float
+    edit_cfg: bool  # the edited run evaluates e_u and e_p (else e_p only)
+    embeddings: dict  # "u", "p": (batch, seq, dim); "c": (C, batch, seq, dim)
+    momentum: torch.Tensor
+    concepts: _Concepts = field(default_factory=lambda: _Concepts(None, None, [], [], [], [], []))
+    plans: list[StepPlan] = field(default_factory=list)
+    needed: list[list[int]] = field(default_factory=list)  # per step, the concepts in the UNet batch
+    signed_scales: torch.Tensor | None = None
+    thresholds: torch.Tensor | None = None
+    momentum_scale: float = 0.0
+    momentum_beta: float = 0.0
+    sem_guidance: list[torch.Tensor] | None = None
+    recorded_guidance: list[torch.Tensor] | None = None
+    noise_maps: torch.Tensor | None = None  # an inversion's per-step variance noise
+    device_tensors: dict = field(default_factory=dict)  # built once per call: weights, embedding layouts
+    unet_calls: int = 0
+    unet_samples: int = 0
 
+    def weights(self, values: tuple[float, ...]) -> torch.Tensor:
+        if values not in self.device_tensors:
+            self.device_tensors[values] = torch.tensor(values, device=self.momentum.device, dtype=self.momentum.dtype)
+        return self.device_tensors[values]
 
-class _LRU:
-    """A small thread-safe LRU mapping, bounded by entry count."""
-
-    def __init__(self, max_entries: int):
-        self.max_entries = max_entries
-        self._data: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key):
-        with self._lock:
-            if key not in self._data:
-                return None
-            self._data.move_to_end(key)
-            return self._data[key]
-
-    def put(self, key, value) -> None:
-        if self.max_entries <= 0:
-            return
-        with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.max_entries:
-                self._data.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._data.clear()
-
-    def __len__(self) -> int:
-        return len(self._data)
+    def layout(self, segments: tuple) -> torch.Tensor:
+        """Embeddings for a UNet batch of segments: "u" unconditional, "p" prompt, int c concept c."""
+        key = ("embeddings", *segments)
+        if key not in self.device_tensors:
+            emb = self.embeddings
+            self.device_tensors[key] = torch.cat([emb[s] if isinstance(s, str) else emb["c"][s] for s in segments])
+        return self.device_tensors[key]
 
 
 def _per_concept(value, n: int, name: str) -> list:
@@ -129,28 +145,11 @@ def _per_concept(value, n: int, name: str) -> list:
     return [value] * n
 
 
-def _generator_fingerprint(generator) -> bytes | None:
-    if generator is None:
-        return None
-    gens = generator if isinstance(generator, list) else [generator]
-    return b"".join(g.get_state().cpu().numpy().tobytes() for g in gens)
-
-
-def _clone_generator(generator):
-    if generator is None:
-        return None
-    if isinstance(generator, list):
-        return [_clone_generator(g) for g in generator]
-    clone = torch.Generator(device=generator.device)
-    clone.set_state(generator.get_state())
-    return clone
-
-
 class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
     r"""Text-to-image generation with semantic guidance (SEGA, Brack et al. 2023, arXiv 2301.12247).
 
     Built on diffusers components; load any Stable Diffusion 1.x/2.x checkpoint in diffusers format with
-    ``SegaPipeline.from_pretrained(hub_id_or_folder, torch_dtype=...)`` or pass the components.
+    ``SegaPipeline.from_pretrained(hub_id_or_folder, dtype=...)`` or pass the components.
 
     Args:
         vae: the variational auto-encoder that maps images to latents and back.
@@ -162,6 +161,7 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         feature_extractor: the safety checker's image processor (required with a safety checker).
         reedit_cache_size: how many runs without edits the re-edit cache keeps (0 turns it off).
         embedding_cache_size: how many text embeddings are kept.
+        inversion_cache_size: how many image inversions (:meth:`invert`) are kept (0 turns it off).
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
@@ -181,6 +181,7 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         requires_safety_checker: bool = False,
         reedit_cache_size: int = 4,
         embedding_cache_size: int = 256,
+        inversion_cache_size: int = 4,
     ):
         super().__init__()
         if safety_checker is not None and feature_extractor is None:
@@ -197,8 +198,9 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.register_to_config(requires_safety_checker=requires_safety_checker)
-        self.reedit_cache = _LRU(reedit_cache_size)
-        self.embedding_cache = _LRU(embedding_cache_size)
+        self.reedit_cache = LRUCache(reedit_cache_size)
+        self.embedding_cache = LRUCache(embedding_cache_size)
+        self.inversion_cache = LRUCache(inversion_cache_size)
 
     # ------------------------------------------------------------------------------------------
     # Text
@@ -213,11 +215,12 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         return self.tokenizer.decode(ids[limit - 1 : -1])
 
     @torch.no_grad()
-    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+    def encode_text(self, texts: Sequence[str], use_cache: bool = True) -> torch.Tensor:
         """CLIP embeddings (len(texts), seq, dim) on the execution device, cached per text.
 
         Texts over the tokenizer's limit are truncated (end token kept, as StableDiffusionPipeline does)
         with a warning. Each text is encoded on its own so its embedding never depends on its batch.
+        With ``use_cache=False`` the embedding cache is neither read nor filled.
         """
         # The UNet's dtype: transformers keeps a checkpoint's dtype where diffusers loads float32.
         device, dtype = self._execution_device, self.unet.dtype
@@ -227,7 +230,7 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         out = []
         for text in texts:
             key = (text, str(device), dtype)
-            emb = self.embedding_cache.get(key)
+            emb = self.embedding_cache.get(key) if use_cache else None
             if emb is None:
                 removed = self.truncated_text(text)
                 if removed:
@@ -240,7 +243,8 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
                     return_tensors="pt",
                 ).input_ids
                 emb = self.text_encoder(ids.to(device))[0].to(dtype)
-                self.embedding_cache.put(key, emb)
+                if use_cache:
+                    self.embedding_cache.put(key, emb)
             out.append(emb)
         return torch.cat(out)
 
@@ -266,16 +270,6 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         else:
             latents = latents.to(device)
         return latents * init_noise_sigma
-
-    @staticmethod
-    def _step_kwargs(scheduler, generator, eta: float) -> dict:
-        params = set(inspect.signature(scheduler.step).parameters)
-        kwargs = {}
-        if "eta" in params:
-            kwargs["eta"] = eta
-        if "generator" in params:
-            kwargs["generator"] = generator
-        return kwargs
 
     def _resolve_concepts(self, concepts, editing_prompt, editing_prompt_embeddings, reverse_editing_direction,
                           edit_guidance_scale, edit_warmup_steps, edit_cooldown_steps, edit_threshold,
@@ -314,19 +308,6 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
             weights=[float(w) for w in edit_weights] if edit_weights else [1.0] * n,
         )
 
-    def _cache_key(self, prompts, negative_prompts, num_images_per_prompt, height, width, num_inference_steps,
-                   guidance_scale, eta, scheduler, generator, latents) -> tuple | None:
-        """Everything the run without edits depends on; None when it cannot be reproduced (no seed)."""
-        if latents is not None:
-            source = hashlib.sha256(latents.detach().float().cpu().numpy().tobytes()).hexdigest()
-        elif generator is not None:
-            source = hashlib.sha256(_generator_fingerprint(generator)).hexdigest()
-        else:
-            return None
-        sched = json.dumps({"class": type(scheduler).__name__, **dict(scheduler.config)}, sort_keys=True, default=str)
-        return (tuple(prompts), tuple(negative_prompts), num_images_per_prompt, height, width, num_inference_steps,
-                float(guidance_scale), float(eta), sched, source, str(self._execution_device), self.unet.dtype)
-
     def _decode(self, latents: torch.Tensor, dtype):
         image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
         return self.run_safety_checker(image, self._execution_device, dtype)
@@ -359,6 +340,322 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         return getattr(self, "_interrupt", False)
 
     # ------------------------------------------------------------------------------------------
+    # Steps of a call
+    # ------------------------------------------------------------------------------------------
+
+    def check_inputs(self, prompt, negative_prompt, height: int, width: int, num_inference_steps, callback_steps,
+                     callback_on_step_end_tensor_inputs) -> tuple[list[str], list[str]]:
+        """Validate the arguments; returns the prompts and one negative prompt per prompt."""
+        if height % 8 or width % 8:
+            raise ValueError(f"height and width must be multiples of 8, got {height} and {width}")
+        if callback_steps is not None and (not isinstance(callback_steps, int) or callback_steps <= 0):
+            raise ValueError(f"callback_steps must be a positive integer, got {callback_steps!r}")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs may only name {self._callback_tensor_inputs}")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if negative_prompt is None:
+            return prompts, [""] * len(prompts)
+        if isinstance(negative_prompt, str):
+            return prompts, [negative_prompt] * len(prompts)
+        if len(negative_prompt) != len(prompts):
+            raise ValueError(f"negative_prompt has {len(negative_prompt)} entries but prompt has {len(prompts)}")
+        return prompts, list(negative_prompt)
+
+    def encode_prompts(self, prompts: list[str], negative_prompts: list[str], num_images_per_prompt: int,
+                       concepts: _Concepts, use_cache: bool) -> dict[str, torch.Tensor]:
+        """Embeddings in latent batch order: "p" and "u" (batch, seq, dim), "c" concepts (C, batch, seq, dim)."""
+        text = self.encode_text(prompts, use_cache).repeat_interleave(num_images_per_prompt, dim=0)
+        uncond = self.encode_text(negative_prompts, use_cache).repeat_interleave(num_images_per_prompt, dim=0)
+        if concepts.prompts is not None:
+            concept = self.encode_text(concepts.prompts, use_cache)
+        elif concepts.embeddings is not None:
+            concept = concepts.embeddings.to(device=text.device, dtype=text.dtype)
+        else:
+            concept = text[:0, 0:1]
+        return {"p": text, "u": uncond, "c": concept[:, None].expand(-1, text.shape[0], -1, -1)}
+
+    def plan_edits(self, concepts: _Concepts, n_steps: int, do_cfg: bool, momentum_scale: float,
+                   replaying_guidance: bool) -> tuple[list[StepPlan], list[list[int]], int]:
+        """Per step: what the reference does with the concepts, and which concepts go into the UNet batch;
+        and ``diverge``, the first step at which the edited run leaves the run without edits."""
+        plans = [plan_step(i, concepts.warmup, concepts.cooldown, concepts.weights) for i in range(n_steps)]
+        if replaying_guidance or (len(concepts) and not do_cfg):
+            diverge = 0
+        elif len(concepts):
+            diverge = min(min(concepts.warmup), n_steps)
+        else:
+            diverge = n_steps
+        return plans, self._concepts_needed(plans, momentum_scale), diverge
+
+    def prepare_plain_run(self, state: _Denoising, key: tuple | None, diverge: int, return_original: bool,
+                          original_first: bool, has_edits: bool) -> PlainRun:
+        """The run without edits: replayed from the cache, computed on its own (``original_first``), shared
+        with the edited run and then computed alongside it, or not needed at all."""
+        n_steps = len(state.timesteps)
+        cached = self.reedit_cache.get(key) if key is not None else None
+        if cached is not None:
+            return ReplayedPlainRun(cached, diverge, wanted=return_original)
+        record = key is not None and self.reedit_cache.max_entries > 0
+        do_cfg = state.guidance_scale > 1.0
+        if return_original and original_first and diverge < n_steps:
+            return LockstepPlainRun(diverge, record, do_cfg, state.guidance_scale,
+                                    functools.partial(self._unet_step, state))
+        if return_original or (record and not has_edits):
+            return SharedPlainRun(diverge, n_steps, return_original, record, do_cfg, state.guidance_scale)
+        return PlainRun()
+
+    def denoise(self, state: _Denoising, latents: torch.Tensor, plain: PlainRun, callback, callback_steps: int,
+                callback_on_step_end, callback_on_step_end_tensor_inputs) -> torch.Tensor:
+        """The denoising loop; the callbacks see the edited run's latents once per step."""
+        for i, t in enumerate(self.progress_bar(state.timesteps)):
+            if self.interrupt:
+                break
+            plain.advance(i, t)
+            stepped = self.denoise_step(state, i, t, latents, plain)
+            latents = stepped
+            if callback_on_step_end is not None:
+                tensors = {"latents": latents}
+                result = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
+                latents = (result or {}).get("latents", latents)
+            if callback is not None and i % callback_steps == 0:
+                callback(i // getattr(state.scheduler, "order", 1), t, latents)
+            # A callback's new latents are the edited run's business: the plain run goes on without them.
+            plain.after_step(i, state.scheduler, state.generator, stepped, replaced=latents is not stepped)
+        return latents
+
+    def denoise_step(self, state: _Denoising, i: int, t, latents: torch.Tensor, plain: PlainRun) -> torch.Tensor:
+        """One step of the edited run (and of the plain run when it is computed alongside): one UNet call."""
+        needed = state.needed[i]
+        shared = plain.estimates(i)  # (e_u, e) of the plain run, valid for the edited run too until edits start
+        z_in = state.scheduler.scale_model_input(latents, t)
+        # One batched UNet call: [plain u, p] + [edited u, p] + [concepts on the edited latents].
+        parts: list[tuple[torch.Tensor, list]] = []
+        plain.add_inputs(i, t, parts)
+        if shared is None:
+            parts.append((z_in, ["u", "p"] if state.edit_cfg else ["p"]))
+        if needed:
+            parts.append((z_in, needed))
+        chunks = self._unet_step(state, t, parts)
+        plain.take(i, t, chunks)
+        if shared is None:
+            noise_uncond = chunks.pop(0)
+            noise_text = chunks.pop(0) if state.edit_cfg else noise_uncond
+        else:
+            noise_uncond, noise_pred = shared
+        edit_term = self.semantic_guidance(state, i, noise_uncond, torch.stack(chunks) if needed else None)
+        if shared is None:
+            noise_pred = self.guided_estimate(state, i, noise_uncond, noise_text, edit_term)
+        plain.observe(i, latents, noise_uncond, noise_pred)
+        if state.recorded_guidance is not None:
+            state.recorded_guidance.append(edit_term if edit_term is not None else torch.zeros_like(latents))
+        return scheduler_step(state.scheduler, state.step_kwargs, state.noise_maps, i, noise_pred, t, latents)
+
+    def _unet_step(self, state: _Denoising, t, parts: list[tuple[torch.Tensor, list]]) -> list[torch.Tensor]:
+        """One UNet call on every (latent input, embedding segments) part; one chunk per segment."""
+        if not parts:
+            return []
+        segments = tuple(s for _, names in parts for s in names)
+        inputs = torch.cat([z for z, names in parts for _ in names])
+        out = self.unet(inputs, t, encoder_hidden_states=state.layout(segments)).sample
+        state.unet_calls, state.unet_samples = state.unet_calls + 1, state.unet_samples + out.shape[0]
+        return list(out.split(state.batch))
+
+    @staticmethod
+    def semantic_guidance(state: _Denoising, i: int, noise_uncond: torch.Tensor,
+                          noise_concepts: torch.Tensor | None) -> torch.Tensor | None:
+        """This step's edit term (None when none applies), updating the momentum."""
+        if not len(state.concepts):
+            return None
+        plan, needed = state.plans[i], state.needed[i]
+        if noise_concepts is not None:
+            psi = concept_directions(noise_uncond, noise_concepts, state.signed_scales[needed],
+                                     state.thresholds[needed])
+        else:
+            psi = noise_uncond.new_zeros((0, *noise_uncond.shape))
+        edit_term, state.momentum = semantic_guidance_step(
+            psi,
+            plan,
+            state.momentum,
+            state.weights(tuple(plan.momentum_weights[c] for c in needed)),
+            None if plan.edit_weights is None else state.weights(tuple(plan.edit_weights[c] for c in needed)),
+            state.momentum_scale,
+            state.momentum_beta,
+        )
+        return edit_term
+
+    @staticmethod
+    def guided_estimate(state: _Denoising, i: int, noise_uncond: torch.Tensor, noise_text: torch.Tensor,
+                        edit_term: torch.Tensor | None) -> torch.Tensor:
+        """e = e_u + (g + edit term + replayed guidance), summed in the reference's order."""
+        if not state.edit_cfg:
+            return noise_text
+        noise_guidance = classifier_free_guidance(noise_uncond, noise_text, state.guidance_scale)
+        if edit_term is not None:
+            noise_guidance = noise_guidance + edit_term
+        if state.sem_guidance is not None:
+            noise_guidance = noise_guidance + state.sem_guidance[i]
+        return noise_uncond + noise_guidance
+
+    def decode_pair(self, latents: torch.Tensor, plain: PlainRun, plain_latents: torch.Tensor | None, dtype):
+        """Decode the edited latents and the plain run's (unless the cache holds its image) and run the
+        safety checker: (image, nsfw, original image or None, its nsfw)."""
+        if plain.image is not None:
+            return (*self._decode(latents, dtype), plain.image, plain.nsfw)
+        if plain_latents is None or plain_latents is latents:
+            image, nsfw = self._decode(latents, dtype)
+            return image, nsfw, (None if plain_latents is None else image), nsfw
+        if plain.separate:
+            # Each image on its own: a batch of two can round differently from a batch of one.
+            return (*self._decode(latents, dtype), *self._decode(plain_latents, dtype))
+        batch = latents.shape[0]
+        decoded, flags = self._decode(torch.cat([latents, plain_latents]), dtype)
+        nsfw, original_nsfw = (None, None) if flags is None else (list(flags[:batch]), list(flags[batch:]))
+        return decoded[:batch], nsfw, decoded[batch:], original_nsfw
+
+    def check_inversion_inputs(self, inversion: SegaInversion | None, height, width, num_inference_steps,
+                               guidance_scale, latents, scheduler, eta) -> tuple[int, int, int, float]:
+        """Defaults for size, steps and guidance (the inversion's when editing one) and the arguments an
+        inversion fixes; returns (height, width, num_inference_steps, guidance_scale)."""
+        if inversion is None:
+            native = self.unet.config.sample_size * self.vae_scale_factor
+            return (height or native, width or native, 50 if num_inference_steps is None else num_inference_steps,
+                    7.5 if guidance_scale is None else guidance_scale)
+        if not isinstance(inversion, SegaInversion):
+            raise ValueError(f"inversion must come from SegaPipeline.invert, got {type(inversion).__name__}")
+        for name, value in (("latents", latents), ("scheduler", scheduler)):
+            if value is not None:
+                raise ValueError(f"{name} cannot be set with inversion: the inversion fixes it")
+        if eta:
+            raise ValueError("eta cannot be set with inversion: an inverted image is edited at eta 1")
+        for name, value, fixed in (("height", height, inversion.height), ("width", width, inversion.width),
+                                   ("num_inference_steps", num_inference_steps, inversion.num_inference_steps)):
+            if value is not None and value != fixed:
+                raise ValueError(f"{name}={value} differs from the inversion's {fixed}; leave it out")
+        scale = inversion.source_guidance_scale if guidance_scale is None else guidance_scale
+        return inversion.height, inversion.width, inversion.num_inference_steps, scale
+
+    def prepare_timesteps_and_latents(self, inversion: SegaInversion | None, scheduler, num_inference_steps: int,
+                                      batch: int, height: int, width: int, dtype, generator, latents):
+        """A copy of the scheduler with its timesteps set, the initial latents, and an inversion's noise maps."""
+        device = self._execution_device
+        if inversion is not None:
+            scheduler = copy.deepcopy(inversion.scheduler)
+            return scheduler, inversion.latents.to(device=device, dtype=dtype), inversion.noise_maps.to(device, dtype)
+        scheduler = copy.deepcopy(scheduler if scheduler is not None else self.scheduler)
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = self.prepare_latents(batch, self.unet.config.in_channels, height, width, dtype, device, generator,
+                                       latents, scheduler.init_noise_sigma)
+        return scheduler, latents, None
+
+    # ------------------------------------------------------------------------------------------
+    # Real images
+    # ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def invert(
+        self,
+        image: PIL.Image.Image | list[PIL.Image.Image] | torch.Tensor,
+        source_prompt: str = "",
+        num_inference_steps: int = 50,
+        skip: float = 0.15,
+        source_guidance_scale: float = 3.5,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> SegaInversion:
+        r"""Invert a real image for editing (edit-friendly DDPM inversion, as LEDITS++ with DDIM).
+
+        Then ``pipe(source_prompt, inversion=inv, concepts=[...], return_original=True)`` edits it; the image
+        without edits is the input as the VAE sees it.
+
+        Args:
+            image: a PIL image (or a list of same-size images) or a tensor (3, H, W) / (B, 3, H, W) in [-1, 1];
+                H and W multiples of 8 (resize first).
+            source_prompt: a description of the image; "" for none. Guides the inversion with
+                ``source_guidance_scale`` and is the prompt to edit with.
+            num_inference_steps: steps of the whole schedule, >= 1, including the skipped ones (SD: 50).
+            skip: in [0, 1): the share of the first (noisiest) steps skipped, i.e. how much of the image is
+                kept: 0 inverts from pure noise (edits can change everything), 0.15 (default) to 0.3 keeps the
+                layout. The edit runs ``num_inference_steps - int(skip * num_inference_steps)`` steps.
+            source_guidance_scale: classifier-free guidance of ``source_prompt`` during inversion, >= 0
+                (LEDITS++: 3.5; <= 1 uses the prompt's estimate alone). Edits use the same by default.
+            generator: draws the independent noisy versions of the image; same generator state, same inversion.
+            use_cache: read and fill ``inversion_cache`` (keyed by the image content and every setting).
+
+        Returns:
+            :class:`~sega.inversion.SegaInversion` with the start latents, noise maps, ``cache_hit`` and the
+            UNet calls/samples spent.
+        """
+        # 1. Check inputs
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+        if not 0 <= skip < 1:
+            raise ValueError(f"skip must be in [0, 1), got {skip!r}")
+        if not source_guidance_scale >= 0:
+            raise ValueError(f"source_guidance_scale must be >= 0, got {source_guidance_scale!r}")
+        if not isinstance(source_prompt, str):
+            raise ValueError(f"source_prompt must be a string, got {type(source_prompt).__name__}")
+        pixels = image_to_tensor(image, self.image_processor)
+        device, dtype = self._execution_device, self.unet.dtype
+
+        # 2. The cache: same pixels, settings, random stream and model placement, same inversion
+        scheduler = inversion_scheduler(self.scheduler.config)
+        key = hashlib.sha256(pixels.numpy().tobytes() + json.dumps(
+            [source_prompt, num_inference_steps, skip, float(source_guidance_scale), str(device), str(dtype),
+             dict(scheduler.config), list(pixels.shape)], sort_keys=True, default=str).encode()
+            + (generator_fingerprint(generator) or b"global")).hexdigest()
+        cached = self.inversion_cache.get(key) if use_cache and generator is not None else None
+        if cached is not None:
+            return dataclasses.replace(cached, cache_hit=True, unet_calls=0, unet_samples=0)
+
+        # 3. Encode the image and the prompts
+        x0 = self.vae.encode(pixels.to(device=device, dtype=self.vae.dtype)).latent_dist.mode()
+        x0 = (x0 * self.vae.config.scaling_factor).to(dtype)
+        batch = x0.shape[0]
+        do_cfg = source_guidance_scale > 1.0
+        embeddings = {"u": self.encode_text([""], use_cache).expand(batch, -1, -1),
+                      "p": self.encode_text([source_prompt], use_cache).expand(batch, -1, -1)}
+        state = _Denoising(scheduler=scheduler, timesteps=scheduler.timesteps, step_kwargs={}, generator=generator,
+                           batch=batch, guidance_scale=source_guidance_scale, edit_cfg=do_cfg, embeddings=embeddings,
+                           momentum=torch.zeros_like(x0))
+
+        # 4. Timesteps: the whole schedule, of which the last n are performed
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        n = performed_steps(num_inference_steps, skip)
+        timesteps = scheduler.timesteps[-n:]
+
+        # 5. Independent noisy versions x_t of the image, drawn from the least noisy up (as LEDITS++)
+        xts = [None] * n
+        for k in reversed(range(n)):
+            noise = randn_tensor(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+            xts[k] = scheduler.add_noise(x0, noise, timesteps[k : k + 1].long())
+        xts.append(x0)
+
+        # 6. Noise maps, from the noisiest step down; each step's landing point is the next step's input
+        zs = []
+        segments = ["u", "p"] if do_cfg else ["p"]
+        for k, t in enumerate(self.progress_bar(timesteps)):
+            chunks = self._unet_step(state, t, [(scheduler.scale_model_input(xts[k], t), segments)])
+            noise_pred = chunks[0]
+            if do_cfg:
+                noise_pred = noise_pred + classifier_free_guidance(chunks[0], chunks[1], source_guidance_scale)
+            z, xts[k + 1] = noise_map(scheduler, xts[k + 1], xts[k], t, noise_pred)
+            zs.append(z)
+
+        height, width = pixels.shape[-2:]
+        inversion = SegaInversion(
+            latents=xts[0], noise_maps=torch.stack(zs), image_latents=x0, timesteps=timesteps, scheduler=scheduler,
+            source_prompt=source_prompt, source_guidance_scale=float(source_guidance_scale),
+            num_inference_steps=num_inference_steps, skip=float(skip), height=int(height), width=int(width),
+            key=key, unet_calls=state.unet_calls, unet_samples=state.unet_samples,
+        )
+        if use_cache and generator is not None:
+            self.inversion_cache.put(key, inversion)
+        return inversion
+
+    # ------------------------------------------------------------------------------------------
     # Generation
     # ------------------------------------------------------------------------------------------
 
@@ -368,8 +665,8 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         prompt: str | list[str],
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
         eta: float = 0.0,
@@ -395,6 +692,7 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         return_sem_guidance: bool = False,
         use_cache: bool = True,
         original_first: bool = False,
+        inversion: SegaInversion | None = None,
         scheduler=None,
         callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
@@ -403,11 +701,14 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
 
         Args:
             prompt: the prompt or prompts (a list makes a batch).
-            height, width: image size in pixels, multiples of 8; default the UNet's native size.
-            num_inference_steps: denoising steps, >= 1. More is slower and usually finer (SD: 50).
-            guidance_scale: classifier-free guidance s_g. Values <= 1 disable it for the image without
-                edits; with edit concepts the unconditional estimate is still computed and the edits are
-                applied (the deprecated pipeline silently dropped them), with a warning.
+            height, width: image size in pixels, multiples of 8; default the UNet's native size (or the
+                inversion's).
+            num_inference_steps: denoising steps, >= 1, default 50. More is slower and usually finer (SD: 50).
+                With ``inversion``, the inversion's (leave it out).
+            guidance_scale: classifier-free guidance s_g, default 7.5 (with ``inversion``, its
+                ``source_guidance_scale``: the image without edits is then the input). Values <= 1 disable it
+                for the image without edits; with edit concepts the unconditional estimate is still computed
+                and the edits are applied (the deprecated pipeline silently dropped them), with a warning.
             negative_prompt: replaces the empty prompt of the unconditional estimate.
             num_images_per_prompt: images per prompt, >= 1.
             eta: DDIM eta in [0, 1]; only for schedulers that take it.
@@ -415,7 +716,8 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
             latents: initial noise instead of drawing it from ``generator``.
             output_type: "pil", "np", "pt" or "latent".
             return_dict: return a :class:`SegaPipelineOutput` instead of a tuple ``(images, nsfw)``.
-            callback, callback_steps: legacy per-step callback ``callback(step, t, latents)``.
+            callback, callback_steps: legacy callback ``callback(step, t, latents)`` every ``callback_steps``
+                steps, with the edited run's latents.
             editing_prompt: concept text(s); each is one semantic direction.
             editing_prompt_embeddings: precomputed concept embeddings (C, seq, dim) instead of text.
             reverse_editing_direction: per concept (or for all): True removes the concept instead of adding it.
@@ -433,43 +735,40 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
                 ``editing_prompt``/``edit_*`` lists; momentum still comes from the two keywords above.
             return_original: also return the images without edits for the same noise, in the same call.
             return_sem_guidance: also return the per-step edit terms.
-            use_cache: use the text-embedding and re-edit caches. A replayed run without edits is bit-identical;
-                the edited image of a re-edit can differ from a one-pass run by float rounding (~1e-6),
-                because UNet kernels round differently at different batch sizes.
-            original_first: with ``return_original`` and a seed, compute the run without edits on its own
-                first (it lands in the re-edit cache), then the edited run as a re-edit. Both images are then
-                bit-identical whatever the cache held before (a server's answer never depends on earlier
-                requests); it costs the same UNet samples as one pass but one more UNet call per step once
-                the edits start. Needs the re-edit cache; without a seed it falls back to one pass.
+            use_cache: use the text-embedding and re-edit caches. ``False`` neither reads, clears nor fills
+                either cache for this call (other callers' entries stay). A replayed run without edits is
+                bit-identical; the edited image of a re-edit can differ from a one-pass run by float rounding
+                (~1e-6), because UNet kernels round differently at different batch sizes.
+            original_first: with ``return_original`` and a seed (``generator`` or ``latents``), compute the run
+                without edits exactly as a call without edits would (its own UNet call at every step, decoded
+                on its own) and let the edited run replay it until the edits start, as a re-edit does. Both
+                images are then bit-identical whatever the cache held before (a server's answer never depends
+                on earlier requests); it costs the same UNet samples as one pass, but up to one more UNet call
+                per step. The two runs advance in step, so a callback or a stop acts on both. Without a seed it
+                falls back to one pass.
             scheduler: a scheduler for this call only (copied), instead of ``self.scheduler``.
-            callback_on_step_end: ``f(pipe, step, t, tensors) -> dict`` after every step; may replace
-                "latents" (the edited trajectory). Set ``pipe._interrupt = True`` to stop early.
+            inversion: edit a real image: the result of :meth:`invert`. The edit starts from its latents at its
+                first timestep and each DDIM step (eta 1) takes its noise map; ``prompt`` should be its
+                ``source_prompt`` (another prompt edits by prompt, as in DDPM inversion). The run without edits
+                (``return_original``) then reconstructs the input as the VAE sees it. Size, steps, noise and
+                scheduler come from the inversion: ``latents``, ``scheduler`` and ``eta`` must stay unset and
+                the batch (prompts x ``num_images_per_prompt``) must match the inverted images.
+            callback_on_step_end: ``f(pipe, step, t, tensors) -> dict``, called once per step (steps 0 to
+                N-1, also with ``original_first``) after the edited run's scheduler step, with the edited
+                run's latents. Returning new "latents" changes the edited run only: the run without edits
+                (returned as the original and kept in the re-edit cache) goes on from the scheduler's latents.
+                Set ``pipe._interrupt = True`` (or raise) to stop both runs early; an interrupted run is not
+                cached. Callbacks that change the latents in place are not supported.
             callback_on_step_end_tensor_inputs: tensors passed to ``callback_on_step_end``.
 
         Returns:
             :class:`SegaPipelineOutput`, or a tuple ``(images, nsfw_content_detected)``.
         """
-        # 0. Defaults and checks
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
-        if height % 8 or width % 8:
-            raise ValueError(f"height and width must be multiples of 8, got {height} and {width}")
-        if callback_steps is not None and (not isinstance(callback_steps, int) or callback_steps <= 0):
-            raise ValueError(f"callback_steps must be a positive integer, got {callback_steps!r}")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
-        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
-        if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs may only name {self._callback_tensor_inputs}")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if negative_prompt is None:
-            negative_prompts = [""] * len(prompts)
-        elif isinstance(negative_prompt, str):
-            negative_prompts = [negative_prompt] * len(prompts)
-        elif len(negative_prompt) != len(prompts):
-            raise ValueError(f"negative_prompt has {len(negative_prompt)} entries but prompt has {len(prompts)}")
-        else:
-            negative_prompts = list(negative_prompt)
+        # 1. Check inputs and resolve the concepts from either API
+        height, width, num_inference_steps, guidance_scale = self.check_inversion_inputs(
+            inversion, height, width, num_inference_steps, guidance_scale, latents, scheduler, eta)
+        prompts, negative_prompts = self.check_inputs(prompt, negative_prompt, height, width, num_inference_steps,
+                                                      callback_steps, callback_on_step_end_tensor_inputs)
         cc = self._resolve_concepts(concepts, editing_prompt, editing_prompt_embeddings, reverse_editing_direction,
                                     edit_guidance_scale, edit_warmup_steps, edit_cooldown_steps, edit_threshold,
                                     edit_weights)
@@ -484,224 +783,63 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
             )
         self._interrupt = False
 
-        # 1. Encode prompt, negative prompt and concepts: (batch, seq, dim) each, in latent batch order.
-        if not use_cache:
-            self.embedding_cache.clear()
+        # 2. Encode the prompt, the negative prompt and the concepts
+        embeddings = self.encode_prompts(prompts, negative_prompts, num_images_per_prompt, cc, use_cache)
+        dtype = embeddings["p"].dtype
 
-        def per_image(emb: torch.Tensor) -> torch.Tensor:
-            return emb.repeat_interleave(num_images_per_prompt, dim=0)
+        # 3. Timesteps on a copy of the scheduler (never shared between calls or threads), initial latents
+        if inversion is not None and inversion.batch_size != batch:
+            raise ValueError(f"inversion holds {inversion.batch_size} image(s) but prompt x num_images_per_prompt "
+                             f"makes a batch of {batch}")
+        reproducible = generator is not None or latents is not None or inversion is not None
+        scheduler, latents, noise_maps = self.prepare_timesteps_and_latents(
+            inversion, scheduler, num_inference_steps, batch, height, width, dtype, generator, latents)
+        eta = 1.0 if inversion is not None else eta
 
-        text_emb = per_image(self.encode_text(prompts))
-        uncond_emb = per_image(self.encode_text(negative_prompts))
-        if cc.prompts is not None:
-            concept_emb = self.encode_text(cc.prompts)
-        elif cc.embeddings is not None:
-            concept_emb = cc.embeddings.to(device=device, dtype=text_emb.dtype)
-        else:
-            concept_emb = text_emb[:0, 0:1]
-        concept_emb = concept_emb[:, None].expand(-1, batch, -1, -1)  # (C, batch, seq, dim)
-        dtype = text_emb.dtype
+        # 4. Plan the edits: which concepts matter at each step, where the edited run leaves the plain one
+        n_steps = len(scheduler.timesteps) if inversion is None else len(inversion.timesteps)
+        plans, needed, diverge = self.plan_edits(cc, n_steps, do_cfg, edit_momentum_scale, sem_guidance is not None)
+        state = _Denoising(
+            scheduler=scheduler, timesteps=scheduler.timesteps if inversion is None else inversion.timesteps,
+            step_kwargs=step_kwargs(scheduler, generator, eta, noise_maps), noise_maps=noise_maps,
+            generator=generator, batch=batch, guidance_scale=guidance_scale, edit_cfg=do_cfg or has_edits,
+            embeddings=embeddings, concepts=cc, plans=plans, needed=needed,
+            signed_scales=torch.tensor(cc.signed_scales, device=device, dtype=torch.float32),
+            thresholds=torch.tensor(cc.thresholds, device=device, dtype=torch.float32),
+            momentum=torch.zeros_like(latents), momentum_scale=edit_momentum_scale, momentum_beta=edit_mom_beta,
+            sem_guidance=None if sem_guidance is None else [g.to(device=device, dtype=dtype) for g in sem_guidance],
+            recorded_guidance=[] if return_sem_guidance else None,
+        )
 
-        # 2. Timesteps, initial noise, per-call scheduler (never shared between calls or threads)
-        scheduler_arg, latents_arg = scheduler, latents
-        generator_at_start = _clone_generator(generator) if original_first and return_original else None
-        scheduler = copy.deepcopy(scheduler if scheduler is not None else self.scheduler)
-        scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = scheduler.timesteps
-        latents = self.prepare_latents(batch, self.unet.config.in_channels, height, width, dtype, device, generator,
-                                       latents, scheduler.init_noise_sigma)
-
-        # 3. Plan: which concepts matter at each step, and where the edited run leaves the plain one.
-        n_steps = len(timesteps)
-        plans = [plan_step(i, cc.warmup, cc.cooldown, cc.weights) for i in range(n_steps)]
-        needed_per_step = self._concepts_needed(plans, edit_momentum_scale)
-        if sem_guidance is not None or (len(cc) and not do_cfg):
-            diverge = 0
-        elif len(cc):
-            diverge = min(min(cc.warmup), n_steps)
-        else:
-            diverge = n_steps
-        need_plain = return_original and diverge < n_steps
-        edit_cfg = do_cfg or has_edits  # the edited run always needs e_u when there are edits
-
-        cache_key = None
+        # 5. The run without edits: from the re-edit cache, computed on its own (original_first), or alongside
+        key = None
         if use_cache and (return_original or not has_edits):
-            cache_key = self._cache_key(prompts, negative_prompts, num_images_per_prompt, height, width,
-                                        num_inference_steps, guidance_scale, eta, scheduler, generator, latents)
-        cached: _PlainTrajectory | None = self.reedit_cache.get(cache_key) if cache_key is not None else None
-        cache_hit = cached is not None
-        plain_first = None
-        if original_first and need_plain and cached is None and cache_key is not None and self.reedit_cache.max_entries:
-            # The run without edits on its own, from the same noise; it lands in the cache and the edited
-            # run below replays it, so both images are the same whether or not the cache held it before.
-            plain_first = self(
-                prompts, height=height, width=width, num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale, negative_prompt=negative_prompts,
-                num_images_per_prompt=num_images_per_prompt, eta=eta, generator=generator_at_start,
-                latents=latents_arg, output_type="latent" if output_type == "latent" else "pt",
-                return_original=True, scheduler=scheduler_arg, callback=callback, callback_steps=callback_steps,
-                callback_on_step_end=callback_on_step_end,
-                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            )
-            # None when it was interrupted (the loop then stops at once) or, with several requests at a
-            # time, already evicted (this call then falls back to one pass).
-            cached = self.reedit_cache.get(cache_key)
-        record = _PlainTrajectory([], [], []) if cache_key is not None and cached is None else None
+            key = reedit_key(prompts, negative_prompts, num_images_per_prompt, height, width, num_inference_steps,
+                             guidance_scale, eta, scheduler, generator, latents, device, self.unet.dtype,
+                             source=None if inversion is None else inversion.key)
+        plain = self.prepare_plain_run(state, key, diverge, return_original, original_first and reproducible,
+                                       has_edits)
+        plain.start(scheduler, generator, latents, eta, noise_maps)
 
-        signed_scales = torch.tensor(cc.signed_scales, device=device, dtype=torch.float32)
-        thresholds = torch.tensor(cc.thresholds, device=device, dtype=torch.float32)
-        device_tensors: dict[tuple, torch.Tensor] = {}
+        # 6. Denoising loop
+        latents = self.denoise(state, latents, plain, callback, callback_steps, callback_on_step_end,
+                               callback_on_step_end_tensor_inputs)
 
-        def weights_on_device(values: tuple[float, ...]) -> torch.Tensor:
-            if values not in device_tensors:
-                device_tensors[values] = torch.tensor(values, device=device, dtype=dtype)
-            return device_tensors[values]
-
-        def embeddings_for(segments: tuple) -> torch.Tensor:
-            # "u": unconditional, "p": prompt, int c: concept c. Built once per distinct batch layout.
-            key = ("embeddings", *segments)
-            if key not in device_tensors:
-                named = {"u": uncond_emb, "p": text_emb}
-                device_tensors[key] = torch.cat([named[s] if isinstance(s, str) else concept_emb[s] for s in segments])
-            return device_tensors[key]
-
-        momentum = torch.zeros_like(latents)
-        sem_guidance = None if sem_guidance is None else [g.to(device=device, dtype=dtype) for g in sem_guidance]
-        recorded_guidance: list[torch.Tensor] | None = [] if return_sem_guidance else None
-        edit_kwargs = self._step_kwargs(scheduler, generator, eta)
-        plain_scheduler, plain_kwargs, plain_latents = None, None, None
-        unet_calls, unet_samples = (0, 0) if plain_first is None else (plain_first.unet_calls, plain_first.unet_samples)
-
-        # 4. Denoising loop
-        for i, t in enumerate(self.progress_bar(timesteps)):
-            if self.interrupt:
-                break
-            needed = needed_per_step[i]
-            shared = i < diverge
-            noise_pred = None
-            if shared and cached is not None:
-                # Re-edit: the plain run is in memory; only the concepts (when they matter yet) are evaluated.
-                noise_uncond, noise_pred = cached.noise_uncond[i], cached.noise_pred[i]
-                noise_concepts = None
-                if needed:
-                    z_in = scheduler.scale_model_input(latents, t)
-                    out = self.unet(torch.cat([z_in] * len(needed)), t,
-                                    encoder_hidden_states=embeddings_for(tuple(needed))).sample
-                    unet_calls, unet_samples = unet_calls + 1, unet_samples + out.shape[0]
-                    noise_concepts = out.view(len(needed), batch, *out.shape[1:])
-            else:
-                if i == diverge and need_plain and cached is None:
-                    # The runs part here: the plain run gets its own scheduler state and random stream,
-                    # exactly as if it were a separate call.
-                    plain_scheduler = copy.deepcopy(scheduler)
-                    plain_kwargs = self._step_kwargs(plain_scheduler, _clone_generator(generator), eta)
-                    plain_latents = latents
-                # One batched UNet call: [plain u, p] + [edited u, p] + [concepts on the edited latents].
-                segments: list = []
-                inputs: list[torch.Tensor] = []
-                if plain_scheduler is not None:
-                    zp = plain_scheduler.scale_model_input(plain_latents, t)
-                    segments += ["u", "p"] if do_cfg else ["p"]
-                    inputs += [zp] * (2 if do_cfg else 1)
-                z_in = scheduler.scale_model_input(latents, t)
-                segments += (["u", "p"] if edit_cfg else ["p"]) + needed
-                inputs += [z_in] * ((2 if edit_cfg else 1) + len(needed))
-                out = self.unet(torch.cat(inputs), t, encoder_hidden_states=embeddings_for(tuple(segments))).sample
-                unet_calls, unet_samples = unet_calls + 1, unet_samples + out.shape[0]
-                chunks = list(out.split(batch))
-                if plain_scheduler is not None:
-                    pu = chunks.pop(0)
-                    plain_pred = pu + classifier_free_guidance(pu, chunks.pop(0), guidance_scale) if do_cfg else pu
-                    if record is not None:
-                        record.latents.append(plain_latents)
-                        record.noise_uncond.append(pu)
-                        record.noise_pred.append(plain_pred)
-                    plain_latents = plain_scheduler.step(plain_pred, t, plain_latents, **plain_kwargs,
-                                                         return_dict=False)[0]
-                noise_uncond = chunks[0]
-                noise_text = chunks[1] if edit_cfg else chunks[0]
-                noise_concepts = torch.stack(chunks[-len(needed):]) if needed else None
-
-            # Semantic guidance: thresholded directions, momentum, and this step's edit term.
-            edit_term = None
-            if len(cc):
-                plan = plans[i]
-                if noise_concepts is not None:
-                    psi = concept_directions(noise_uncond, noise_concepts, signed_scales[needed], thresholds[needed])
-                else:
-                    psi = noise_uncond.new_zeros((0, *noise_uncond.shape))
-                edit_term, momentum = semantic_guidance_step(
-                    psi,
-                    plan,
-                    momentum,
-                    weights_on_device(tuple(plan.momentum_weights[c] for c in needed)),
-                    None if plan.edit_weights is None else weights_on_device(tuple(plan.edit_weights[c] for c in needed)),
-                    edit_momentum_scale,
-                    edit_mom_beta,
-                )
-
-            if noise_pred is None:
-                # e = e_u + (g + edit term + replayed guidance), summed in the reference's order.
-                if edit_cfg:
-                    noise_guidance = classifier_free_guidance(noise_uncond, noise_text, guidance_scale)
-                    if edit_term is not None:
-                        noise_guidance = noise_guidance + edit_term
-                    if sem_guidance is not None:
-                        noise_guidance = noise_guidance + sem_guidance[i]
-                    noise_pred = noise_uncond + noise_guidance
-                else:
-                    noise_pred = noise_text
-                if record is not None and shared:
-                    # Until the runs part, the edited run's estimates are the plain run's.
-                    record.latents.append(latents)
-                    record.noise_uncond.append(noise_uncond)
-                    record.noise_pred.append(noise_pred)
-            if recorded_guidance is not None:
-                recorded_guidance.append(edit_term if edit_term is not None else torch.zeros_like(latents))
-
-            latents = scheduler.step(noise_pred, t, latents, **edit_kwargs, return_dict=False)[0]
-            if callback_on_step_end is not None:
-                tensors = {"latents": latents}
-                result = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
-                latents = (result or {}).get("latents", latents)
-            if callback is not None and i % callback_steps == 0:
-                callback(i // getattr(scheduler, "order", 1), t, latents)
-
-        # 5. The plain run's final latents: computed alongside, from the cache, or identical to the edited run.
-        original_latents = None
-        if return_original:
-            if plain_scheduler is not None:
-                original_latents = plain_latents
-            elif cached is not None:
-                original_latents = cached.final_latents
-            elif diverge >= n_steps:
-                original_latents = latents
-        # 6. Decode the edited and the plain images in one VAE call.
-        original, original_nsfw = None, None
+        # 7. Decode, keep the plain run for re-edits, post-process
+        plain_latents = plain.final_latents(latents)
         if output_type == "latent":
-            image, nsfw, original = latents, None, original_latents
-        elif cached is not None and cached.image is not None and return_original:
-            image, nsfw = self._decode(latents, dtype)
-            original, original_nsfw = cached.image, cached.nsfw
-        elif original_latents is None or original_latents is latents:
-            image, nsfw = self._decode(latents, dtype)
-            if original_latents is not None:
-                original, original_nsfw = image, nsfw
-        elif original_first:
-            # Each image on its own: a batch of two can round differently from a batch of one.
-            image, nsfw = self._decode(latents, dtype)
-            original, original_nsfw = self._decode(original_latents, dtype)
+            image, nsfw, original, original_nsfw = latents, None, plain_latents, None
         else:
-            decoded, flags = self._decode(torch.cat([latents, original_latents]), dtype)
-            image, original = decoded[:batch], decoded[batch:]
-            nsfw, original_nsfw = (None, None) if flags is None else (list(flags[:batch]), list(flags[batch:]))
-
-        if record is not None and not self.interrupt and len(record.noise_pred) == n_steps:
-            record.final_latents = original_latents if return_original else latents
+            image, nsfw, original, original_nsfw = self.decode_pair(latents, plain, plain_latents, dtype)
+        trajectory = plain.finished(n_steps)
+        if trajectory is not None and key is not None and not self.interrupt:
+            trajectory.final_latents = plain_latents
             if output_type != "latent":
-                # Keep the decoded image too, so a re-edit returns the very same original.
-                record.image, record.nsfw = (original, original_nsfw) if return_original else (image, nsfw)
-            self.reedit_cache.put(cache_key, record)
+                # The decoded image too, so that a re-edit returns the very same original.
+                trajectory.image, trajectory.nsfw = original, original_nsfw
+            self.reedit_cache.put(key, trajectory)
+        if not (return_original and plain.wanted):
+            original, original_nsfw = None, None
 
         images = self._postprocess(image, nsfw, output_type)
         originals = None if original is None else self._postprocess(original, original_nsfw, output_type)
@@ -709,5 +847,7 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         if not return_dict:
             return (images, nsfw)
         return SegaPipelineOutput(images=images, nsfw_content_detected=nsfw, original_images=originals,
-                                  original_nsfw_content_detected=original_nsfw, sem_guidance=recorded_guidance,
-                                  cache_hit=cache_hit, unet_calls=unet_calls, unet_samples=unet_samples)
+                                  original_nsfw_content_detected=original_nsfw, sem_guidance=state.recorded_guidance,
+                                  cache_hit=plain.cache_hit, unet_calls=state.unet_calls,
+                                  unet_samples=state.unet_samples,
+                                  inversion_cache_hit=None if inversion is None else inversion.cache_hit)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from sega.demo.shapes import DEFAULT_MODEL_DIR, VOCAB_WORDS
+from sega.demo.shapes import DEFAULT_MODEL_DIR
 from sega.pipeline import SegaPipeline
+
+from .profiles import ModelProfile, min_size, native_size, profile_for
 
 logger = logging.getLogger(__name__)
 
@@ -23,14 +26,32 @@ class LoadedModel:
 
     pipe: SegaPipeline
     model_id: str
-    is_demo: bool
+    profile: ModelProfile
     fallback_reason: str | None
     device: str
 
+    @property
+    def is_demo(self) -> bool:
+        return self.profile.name == "demo"
 
-def on_zero_gpu() -> bool:
-    """True on a Hugging Face ZeroGPU Space (the GPU is attached per call, so CUDA may look absent here)."""
-    return os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
+    @property
+    def native_size(self) -> int:
+        return native_size(self.pipe)
+
+    @property
+    def min_size(self) -> int:
+        return min_size(self.pipe)
+
+    @property
+    def intro(self) -> str:
+        return self.profile.intro.replace("{size}", str(self.native_size))
+
+
+def on_zero_gpu(env: Mapping[str, str] | None = None) -> bool:
+    """True on a Hugging Face ZeroGPU Space (``SPACES_ZERO_GPU``, read as the ``spaces`` package reads it; the
+    GPU is attached per call, so CUDA may look absent here)."""
+    env = os.environ if env is None else env
+    return env.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
 
 
 def gpu_present() -> bool:
@@ -40,12 +61,6 @@ def gpu_present() -> bool:
 def default_model() -> str:
     """SD 1.5 when a GPU can run it, the small bundled model otherwise (fast on a CPU, no hub needed)."""
     return SD_MODEL_ID if gpu_present() else str(DEFAULT_MODEL_DIR)
-
-
-def is_demo_model(pipe: SegaPipeline) -> bool:
-    """The bundled shapes model (or a copy of it, e.g. a training checkpoint) has its own tiny vocabulary."""
-    vocab = pipe.tokenizer.get_vocab()
-    return len(vocab) < 100 and set(VOCAB_WORDS) <= set(vocab)
 
 
 def _load(model: str, device: str, dtype: torch.dtype, safety_checker: bool) -> SegaPipeline:
@@ -79,5 +94,5 @@ def load_pipeline(model: str | None = None, device: str | None = None, safety_ch
         pipe = _load(bundled, device, dtype, safety_checker)
         model_id = bundled
     pipe.set_progress_bar_config(desc="Denoising", leave=False)
-    return LoadedModel(pipe=pipe, model_id=model_id, is_demo=is_demo_model(pipe), fallback_reason=reason,
+    return LoadedModel(pipe=pipe, model_id=model_id, profile=profile_for(pipe), fallback_reason=reason,
                        device=device)

@@ -1,16 +1,106 @@
-"""What the app serves for each kind of model: presets and defaults (to become one model profile)."""
+"""What the app knows about the kind of model it serves: one profile per kind, instead of branches.
+
+A profile holds the per-concept presets, the generation defaults, the examples, the intro text and the
+placeholders. The served model's native size comes from the pipeline itself (:func:`native_size`).
+"""
 
 from __future__ import annotations
 
-from sega.demo.presets import DEMO_DEFAULTS, DEMO_PRESETS
+from dataclasses import dataclass, field
+
+from sega.demo.editing import DEMO_EDIT_DEFAULTS, DEMO_EDIT_EXAMPLES
+from sega.demo.presets import DEMO_DEFAULTS, DEMO_EXAMPLES, DEMO_PRESETS
+from sega.demo.shapes import BACKGROUNDS, COLORS, SHAPES, SIZES, VOCAB_WORDS
+from sega.pipeline import SegaPipeline
 from sega.presets import SD_DEFAULTS, SD_PRESETS
 
-
-def presets_for(is_demo: bool) -> dict[str, dict]:
-    """The preset table for the demo model or for Stable Diffusion checkpoints."""
-    return DEMO_PRESETS if is_demo else SD_PRESETS
+# (label, prompt, concepts as the API takes them, seed)
+Example = tuple[str, str, list[dict], int]
 
 
-def defaults_for(is_demo: bool) -> dict:
-    """Generation defaults (steps, guidance scale, momentum) for the demo model or SD checkpoints."""
-    return DEMO_DEFAULTS if is_demo else SD_DEFAULTS
+@dataclass(frozen=True)
+class ModelProfile:
+    """Everything the app shows or defaults to that depends on the kind of model served."""
+
+    name: str
+    presets: dict[str, dict]
+    defaults: dict  # steps, guidance_scale, momentum_scale, momentum_beta, default_preset
+    examples: list[Example]
+    intro: str  # Markdown; "{size}" stands for the native size in pixels
+    prompt_placeholder: str
+    concept_placeholder: str
+    edit_defaults: dict  # /edit: steps, skip, guidance_scale, source_guidance_scale
+    # The "Edit an image" tab's examples: (label, image path, source prompt, concepts, seed); none for SD.
+    edit_examples: list = field(default_factory=list)
+
+    @property
+    def default_preset(self) -> str:
+        return self.defaults["default_preset"]
+
+    def concept_defaults(self, preset: str | None = None) -> dict:
+        """Every key of a concept but its text, from ``preset`` (default: the profile's default preset)."""
+        name = preset or self.default_preset
+        return {"preset": name, **self.presets[name], "reverse": False, "cooldown": None, "weight": 1.0}
+
+
+DEMO_PROFILE = ModelProfile(
+    name="demo",
+    presets=DEMO_PRESETS,
+    defaults=DEMO_DEFAULTS,
+    examples=DEMO_EXAMPLES,
+    intro=("The bundled **demo model** draws {size}×{size} px shapes; it knows only these words: "
+           f"{', '.join(SIZES)}; {', '.join(COLORS)}; {', '.join(SHAPES)}; on a {' / '.join(BACKGROUNDS)} "
+           "background. Try a concept such as `blue` or `black background`."),
+    prompt_placeholder="a large red circle on a white background",
+    concept_placeholder="e.g. blue (leave empty to skip)",
+    edit_defaults=DEMO_EDIT_DEFAULTS,
+    edit_examples=DEMO_EDIT_EXAMPLES,
+)
+
+SD_PROFILE = ModelProfile(
+    name="stable-diffusion",
+    presets=SD_PRESETS,
+    defaults=SD_DEFAULTS,
+    examples=[
+        ("face: smile, glasses, curls, beard (the authors' example)", "a photo of the face of a woman", [
+            {"prompt": "smiling, smile", "scale": 4, "threshold": 0.99, "warmup": 10, "preset": "face"},
+            {"prompt": "glasses, wearing glasses", "scale": 5, "threshold": 0.975, "warmup": 10, "preset": "face"},
+            {"prompt": "curls, wavy hair, curly hair", "scale": 5, "threshold": 0.925, "warmup": 10, "preset": "face"},
+            {"prompt": "beard, full beard, mustache", "scale": 5.4, "threshold": 0.96, "warmup": 10, "preset": "face"},
+        ], 21),
+        ("castle: add a boat, paint like Monet", "a castle next to a river", [
+            {"prompt": "boat on a river, boat", "preset": "object"},
+            {"prompt": "monet, impression, sunrise", "preset": "style"},
+        ], 48),
+        ("street: remove the cars", "a crowded city street with cars, photo", [
+            {"prompt": "cars, traffic", "reverse": True, "preset": "object"},
+        ], 7),
+    ],
+    intro=("Describe an image, then add **concepts** to steer it towards (add) or away from (remove) an idea "
+           "while the rest of the picture stays put."),
+    prompt_placeholder="a photo of the face of a woman",
+    concept_placeholder="e.g. glasses, wearing glasses (leave empty to skip)",
+    # LEDITS++'s defaults for SD 1.5 (50 steps, skip 0.15, no source guidance, guidance as for generation).
+    edit_defaults={"steps": 50, "skip": 0.15, "guidance_scale": 7.0, "source_guidance_scale": 3.5},
+)
+
+
+def is_demo_model(pipe: SegaPipeline) -> bool:
+    """The bundled shapes model (or a copy of it, e.g. a training checkpoint) has its own tiny vocabulary."""
+    vocab = pipe.tokenizer.get_vocab()
+    return len(vocab) < 100 and set(VOCAB_WORDS) <= set(vocab)
+
+
+def profile_for(pipe: SegaPipeline) -> ModelProfile:
+    """The demo model's profile for the bundled model, Stable Diffusion's for every other checkpoint."""
+    return DEMO_PROFILE if is_demo_model(pipe) else SD_PROFILE
+
+
+def native_size(pipe: SegaPipeline) -> int:
+    """The model's training resolution in pixels (512 for SD 1.5, 32 for the demo model)."""
+    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+
+def min_size(pipe: SegaPipeline) -> int:
+    """The smallest image the UNet can take: one latent pixel after its last downsampling."""
+    return max(8, int(pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)))

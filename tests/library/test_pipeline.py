@@ -281,3 +281,90 @@ def test_bad_arguments_name_the_field():
         ours("x", num_inference_steps=2, editing_prompt=["a", "b"], edit_guidance_scale=[1.0])
     with pytest.raises(ValueError, match="threshold"):
         ours("x", num_inference_steps=2, concepts=[{"prompt": "blue", "threshold": 1.5}])
+
+
+def _halve_at_step_1(pipe, i, t, tensors):
+    return {"latents": tensors["latents"] * 0.5} if i == 1 else tensors
+
+
+@pytest.mark.parametrize("original_first", [False, True], ids=["one pass", "original first"])
+def test_a_callback_that_replaces_latents_changes_only_the_edited_run(original_first):
+    """The run without edits is recorded for later callers: a callback's latents must not leak into it."""
+    _, ours = pipes("ddim")
+    kw = dict(prompt="a red circle", num_inference_steps=STEPS, guidance_scale=7.0, output_type="latent",
+              return_original=True, original_first=original_first)
+    blue = [EditConcept("blue", warmup=3)]
+    clean = ours(**kw, generator=gen(), concepts=blue, use_cache=False)
+    changed = ours(**kw, generator=gen(), concepts=blue, callback_on_step_end=_halve_at_step_1)
+    assert (changed.images - clean.images).abs().max() > 1e-2  # the callback did change the edited run
+    torch.testing.assert_close(changed.original_images, clean.original_images, rtol=0, atol=TOL)
+    # A later caller without a callback replays the recorded run: its original is the clean one.
+    later = ours(**kw, generator=gen(), concepts=[EditConcept("square", warmup=2)])
+    assert later.cache_hit
+    torch.testing.assert_close(later.original_images, clean.original_images, rtol=0, atol=TOL)
+
+
+def test_a_callback_on_a_plain_run_does_not_fill_the_cache_with_its_latents():
+    _, ours = pipes("ddim")
+    kw = dict(prompt="a red circle", num_inference_steps=STEPS, guidance_scale=7.0, output_type="latent")
+    clean = ours(**kw, generator=gen(), use_cache=False).images
+    ours(**kw, generator=gen(), callback_on_step_end=_halve_at_step_1)
+    later = ours(**kw, generator=gen(), concepts=[EditConcept("blue", warmup=2)], return_original=True)
+    torch.testing.assert_close(later.original_images, clean, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("cache", ["cold", "warm"])
+def test_original_first_calls_the_callbacks_once_per_step(cache):
+    _, ours = pipes("ddim")
+    kw = dict(prompt="a red circle", num_inference_steps=STEPS, guidance_scale=7.0, output_type="latent",
+              return_original=True, original_first=True, concepts=[EditConcept("blue", warmup=2)])
+    if cache == "warm":
+        ours(**kw, generator=gen())
+    steps, latents, legacy = [], [], []
+
+    def on_step_end(pipe, i, t, tensors):
+        steps.append(i)
+        latents.append(tensors["latents"])
+        return tensors
+
+    out = ours(**kw, generator=gen(), callback_on_step_end=on_step_end, callback=lambda i, t, z: legacy.append(i))
+    assert out.cache_hit == (cache == "warm")
+    assert steps == list(range(STEPS)) and legacy == list(range(STEPS))
+    assert torch.equal(latents[-1], out.images)  # the callbacks see the edited run
+
+
+def test_a_stop_in_original_first_stops_the_run_without_edits_too():
+    _, ours = pipes("ddim")
+    steps = []
+
+    def stop_after_two(pipe, i, t, tensors):
+        steps.append(i)
+        if i == 1:
+            pipe._interrupt = True
+        return tensors
+
+    kw = dict(prompt="a red circle", num_inference_steps=STEPS, guidance_scale=7.0, output_type="latent",
+              return_original=True, original_first=True, concepts=[EditConcept("blue", warmup=1)])
+    out = ours(**kw, generator=gen(), callback_on_step_end=stop_after_two)
+    assert steps == [0, 1]
+    # Two steps of the run without edits ([u, p] each) and of the edited run (the concept at step 0,
+    # then [u, p, concept]): nothing more was computed, and nothing half-done was cached.
+    assert out.unet_samples == 2 * 2 + 1 + 3
+    assert len(ours.reedit_cache) == 0
+
+
+def test_use_cache_false_neither_reads_clears_nor_fills_the_caches():
+    _, ours = pipes("ddim")
+    kw = dict(prompt="a red circle", num_inference_steps=STEPS, guidance_scale=7.0, output_type="latent",
+              return_original=True)
+    first = ours(**kw, generator=gen(), concepts=[EditConcept("blue", warmup=2)])
+    # A wrong entry for the prompt: a call that read the cache would use it.
+    key = next(k for k in ours.embedding_cache.keys() if k[0] == "a red circle")
+    ours.embedding_cache.put(key, torch.zeros_like(ours.embedding_cache.get(key)))
+    embeddings, runs = ours.embedding_cache.keys(), ours.reedit_cache.keys()
+    off = ours(**kw, generator=gen(), concepts=[EditConcept("blue", warmup=2)], use_cache=False)
+    assert not off.cache_hit
+    torch.testing.assert_close(off.original_images, first.original_images, rtol=0, atol=TOL)
+    ours(**{**kw, "prompt": "a green square"}, generator=gen(1), concepts=[EditConcept("large")], use_cache=False)
+    assert ours.embedding_cache.keys() == embeddings and ours.reedit_cache.keys() == runs
+    assert ours(**kw, generator=gen(), concepts=[EditConcept("square", warmup=2)]).cache_hit

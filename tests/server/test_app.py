@@ -48,17 +48,22 @@ def generate(client, **kwargs):
     return pixels(original), pixels(edited), used
 
 
-def test_the_api_lists_one_endpoint_with_named_parameters(client, app_module):
+def test_the_api_lists_two_endpoints_with_named_parameters(client, app_module):
     info = client.view_api(return_format="dict", print_info=False)
-    assert list(info["named_endpoints"]) == ["/generate"] and not info["unnamed_endpoints"]
+    assert list(info["named_endpoints"]) == ["/generate", "/edit"] and not info["unnamed_endpoints"]
+    edit = info["named_endpoints"]["/edit"]["parameters"]
+    assert [p["parameter_name"] for p in edit] == ["image", "source_prompt", "concepts", "seed", "steps", "skip",
+                                                   "guidance_scale", "source_guidance_scale", "momentum_scale",
+                                                   "momentum_beta"]
+    assert [p["parameter_name"] for p in edit if not p["parameter_has_default"]] == ["image"]
     params = info["named_endpoints"]["/generate"]["parameters"]
     assert [p["parameter_name"] for p in params] == ["prompt", "concepts", "seed", "steps", "guidance_scale",
                                                      "negative_prompt", "width", "height", "momentum_scale",
-                                                     "momentum_beta"]
+                                                     "momentum_beta", "scheduler"]
     required = [p["parameter_name"] for p in params if not p["parameter_has_default"]]
     assert required == ["prompt"]
     defaults = {p["parameter_name"]: p["parameter_default"] for p in params}
-    assert defaults["steps"] == app_module.DEFAULTS["steps"] and defaults["width"] == app_module.NATIVE
+    assert defaults["steps"] == app_module.DEFAULTS["steps"] and defaults["width"] == app_module.LOADED.native_size
     assert len(info["named_endpoints"]["/generate"]["returns"]) == 3
 
 
@@ -84,6 +89,12 @@ def test_edit_differs_and_the_same_seed_gives_the_same_pair(client):
                                      seed=42)
     assert np.array_equal(original, original3)
     assert not np.array_equal(edited, edited3)
+
+
+def test_the_scheduler_is_an_api_parameter(client):
+    _, _, euler = generate(client, seed=4, scheduler="Euler", concepts=[{"prompt": "blue"}])
+    _, _, ddim = generate(client, seed=4, concepts=[{"prompt": "blue"}])
+    assert euler["scheduler"] == "Euler" and ddim["scheduler"] == "DDIM"
 
 
 def test_no_concepts_and_no_seed(client):
@@ -115,6 +126,8 @@ def test_a_long_prompt_is_truncated_with_a_notice(client):
     ({"concepts": [{"prompt": "blue", "strength": 3}]}, "concepts[0]"),
     ({"concepts": [{"prompt": "blue", "scale": "big"}]}, "concepts[0].scale"),
     ({"prompt": "\n\t"}, "prompt"),
+    ({"scheduler": "PNDM"}, "scheduler"),
+    ({"steps": 1001}, "steps"),
 ])
 def test_invalid_input_gets_an_error_naming_the_field(client, kwargs, field):
     from gradio_client.exceptions import AppError
@@ -126,7 +139,7 @@ def test_invalid_input_gets_an_error_naming_the_field(client, kwargs, field):
 
 def test_nan_over_raw_http_is_rejected_and_the_app_keeps_serving(server, client):
     # gradio_client refuses to send NaN; a hand-written request can.
-    body = '{"data": ["a red circle", [], 1, NaN, null, "", null, null, null, null]}'
+    body = '{"data": ["a red circle", [], 1, NaN, null, "", null, null, null, null, null]}'
     r = httpx.post(f"{server}gradio_api/call/generate", content=body, headers={"content-type": "application/json"})
     event_id = r.json()["event_id"]
     stream = httpx.get(f"{server}gradio_api/call/generate/{event_id}", timeout=60).text
@@ -149,7 +162,7 @@ def test_stop_stops_only_that_session(app_module):
 
     def run():
         try:
-            app_module.generate_api(PROMPT, steps=app_module.LIMITS.max_steps, seed=3, request=FakeRequest("a"))
+            app_module.generate_api(FakeRequest("a"), prompt=PROMPT, steps=app_module.LIMITS.max_steps, seed=3)
             outcome["result"] = "finished"
         except gr.Error as exc:
             outcome["result"] = exc.message
@@ -175,7 +188,7 @@ def test_a_failure_inside_one_generation_reaches_only_that_request(client, app_m
 
     real = app_module.run_on_gpu
 
-    def fail_once(params, stop_key=None):
+    def fail_once(params, stop=None):
         monkeypatch.setattr(app_module, "run_on_gpu", real)
         raise RuntimeError("injected fault")
 

@@ -16,7 +16,8 @@ import httpx
 import pytest
 
 from sega import SegaPipeline
-from server import loading, service
+from server import loading, profiles, service
+from server import params as api
 from tests.served import free_port, import_app, serve
 from tests.tiny import tiny_components
 
@@ -45,7 +46,7 @@ def call(url: str, data: list) -> tuple[str, object]:
 
 
 def api_data(**kwargs) -> list:
-    return [kwargs.get(k) for k in service.API_PARAMS]
+    return [kwargs.get(k) for k in api.API_PARAMS]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -153,11 +154,11 @@ def test_generated_files_are_deleted_after_a_while(app_module, monkeypatch):
 def test_the_reedit_and_embedding_caches_stay_within_their_bounds():
     pipe = SegaPipeline(**tiny_components(), reedit_cache_size=2, embedding_cache_size=5)
     pipe.set_progress_bar_config(disable=True)
-    loaded = loading.LoadedModel(pipe=pipe, model_id="tiny", is_demo=True, fallback_reason=None, device="cpu")
+    loaded = loading.LoadedModel(pipe=pipe, model_id="tiny", profile=profiles.DEMO_PROFILE, fallback_reason=None, device="cpu")
     words = ["red", "green", "blue", "yellow", "circle", "square", "triangle", "large", "small"]
     sizes = []
     for i, word in enumerate(words):
-        params = service.parse_request(loaded, {"prompt": f"a {word} shape", "seed": i, "steps": 2,
+        params = api.parse_request(loaded, {"prompt": f"a {word} shape", "seed": i, "steps": 2,
                                                 "concepts": [{"prompt": words[-1 - i], "warmup": 1}]})
         service.generate(loaded, params)
         sizes.append((len(pipe.reedit_cache), len(pipe.embedding_cache)))

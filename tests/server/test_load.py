@@ -71,12 +71,12 @@ def test_concurrent_clients_get_exactly_what_a_serial_run_gives(app_module, load
 
     real, lock, active = app_module.run_on_gpu, threading.Lock(), [0, 0]  # running now, most at once
 
-    def counted(params, stop_key=None):
+    def counted(params, stop=None):  # the GPU function is a generator: count while it runs
         with lock:
             active[0] += 1
             active[1] = max(active)
         try:
-            return real(params, stop_key)
+            yield from real(params, stop)
         finally:
             with lock:
                 active[0] -= 1
@@ -119,10 +119,10 @@ def test_a_full_queue_answers_busy_at_once_and_the_held_jobs_still_finish(app_mo
     entered = threading.Semaphore(0)
     release = threading.Event()
 
-    def held(params, stop_key=None):
+    def held(params, stop=None):
         entered.release()
         assert release.wait(60)
-        return real(params, stop_key)
+        return real(params, stop)
 
     monkeypatch.setattr(app_module, "run_on_gpu", held)
     try:

@@ -1,8 +1,8 @@
-"""server.service (validation, presets, generation, GPU time, "as code") and server.loading, on tiny models."""
+"""The server side on tiny models: validation and defaults (server.params), generation and GPU time
+(server.service), "as code" (server.snippets), model loading and profiles."""
 
 import ast
 import math
-import threading
 
 import numpy as np
 import pytest
@@ -11,19 +11,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sega import SegaPipeline
-from server import loading, service
+from server import loading, profiles, service, snippets
+from server import params as api
 from server.loading import LoadedModel, load_pipeline
-from server.profiles import defaults_for, presets_for
+from server.profiles import DEMO_PROFILE, SD_PROFILE
 from tests.tiny import tiny_components
 
-LIMITS = service.Limits(max_steps=50, max_size=64, max_concepts=3, max_prompt_chars=200)
+LIMITS = api.Limits(max_steps=50, max_size=64, max_concepts=3, max_prompt_chars=200)
 
 
 @pytest.fixture(scope="module")
 def tiny() -> LoadedModel:
     pipe = SegaPipeline(**tiny_components())
     pipe.set_progress_bar_config(disable=True)
-    return LoadedModel(pipe=pipe, model_id="tiny", is_demo=loading.is_demo_model(pipe), fallback_reason=None,
+    return LoadedModel(pipe=pipe, model_id="tiny", profile=profiles.profile_for(pipe), fallback_reason=None,
                        device="cpu")
 
 
@@ -35,11 +36,11 @@ def tiny_dir(tmp_path_factory):
 
 
 def parse(loaded, **raw):
-    return service.parse_request(loaded, {"prompt": "a red circle", **raw}, LIMITS)
+    return api.parse_request(loaded, {"prompt": "a red circle", **raw}, LIMITS)
 
 
 def error(loaded, **raw) -> str:
-    with pytest.raises(service.InvalidInput) as info:
+    with pytest.raises(api.InvalidInput) as info:
         parse(loaded, **raw)
     return str(info.value)
 
@@ -51,12 +52,12 @@ def error(loaded, **raw) -> str:
 
 def test_defaults_fill_every_optional_parameter(tiny):
     p = parse(tiny)
-    d = defaults_for(tiny.is_demo)
+    d = tiny.profile.defaults
     assert (p.steps, p.guidance_scale, p.momentum_scale, p.momentum_beta) == (
         d["steps"], d["guidance_scale"], d["momentum_scale"], d["momentum_beta"])
-    assert p.width == p.height == service.native_size(tiny) == 16
+    assert p.width == p.height == tiny.native_size == 16
     assert p.concepts == () and p.negative_prompt == "" and p.scheduler == "DDIM"
-    assert 0 <= p.seed <= service.MAX_SEED
+    assert 0 <= p.seed <= api.MAX_SEED
 
 
 @pytest.mark.parametrize("field", ["seed", "steps", "guidance_scale", "width", "height", "momentum_scale",
@@ -92,8 +93,8 @@ def test_steps_and_size_limits(tiny):
 
 
 def test_prompt_is_required_and_text(tiny):
-    with pytest.raises(service.InvalidInput, match="prompt is required"):
-        service.parse_request(tiny, {}, LIMITS)
+    with pytest.raises(api.InvalidInput, match="prompt is required"):
+        api.parse_request(tiny, {}, LIMITS)
     assert error(tiny, prompt="   ") == "prompt must be non-empty text"
     assert error(tiny, prompt=5) == "prompt must be a string, got int"
     assert "at most 200 characters" in error(tiny, prompt="a" * 201)
@@ -154,8 +155,8 @@ def test_the_error_names_which_concept(tiny):
 
 
 def test_presets_fill_missing_keys_and_explicit_keys_win(tiny):
-    presets = presets_for(tiny.is_demo)
-    default = presets[defaults_for(tiny.is_demo)["default_preset"]]
+    presets = tiny.profile.presets
+    default = presets[tiny.profile.defaults["default_preset"]]
     p = parse(tiny, concepts=[{"prompt": "blue"}, {"prompt": "black background", "preset": "background", "scale": 2},
                               {"prompt": "large", "reverse": True, "cooldown": 8, "weight": 0.5}])
     a, b, c = p.concepts
@@ -166,20 +167,20 @@ def test_presets_fill_missing_keys_and_explicit_keys_win(tiny):
 
 
 def test_sd_presets_are_used_for_sd_models(tiny):
-    sd = LoadedModel(pipe=tiny.pipe, model_id="sd", is_demo=False, fallback_reason=None, device="cpu")
-    p = service.parse_request(sd, {"prompt": "a woman", "concepts": [{"prompt": "smile", "preset": "face"}]}, LIMITS)
-    assert p.concepts[0].threshold == presets_for(False)["face"]["threshold"]
+    sd = LoadedModel(pipe=tiny.pipe, model_id="sd", profile=SD_PROFILE, fallback_reason=None, device="cpu")
+    p = api.parse_request(sd, {"prompt": "a woman", "concepts": [{"prompt": "smile", "preset": "face"}]}, LIMITS)
+    assert p.concepts[0].threshold == SD_PROFILE.presets["face"]["threshold"]
     assert "preset must be one of object, style, face, custom" in str(
-        pytest.raises(service.InvalidInput, service.parse_request, sd,
+        pytest.raises(api.InvalidInput, api.parse_request, sd,
                       {"prompt": "x", "concepts": [{"prompt": "y", "preset": "color"}]}, LIMITS).value)
 
 
 def test_used_json_has_every_key_and_parses_back_to_the_same_request(tiny):
     p = parse(tiny, seed=5, concepts=[{"prompt": "blue", "preset": "shape"}])
     used = p.to_json()
-    assert set(used) == {*service.API_PARAMS, "scheduler", "model"}
+    assert set(used) == {*api.API_PARAMS, "model"}
     assert set(used["concepts"][0]) == {"prompt", "scale", "threshold", "warmup", "cooldown", "reverse", "weight"}
-    again = service.parse_request(tiny, {k: used[k] for k in service.API_PARAMS}, LIMITS)
+    again = api.parse_request(tiny, {k: used[k] for k in api.API_PARAMS}, LIMITS)
     assert again == p
 
 
@@ -191,26 +192,27 @@ def test_notices_for_edits_that_cannot_apply(tiny):
 
 def test_scheduler_by_name(tiny):
     assert error(tiny, scheduler="PNDM").startswith("scheduler must be one of DDIM, DPM-Solver++, Euler")
-    for name, cls in service.SCHEDULERS.items():
-        assert isinstance(service.make_scheduler(name, tiny.pipe.scheduler.config), cls)
+    for name, cls in api.SCHEDULERS.items():
+        built = parse(tiny, scheduler=name).pipeline_keywords()["scheduler"].build(tiny.pipe)
+        assert isinstance(built, cls)
 
 
 def test_limits_from_env():
-    limits = service.Limits.from_env({"SEGA_MAX_STEPS": "20", "SEGA_MAX_SIZE": "256", "SEGA_MAX_CONCEPTS": "2",
+    limits = api.Limits.from_env({"SEGA_MAX_STEPS": "20", "SEGA_MAX_SIZE": "256", "SEGA_MAX_CONCEPTS": "2",
                                       "SEGA_MAX_PROMPT_CHARS": "50"})
-    assert limits == service.Limits(20, 256, 2, 50)
-    assert service.Limits.from_env({}) == service.Limits(100, 1024, 6, 1000)
+    assert limits == api.Limits(20, 256, 2, 50)
+    assert api.Limits.from_env({}) == api.Limits(100, 1024, 6, 1000)
     with pytest.raises(ValueError, match="SEGA_MAX_STEPS must be a positive integer"):
-        service.Limits.from_env({"SEGA_MAX_STEPS": "0"})
+        api.Limits.from_env({"SEGA_MAX_STEPS": "0"})
 
 
 def test_queue_settings_from_env():
-    assert service.queue_settings({}) == (32, 1)
-    assert service.queue_settings({"SEGA_QUEUE_SIZE": "1", "SEGA_CONCURRENCY": "3"}) == (1, 3)
+    assert api.queue_settings({}) == (32, 1)
+    assert api.queue_settings({"SEGA_QUEUE_SIZE": "1", "SEGA_CONCURRENCY": "3"}) == (1, 3)
     with pytest.raises(ValueError, match="SEGA_CONCURRENCY must be a positive integer, got 'many'"):
-        service.queue_settings({"SEGA_CONCURRENCY": "many"})
+        api.queue_settings({"SEGA_CONCURRENCY": "many"})
     with pytest.raises(ValueError, match="SEGA_QUEUE_SIZE must be a positive integer"):
-        service.queue_settings({"SEGA_QUEUE_SIZE": "0"})
+        api.queue_settings({"SEGA_QUEUE_SIZE": "0"})
 
 
 json_values = st.recursive(
@@ -218,7 +220,7 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=8,
 )
-concept_strategy = st.dictionaries(st.sampled_from(service.CONCEPT_KEYS + ("bogus",)), json_values, max_size=5)
+concept_strategy = st.dictionaries(st.sampled_from(api.CONCEPT_KEYS + ("bogus",)), json_values, max_size=5)
 request_strategy = st.fixed_dictionaries({}, optional={
     "prompt": st.text(max_size=30) | json_values,
     "concepts": st.lists(concept_strategy, max_size=4) | json_values,
@@ -231,8 +233,8 @@ request_strategy = st.fixed_dictionaries({}, optional={
 @given(raw=request_strategy)
 def test_any_payload_is_accepted_or_gets_the_documented_error(tiny, raw):
     try:
-        p = service.parse_request(tiny, raw, LIMITS)
-    except service.InvalidInput as exc:
+        p = api.parse_request(tiny, raw, LIMITS)
+    except api.InvalidInput as exc:
         assert str(exc)  # a message, never a crash of another kind
         return
     assert p.prompt.strip() and 1 <= p.steps <= LIMITS.max_steps and len(p.concepts) <= LIMITS.max_concepts
@@ -248,8 +250,8 @@ def test_generate_returns_both_images_and_the_used_parameters(tiny):
     r = service.generate(tiny, p)
     assert r.original.size == r.edited.size == (16, 16)
     assert not np.array_equal(np.asarray(r.original), np.asarray(r.edited))
-    assert r.used == {**p.to_json(), "notices": [], "summary": r.summary} and r.used["seed"] == 3
-    assert service.params_from_json(tiny, r.used, LIMITS) == p
+    assert r.used == {**p.to_json(), "notices": [], "summary": r.summary, "cache_hit": False} and r.used["seed"] == 3
+    assert api.params_from_json(tiny, r.used, LIMITS) == p
     assert "+'blue'" in r.summary and "seed 3" in r.summary
     # The same request again: the same pair; the plain run comes from the re-edit cache.
     r2 = service.generate(tiny, p)
@@ -264,17 +266,16 @@ def test_generate_without_concepts_gives_the_same_image_twice(tiny):
     assert r.summary.startswith("no edits")
 
 
-def test_stop_event_stops_at_the_next_step(tiny):
-    stop = threading.Event()
+def test_a_raising_step_callback_stops_the_run_at_that_step(tiny):
     seen = []
 
     def progress(done, total):
         seen.append((done, total))
         if done == 2:
-            stop.set()
+            raise service.GenerationStopped(f"Stopped after {done} of {total} steps.")
 
-    with pytest.raises(service.GenerationStopped, match="after 3 of 6 steps"):
-        service.generate(tiny, parse(tiny, seed=1, steps=6), progress_callback=progress, stop_event=stop)
+    with pytest.raises(service.GenerationStopped, match="after 2 of 6 steps"):
+        service.generate(tiny, parse(tiny, seed=1, steps=6), progress_callback=progress)
     assert seen == [(1, 6), (2, 6)]
 
 
@@ -297,25 +298,25 @@ def test_gpu_duration_grows_with_work_and_stays_bounded():
 
 def test_client_snippet_is_python_with_every_api_parameter(tiny):
     p = parse(tiny, seed=9, concepts=[{"prompt": "it's \"quoted\"\\", "reverse": True}], scheduler="Euler")
-    client, _ = service.as_code(p, url="http://127.0.0.1:9999/")
+    client, _ = snippets.as_code(p, url="http://127.0.0.1:9999/")
     tree = ast.parse(client)
     call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "predict")
     kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
     assert kwargs.pop("api_name") == "/generate"
     assert kwargs == p.api_kwargs()
     assert "Client('http://127.0.0.1:9999/')" in client
-    assert "this result used Euler" in client
+    assert kwargs["scheduler"] == "Euler"
 
 
 def test_library_snippet_reproduces_the_app_result(tiny_dir, tmp_path, monkeypatch):
     loaded = load_pipeline(str(tiny_dir))
     loaded.pipe.set_progress_bar_config(disable=True)
-    p = service.parse_request(loaded, {"prompt": "a large red circle", "seed": 11, "steps": 4,
+    p = api.parse_request(loaded, {"prompt": "a large red circle", "seed": 11, "steps": 4,
                                        "scheduler": "DPM-Solver++", "negative_prompt": "small",
                                        "concepts": [{"prompt": "blue", "warmup": 1, "threshold": 0.5},
                                                     {"prompt": "square", "reverse": True, "cooldown": 3}]}, LIMITS)
     app_result = service.generate(loaded, p)
-    _, library = service.as_code(p)
+    _, library = snippets.as_code(p)
     monkeypatch.chdir(tmp_path)
     exec(compile(library, "as_code", "exec"), {})
     from PIL import Image
@@ -325,7 +326,7 @@ def test_library_snippet_reproduces_the_app_result(tiny_dir, tmp_path, monkeypat
 
 def test_library_snippet_without_concepts_runs(tiny_dir, tmp_path, monkeypatch):
     loaded = load_pipeline(str(tiny_dir))
-    _, library = service.as_code(service.parse_request(loaded, {"prompt": "red", "seed": 1, "steps": 2}, LIMITS))
+    _, library = snippets.as_code(api.parse_request(loaded, {"prompt": "red", "seed": 1, "steps": 2}, LIMITS))
     monkeypatch.chdir(tmp_path)
     exec(compile(library, "as_code", "exec"), {})
     assert (tmp_path / "edited.png").exists()
@@ -383,7 +384,7 @@ def test_safety_checker_off_passes_none(monkeypatch):
 
 
 def test_model_fingerprint_tells_weights_apart(tiny):
-    other = LoadedModel(pipe=SegaPipeline(**tiny_components(seed=1)), model_id="tiny", is_demo=True,
+    other = LoadedModel(pipe=SegaPipeline(**tiny_components(seed=1)), model_id="tiny", profile=DEMO_PROFILE,
                         fallback_reason=None, device="cpu")
     assert service.model_fingerprint(tiny) == service.model_fingerprint(tiny)
     assert service.model_fingerprint(tiny) != service.model_fingerprint(other)
@@ -400,3 +401,22 @@ def test_save_png_names_by_content_and_leaves_no_partial_files(tmp_path):
     assert PIL.Image.open(first).getpixel((0, 0)) == (220, 30, 30)
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["image.png", "image.png"]
     assert service.save_png(None, str(tmp_path)) is None
+
+
+def test_steps_beyond_the_schedulers_training_timesteps_are_refused_naming_steps(tiny):
+    generous = api.Limits(max_steps=2000)
+    with pytest.raises(api.InvalidInput) as info:
+        api.parse_request(tiny, {"prompt": "a red circle", "steps": 1500}, generous)
+    assert str(info.value).startswith("steps must be an integer in [1, 1000]")
+    assert api.parse_request(tiny, {"prompt": "a red circle", "steps": 1000}, generous).steps == 1000
+
+
+def test_adding_a_parameter_is_one_declaration(tiny):
+    # Everything about a parameter derives from its declaration: defaults, JSON, pipeline keywords, snippets.
+    p = parse(tiny, seed=2, scheduler="Euler")
+    assert set(api.defaults(tiny)) == set(api.API_PARAMS) == set(p.api_kwargs())
+    keywords = p.pipeline_keywords()
+    assert keywords["scheduler"].source == "EulerDiscreteScheduler.from_config(pipe.scheduler.config)"
+    _, library = snippets.as_code(p)
+    for name, keyword in keywords.items():
+        assert f"    {name}={keyword.source},\n" in library

@@ -1,0 +1,86 @@
+"""The "as code" panel: a ``gradio_client`` call to this app and the library call, for one request.
+
+Both are rendered from :class:`server.params.GenerationParams`: the client call from its API parameters, the
+library call from :meth:`~server.params.GenerationParams.pipeline_keywords`, the same mapping that
+:func:`server.service.generate` executes.
+"""
+
+from __future__ import annotations
+
+from sega.demo.shapes import DEFAULT_MODEL_DIR
+
+from .params import GenerationParams, Keyword
+
+
+def py_literal(value) -> str:
+    """A Python literal for JSON-like values (repr escapes any text safely)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{py_literal(k)}: {py_literal(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        if not value:
+            return "[]"
+        return "[\n" + "".join(f"        {py_literal(v)},\n" for v in value) + "    ]"
+    return repr(value)
+
+
+def client_snippet(params: GenerationParams, url: str = "http://127.0.0.1:7860/") -> str:
+    """A ``gradio_client`` call to this app that returns the same images."""
+    values = params.api_kwargs()
+    lines, needs_file = [], False
+    for p in params.declarations:
+        if p.client_source is not None:
+            lines.append(f"    {p.name}={p.client_source(values[p.name])},\n")
+            needs_file = True
+        else:
+            lines.append(f"    {p.name}={py_literal(values[p.name])},\n")
+    first, second = ("original", "edited") if params.endpoint == "generate" else ("reconstruction", "edited")
+    return (
+        f"from gradio_client import Client{', handle_file' if needs_file else ''}\n\n"
+        f"client = Client({url!r})\n"
+        f"{first}, {second}, used = client.predict(\n"
+        + "".join(lines)
+        + f'    api_name="/{params.endpoint}",\n)\n'
+        f"print({first})\nprint({second})\n"
+    )
+
+
+def _call(target: str, keywords: dict) -> str:
+    body = "".join(f"    {name}={keyword.source},\n" for name, keyword in keywords.items())
+    return f"{target}(\n{body})\n"
+
+
+def library_snippet(params: GenerationParams) -> str:
+    """The ``sega`` library call(s) that return the same images (on the same device and dtype)."""
+    invert, pipe = params.pipeline_keywords("invert"), params.pipeline_keywords("pipe")
+    bundled = params.model in ("", str(DEFAULT_MODEL_DIR))
+    imports = {"import torch", "from sega import SegaPipeline"}
+    for keyword in (*invert.values(), *pipe.values()):
+        imports.update(keyword.imports)
+    if bundled:
+        imports.add("from sega.demo.shapes import DEFAULT_MODEL_DIR")
+    if "from sega import EditConcept" in imports:
+        imports -= {"from sega import EditConcept", "from sega import SegaPipeline"}
+        imports.add("from sega import EditConcept, SegaPipeline")
+    # isort order: plain imports before from-imports, third-party before ours
+    third_party = sorted((i for i in imports if "sega" not in i), key=lambda i: (i.startswith("from"), i))
+    ours = sorted(i for i in imports if "sega" in i)
+    model_expr = "DEFAULT_MODEL_DIR" if bundled else repr(params.model)
+    calls = ""
+    if invert:
+        calls += "inversion = " + _call("pipe.invert", invert)
+        pipe = {**pipe, "inversion": Keyword("inversion", "inversion", lambda _pipe: None)}
+    calls += "out = " + _call("pipe", pipe)
+    first = "original" if params.endpoint == "generate" else "reconstruction"
+    return (
+        "\n".join(third_party) + "\n\n" + "\n".join(ours) + "\n\n"
+        "# float32 on the CPU; on a GPU use dtype=torch.float16 and pipe.to(\"cuda\") (as the app does there)\n"
+        f"pipe = SegaPipeline.from_pretrained({model_expr}, dtype=torch.float32)\n"
+        f"{calls}"
+        f'out.original_images[0].save("{first}.png")\n'
+        'out.images[0].save("edited.png")\n'
+    )
+
+
+def as_code(params: GenerationParams, url: str = "http://127.0.0.1:7860/") -> tuple[str, str]:
+    """Both snippets: ``(gradio_client call, library call)``."""
+    return client_snippet(params, url), library_snippet(params)
