@@ -8,6 +8,7 @@ DEMO_PRESETS: dict[str, dict] = {
     "background": {"scale": 20.0, "threshold": 0.5, "warmup": 2},
     "shape": {"scale": 10.0, "threshold": 0.5, "warmup": 2},
     "size": {"scale": 10.0, "threshold": 0.5, "warmup": 2},
+    "removal": {"scale": 10.0, "threshold": 0.5, "warmup": 8},
     "custom": {"scale": 10.0, "threshold": 0.5, "warmup": 8},
 }
 DEMO_DEFAULTS: dict = {"steps": 25, "guidance_scale": 5.0, "momentum_scale": 0.3, "momentum_beta": 0.6,
