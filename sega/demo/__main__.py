@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     p_eval.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
     p_eval.add_argument("--seeds", type=int, default=48, help="seeds per edit kind (prompt accuracy: 4x)")
     p_eval.add_argument("--json", default=None, help="also write the report here")
+    p_eval.add_argument("--kinds", default=None, help="comma-separated edit kinds (default all)")
+    p_eval.add_argument("--prompt-seeds", type=int, default=None, help="prompt accuracy seeds (default 4x --seeds)")
     p_eval.add_argument("--first-seed", type=int, default=1000, help="evaluation seeds start here (tuning used 0..999)")
     p_sweep = sub.add_parser("sweep", help="success per (scale, threshold, warmup) and edit kind, on tuning seeds")
     p_sweep.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
@@ -76,11 +78,16 @@ def main(argv: list[str] | None = None) -> None:
               lr=args.lr, seed=args.seed, save_every=args.save_every, init_from=args.init_from,
               decoder_steps=args.decoder_steps, caption_mix=args.caption_mix, warmup_steps=args.warmup_steps,
               lr_floor=args.lr_floor, work_dir=args.work_dir, checkpoint_every=args.checkpoint_every,
-              max_seconds=args.max_seconds, max_cpu_seconds=args.max_cpu_seconds, prior_seconds=args.prior_seconds, log_every=args.log_every)
+              max_seconds=args.max_seconds, max_cpu_seconds=args.max_cpu_seconds,
+              prior_seconds=args.prior_seconds, log_every=args.log_every)
     else:
-        from .evaluate import run_eval
+        from .evaluate import EDIT_KINDS, run_eval
 
-        run_eval(args.model, n_seeds=args.seeds, first_seed=args.first_seed, out_json=args.json)
+        kinds = [k for k in args.kinds.split(",") if k] if args.kinds else list(EDIT_KINDS)
+        if unknown := set(kinds) - set(EDIT_KINDS):
+            parser.error(f"--kinds must be among {', '.join(EDIT_KINDS)}; got {', '.join(sorted(unknown))}")
+        run_eval(args.model, n_seeds=args.seeds, first_seed=args.first_seed, out_json=args.json, kinds=kinds,
+                 prompt_seeds=args.prompt_seeds)
 
 
 if __name__ == "__main__":
