@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     p_eval.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
     p_eval.add_argument("--seeds", type=int, default=48, help="seeds per edit kind (prompt accuracy: 4x)")
     p_eval.add_argument("--json", default=None, help="also write the report here")
-    p_eval.add_argument("--kinds", default=None, help="comma-separated edit kinds (default all)")
+    p_eval.add_argument("--kinds", default=None, help="comma-separated edit kinds (default all; '' for none)")
     p_eval.add_argument("--prompt-seeds", type=int, default=None, help="prompt accuracy seeds (default 4x --seeds)")
     p_eval.add_argument("--first-seed", type=int, default=1000, help="evaluation seeds start here (tuning used 0..999)")
     p_sweep = sub.add_parser("sweep", help="success per (scale, threshold, warmup) and edit kind, on tuning seeds")
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         g = grid(numbers(args.scales, float), numbers(args.thresholds, float), numbers(args.warmups, int))
         kinds = args.kinds.split(",")
         table = sweep(load(args.model), list(range(args.first_seed, args.first_seed + args.seeds)), kinds=kinds,
-                      grids={k: g for k in kinds if k != "three"})
+                      grids={**{k: g for k in kinds if k != "three"}, "background": g})
         for kind, rows in table.items():
             print(f"best {kind}: {json.dumps(choose(kind, rows))}")
         if args.json:
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from .evaluate import EDIT_KINDS, run_eval
 
-        kinds = [k for k in args.kinds.split(",") if k] if args.kinds else list(EDIT_KINDS)
+        kinds = list(EDIT_KINDS) if args.kinds is None else [k for k in args.kinds.split(",") if k]
         if unknown := set(kinds) - set(EDIT_KINDS):
             parser.error(f"--kinds must be among {', '.join(EDIT_KINDS)}; got {', '.join(sorted(unknown))}")
         run_eval(args.model, n_seeds=args.seeds, first_seed=args.first_seed, out_json=args.json, kinds=kinds,

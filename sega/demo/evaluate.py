@@ -58,7 +58,12 @@ class EditCase:
 
     @property
     def direction(self) -> str:
-        return f"no {self.source}" if self.target is None else f"{self.source}→{self.target}"
+        """The edit's direction as reported: for "three" the background's (the colour pairs cycle within it)."""
+        if self.target is None:
+            return f"no {self.source}"
+        if self.kind == "three":
+            return f"{self.source.split('+')[1]}→{self.target.split('+')[1]} + colour swap"
+        return f"{self.source}→{self.target}"
 
 
 def _pair(values: tuple[str, ...], index: int) -> tuple[str, str]:
@@ -204,13 +209,16 @@ def three_grid(table: dict[str, list[dict]], base: dict[str, dict], background_g
     return [{"color": c, "background": b} for c in colors for b in backgrounds]
 
 
-def choose(kind: str, rows: list[dict]) -> dict:
-    """The chosen row of a kind's sweep: the best success; among those, for colour the best composition IoU,
-    then the weakest direction's success, then the lowest scale."""
+def choose(kind: str, rows: list[dict], iou_target: float = 0.8) -> dict:
+    """The chosen row of a kind's sweep: the best success; among those, for colour the earliest warmup whose
+    composition IoU reaches ``iou_target`` (edit strength first, the composition kept), then the weakest
+    direction's success, then the lowest scale."""
     def key(row):
         worst = min(row["directions"].values()) if row["directions"] else 0.0
-        scale = row["setting"].get("scale", 0.0) if kind != "three" else 0.0
-        return (row["success"], row.get("iou_sega", 0.0), worst, -scale)
+        setting = row["setting"] if kind != "three" else {}
+        iou_ok = row.get("iou_sega", 1.0) >= iou_target
+        return (row["success"], iou_ok, -setting.get("warmup", 0) if "iou_sega" in row else 0, worst,
+                -setting.get("scale", 0.0))
 
     return max(rows, key=key)
 

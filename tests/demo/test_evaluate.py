@@ -35,6 +35,7 @@ def test_removal_and_three_concepts():
     assert removal[0].concepts[0].scale == DEMO_PRESETS["removal"]["scale"]
     three = [edit_case("three", s, DEMO_PRESETS) for s in range(16)]
     assert {c.spec.background for c in three} == set(BACKGROUNDS)
+    assert {c.direction for c in three} == {"white→black + colour swap", "black→white + colour swap"}
     for c in three:
         assert [x.reverse for x in c.concepts] == [False, True, False]
         assert c.concepts[2].prompt.endswith(" background") and c.concepts[2].prompt.split()[0] != c.spec.background
