@@ -28,30 +28,66 @@ def main(argv: list[str] | None = None) -> None:
     p_train.add_argument("--seed", type=int, default=0)
     p_train.add_argument("--save-every", type=int, default=0)
     p_train.add_argument("--init-from", default=None, help="continue from a saved model (use with --vae-steps 0)")
+    p_train.add_argument("--decoder-steps", type=int, default=0, help="fine-tune the VAE decoder alone first")
+    p_train.add_argument("--caption-mix", default="partial", choices=["partial", "edit"])
+    p_train.add_argument("--warmup-steps", type=int, default=100)
+    p_train.add_argument("--lr-floor", type=float, default=0.1, help="the cosine ends at this share of --lr")
+    p_train.add_argument("--work-dir", default=None,
+                         help="resumable state outside git; a restarted command continues from its last checkpoint")
+    p_train.add_argument("--checkpoint-every", type=int, default=50)
+    p_train.add_argument("--log-every", type=int, default=50)
+    p_train.add_argument("--max-seconds", type=float, default=None, help="time budget of the run, resumes included")
+    p_train.add_argument("--max-cpu-seconds", type=float, default=None,
+                         help="budget in CPU seconds of the process (2 busy cores: 120 per minute), resumes included")
+    p_train.add_argument("--prior-seconds", type=float, default=0.0,
+                         help="training time already spent on --init-from, for training.json")
     p_eval = sub.add_parser("eval", help="prompt accuracy, SEGA edit success and composition IoU")
     p_eval.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
-    p_eval.add_argument("--seeds", type=int, default=24, help="seeds per edit kind")
+    p_eval.add_argument("--seeds", type=int, default=48, help="seeds per edit kind (prompt accuracy: 4x)")
+    p_eval.add_argument("--json", default=None, help="also write the report here")
+    p_eval.add_argument("--kinds", default=None, help="comma-separated edit kinds (default all; '' for none)")
+    p_eval.add_argument("--prompt-seeds", type=int, default=None, help="prompt accuracy seeds (default 4x --seeds)")
     p_eval.add_argument("--first-seed", type=int, default=1000, help="evaluation seeds start here (tuning used 0..999)")
-    p_sweep = sub.add_parser("sweep", help="choose (scale, threshold, warmup) per edit kind on tuning seeds")
+    p_sweep = sub.add_parser("sweep", help="success per (scale, threshold, warmup) and edit kind, on tuning seeds")
     p_sweep.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
-    p_sweep.add_argument("--seeds", type=int, default=8, help="tuning seeds per setting (from 0)")
-    p_sweep.add_argument("--kinds", default="color,background,shape,size", help="comma-separated edit kinds")
+    p_sweep.add_argument("--seeds", type=int, default=12, help="tuning seeds per setting")
+    p_sweep.add_argument("--first-seed", type=int, default=0, help="tuning seeds are 0-899")
+    p_sweep.add_argument("--kinds", default="color,background,shape,size,removal,three",
+                         help="comma-separated edit kinds; three after color and background combines their best")
+    p_sweep.add_argument("--scales", default="10,15,20")
+    p_sweep.add_argument("--thresholds", default="0.5,0.8")
+    p_sweep.add_argument("--warmups", default="2,5,8")
     p_sweep.add_argument("--json", default=None, help="also write the table here")
     args = parser.parse_args(argv)
     if args.command == "sweep":
-        from .evaluate import load, sweep
+        from .evaluate import choose, grid, load, sweep
 
-        result = sweep(load(args.model), list(range(args.seeds)), kinds=args.kinds.split(","))
-        print("best:", json.dumps(result["best"]))
+        if args.first_seed + args.seeds > 900:
+            parser.error("--first-seed + --seeds must stay below 900: seeds from 900 on are for tests and eval")
+        numbers = lambda text, kind: [kind(x) for x in text.split(",")]  # noqa: E731
+        g = grid(numbers(args.scales, float), numbers(args.thresholds, float), numbers(args.warmups, int))
+        kinds = args.kinds.split(",")
+        table = sweep(load(args.model), list(range(args.first_seed, args.first_seed + args.seeds)), kinds=kinds,
+                      grids={**{k: g for k in kinds if k != "three"}, "background": g})
+        for kind, rows in table.items():
+            print(f"best {kind}: {json.dumps(choose(kind, rows))}")
         if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+            Path(args.json).write_text(json.dumps(table, indent=2) + "\n")
     elif args.command == "train":
         train(args.out, vae_steps=args.vae_steps, unet_steps=args.unet_steps, batch_size=args.batch_size,
-              lr=args.lr, seed=args.seed, save_every=args.save_every, init_from=args.init_from)
+              lr=args.lr, seed=args.seed, save_every=args.save_every, init_from=args.init_from,
+              decoder_steps=args.decoder_steps, caption_mix=args.caption_mix, warmup_steps=args.warmup_steps,
+              lr_floor=args.lr_floor, work_dir=args.work_dir, checkpoint_every=args.checkpoint_every,
+              max_seconds=args.max_seconds, max_cpu_seconds=args.max_cpu_seconds,
+              prior_seconds=args.prior_seconds, log_every=args.log_every)
     else:
-        from .evaluate import run_eval
+        from .evaluate import EDIT_KINDS, run_eval
 
-        run_eval(args.model, n_seeds=args.seeds, first_seed=args.first_seed)
+        kinds = list(EDIT_KINDS) if args.kinds is None else [k for k in args.kinds.split(",") if k]
+        if unknown := set(kinds) - set(EDIT_KINDS):
+            parser.error(f"--kinds must be among {', '.join(EDIT_KINDS)}; got {', '.join(sorted(unknown))}")
+        run_eval(args.model, n_seeds=args.seeds, first_seed=args.first_seed, out_json=args.json, kinds=kinds,
+                 prompt_seeds=args.prompt_seeds)
 
 
 if __name__ == "__main__":

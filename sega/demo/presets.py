@@ -4,29 +4,31 @@ from __future__ import annotations
 
 # The bundled shapes model: chosen by the sweep in its model card (assets/shapes-model/README.md).
 DEMO_PRESETS: dict[str, dict] = {
-    "color": {"scale": 10.0, "threshold": 0.5, "warmup": 8},
-    "background": {"scale": 20.0, "threshold": 0.5, "warmup": 2},
-    "shape": {"scale": 10.0, "threshold": 0.5, "warmup": 2},
+    "color": {"scale": 10.0, "threshold": 0.8, "warmup": 10},
+    "background": {"scale": 40.0, "threshold": 0.0, "warmup": 0},
+    "shape": {"scale": 15.0, "threshold": 0.5, "warmup": 2},
     "size": {"scale": 10.0, "threshold": 0.5, "warmup": 2},
+    "removal": {"scale": 30.0, "threshold": 0.5, "warmup": 5},
     "custom": {"scale": 10.0, "threshold": 0.5, "warmup": 8},
 }
 DEMO_DEFAULTS: dict = {"steps": 25, "guidance_scale": 5.0, "momentum_scale": 0.3, "momentum_beta": 0.6,
                        "default_preset": "color"}
 
 # The app's examples on this model, one per kind of edit, written as SEGA users write them (add the new value,
-# remove the old one): (label, prompt, concepts as the API takes them, seed).
+# remove the old one; removal is one reverse concept): (label, prompt, concepts as the API takes them, seed).
 DEMO_EXAMPLES: list[tuple[str, str, list[dict], int]] = [
     ("colour: red → blue", "a large red circle on a white background",
      [{"prompt": "blue", "preset": "color"}, {"prompt": "red", "reverse": True, "preset": "color"}], 1),
     ("background: white → black", "a large green square on a white background",
      [{"prompt": "black background", "preset": "background"},
       {"prompt": "white background", "reverse": True, "preset": "background"}], 2),
-    ("shape: circle → triangle", "a large yellow circle on a black background",
-     [{"prompt": "triangle", "preset": "shape"}, {"prompt": "circle", "reverse": True, "preset": "shape"}], 3),
+    ("shape: square → circle", "a large yellow square on a black background",
+     [{"prompt": "circle", "preset": "shape"}, {"prompt": "square", "reverse": True, "preset": "shape"}], 3),
     ("removal: no more blue", "a large blue square on a white background",
-     [{"prompt": "blue", "reverse": True, "preset": "color"}], 4),
+     [{"prompt": "blue", "reverse": True, "preset": "removal"}], 4),
     ("size: small → large", "a small red triangle on a white background",
      [{"prompt": "large", "preset": "size"}, {"prompt": "small", "reverse": True, "preset": "size"}], 5),
-    ("two concepts: blue + black background", "a small red square on a white background",
-     [{"prompt": "blue", "preset": "color"}, {"prompt": "black background", "preset": "background"}], 6),
+    ("colour swap + background: red → blue, white → black", "a small red square on a white background",
+     [{"prompt": "blue", "preset": "color"}, {"prompt": "red", "reverse": True, "preset": "color"},
+      {"prompt": "black background", "preset": "background"}], 6),
 ]

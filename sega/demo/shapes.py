@@ -96,11 +96,36 @@ def render(spec: ShapeSpec, rng: np.random.Generator, resolution: int = 32, supe
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
-def sample_batch(rng: np.random.Generator, batch_size: int, resolution: int = 32):
-    """Images in [-1, 1] as a float32 array (B, 3, H, W) and their training captions."""
+def edit_training_caption(spec: ShapeSpec, rng: np.random.Generator) -> str:
+    """The caption mix for SEGA's concepts: 10% empty, 30% full, 30% one attribute, 30% two or three.
+
+    SEGA edits with the difference between a short concept's prediction and the unconditional one, so each
+    attribute alone ("blue", "large", "a circle", "black background") needs to be learnt as well as the full
+    caption: that difference is what a reverse concept removes. Two and three attributes teach the model that
+    the attributes add up, which combinations of concepts (a colour swap plus a background) rely on.
+    """
+    u = rng.random()
+    if u < 0.10:
+        return ""
+    if u < 0.40:
+        return spec.caption()
+    keys = ("size", "color", "shape", "background")
+    if u < 0.70:
+        chosen = {keys[rng.integers(len(keys))]}
+    else:
+        chosen = set(rng.choice(keys, size=int(rng.integers(2, 4)), replace=False).tolist())
+    return partial_caption(spec, {k: k in chosen for k in keys}, bare_background=bool(rng.random() < 0.5))
+
+
+CAPTION_MIXES = {"partial": training_caption, "edit": edit_training_caption}
+
+
+def sample_batch(rng: np.random.Generator, batch_size: int, resolution: int = 32, caption_mix: str = "partial"):
+    """Images in [-1, 1] as a float32 array (B, 3, H, W) and their training captions (``CAPTION_MIXES``)."""
+    caption = CAPTION_MIXES[caption_mix]
     specs = [random_spec(rng) for _ in range(batch_size)]
     images = np.stack([render(s, rng, resolution) for s in specs]).astype(np.float32) / 127.5 - 1.0
-    captions = [training_caption(s, rng) for s in specs]
+    captions = [caption(s, rng) for s in specs]
     return images.transpose(0, 3, 1, 2), captions
 
 

@@ -73,6 +73,10 @@ def build_components(seed: int = 0, resolution: int = 32):
     return {"vae": vae, "unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
 
 
+def _cosine(progress: float, floor: float) -> float:
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
 def train(
     out: str | Path,
     vae_steps: int = 600,
@@ -86,12 +90,39 @@ def train(
     save_every: int = 0,
     save_fp16: bool = True,
     init_from: str | Path | None = None,
+    decoder_steps: int = 0,
+    caption_mix: str = "partial",
+    warmup_steps: int = 100,
+    lr_floor: float = 0.1,
+    work_dir: str | Path | None = None,
+    checkpoint_every: int = 50,
+    max_seconds: float | None = None,
+    max_cpu_seconds: float | None = None,
+    prior_seconds: float = 0.0,
 ) -> Path:
-    """Train the demo model: first the VAE, then UNet and text encoder jointly.
+    """Train the demo model: the VAE (or only its decoder), then UNet and text encoder jointly.
 
-    ``init_from`` continues from a saved model (its VAE is kept; set ``vae_steps=0``).
+    Args:
+        out: folder for the finished model (diffusers layout, float16 safetensors when ``save_fp16``).
+        vae_steps: steps of VAE training from scratch (0 keeps the VAE of ``init_from``).
+        unet_steps: steps of UNet and text encoder training; fewer when ``max_seconds`` runs out first.
+        batch_size: images per UNet step (the VAE stages use half).
+        lr: peak learning rate of the UNet stage (linear warmup over ``warmup_steps``, cosine to
+            ``lr_floor`` times it, following the larger of step and time progress).
+        init_from: continue from a saved model: its VAE, UNet, text encoder and tokenizer.
+        decoder_steps: steps of fine-tuning the VAE decoder alone (encoder frozen, so the latent space and
+            the UNet stay valid) on slightly noisy latents, so that it decodes generated latents to flat colours.
+        caption_mix: ``"partial"`` or ``"edit"``, see ``sega.demo.shapes.CAPTION_MIXES``.
+        work_dir: resumable state (a checkpoint every ``checkpoint_every`` steps, outside git); a run started
+            again with the same ``work_dir`` continues from its last checkpoint.
+        max_seconds: the wall-clock budget of this run, resumed segments included; the UNet stage's schedule
+            ends when it (or ``max_cpu_seconds``) runs out.
+        max_cpu_seconds: the budget in CPU seconds of this process, all threads (2 cores busy for a minute
+            are 120 CPU seconds): on a shared machine the wall clock says little about the compute spent.
+        prior_seconds: training time already spent on ``init_from``, for the record in training.json.
     """
     import copy
+    import os
 
     import torch
     import torch.nn.functional as F
@@ -100,49 +131,114 @@ def train(
     from ..pipeline import SegaPipeline
 
     out = Path(out)
+    work = Path(work_dir) if work_dir is not None else None
+    state_path = work / "state.pt" if work is not None else None
     rng = np.random.default_rng(seed)
     parts = build_components(seed)
     if init_from is not None:
-        loaded = SegaPipeline.from_pretrained(init_from, torch_dtype=torch.float32)
+        loaded = SegaPipeline.from_pretrained(init_from, dtype=torch.float32)
         parts.update(vae=loaded.vae, unet=loaded.unet.train(), text_encoder=loaded.text_encoder.train(),
                      tokenizer=loaded.tokenizer)
     vae, unet, text_encoder, tokenizer = parts["vae"], parts["unet"], parts["text_encoder"], parts["tokenizer"]
-    t0 = time.time()
+    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    unet_opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    done = {"vae": 0, "decoder": 0, "unet": 0}
+    elapsed0, unet_t0, cpu0, unet_cpu0 = 0.0, None, 0.0, None
+    if state_path is not None and state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        for name, module in (("vae", vae), ("unet", unet), ("text_encoder", text_encoder), ("ema_unet", ema_unet),
+                             ("ema_text", ema_text)):
+            module.load_state_dict(state[name])
+        if "vae_scaling_factor" in state:
+            vae.register_to_config(scaling_factor=state["vae_scaling_factor"])
+        unet_opt.load_state_dict(state["unet_opt"])
+        rng.bit_generator.state = state["rng"]
+        gen.set_state(state["gen"])
+        done, elapsed0, unet_t0 = state["done"], state["elapsed"], state["unet_t0"]
+        cpu0, unet_cpu0 = state.get("cpu", 0.0), state.get("unet_cpu0")
+        print(f"resumed from {state_path}: {done} after {elapsed0:.0f}s", flush=True)
+    t0 = time.time() - elapsed0
+    cpu_start = time.process_time() - cpu0
 
-    # 1. VAE: reconstruction plus a small KL term keeps the latent space smooth for diffusion.
-    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
-    vae_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / vae_steps)))
-    for step in range(vae_steps):
-        images, _ = sample_batch(rng, batch_size // 2)
-        x = torch.from_numpy(images)
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample()).sample
-        # L1 on top of MSE keeps the flat colours and the shape edges sharp.
-        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-6 * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        vae_sched.step()
-        if step % log_every == 0 or step == vae_steps - 1:
-            print(f"vae step {step:5d} loss {loss.item():.5f} ({time.time() - t0:.0f}s)", flush=True)
-    vae.eval().requires_grad_(False)
-    if vae_steps:
+    def cpu() -> float:
+        return time.process_time() - cpu_start
+
+    def checkpoint(stage_opt=None) -> None:
+        if state_path is None:
+            return
+        work.mkdir(parents=True, exist_ok=True)
+        state = {"vae": vae.state_dict(), "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                 "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
+                 "unet_opt": unet_opt.state_dict(), "rng": rng.bit_generator.state, "gen": gen.get_state(),
+                 "done": dict(done), "elapsed": time.time() - t0, "unet_t0": unet_t0,
+                 "cpu": cpu(), "unet_cpu0": unet_cpu0,
+                 "vae_scaling_factor": vae.config.scaling_factor}
+        torch.save(state, state_path.with_suffix(".tmp"))
+        os.replace(state_path.with_suffix(".tmp"), state_path)  # never a half-written checkpoint
+
+    # 1. VAE: reconstruction plus a small KL term keeps the latent space smooth for diffusion. An interrupted
+    # VAE stage restarts from its beginning (it is short); the UNet stage resumes at its last checkpoint.
+    if done["vae"] < vae_steps:
+        opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
+        for step in range(vae_steps):
+            for g in opt.param_groups:
+                g["lr"] = 2e-3 * _cosine(step / vae_steps, 0.05)
+            images, _ = sample_batch(rng, batch_size // 2)
+            x = torch.from_numpy(images)
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.sample()).sample
+            # L1 on top of MSE keeps the flat colours and the shape edges sharp.
+            loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-6 * posterior.kl().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if step % log_every == 0 or step == vae_steps - 1:
+                print(f"vae step {step:5d} loss {loss.item():.5f} ({time.time() - t0:.0f}s)", flush=True)
         with torch.no_grad():
             batches = [torch.from_numpy(sample_batch(rng, 256)[0]) for _ in range(4)]
             lat = torch.cat([vae.encode(b).latent_dist.sample() for b in batches])
         vae.register_to_config(scaling_factor=float(1.0 / lat.std()))
+        done["vae"] = vae_steps
+        checkpoint()
     print(f"vae scaling_factor {vae.config.scaling_factor:.4f}", flush=True)
+
+    # 1b. Decoder only: generated latents are a little off the encoder's, which shows as tinted fringes; noise
+    # on the latents teaches the decoder to snap them to flat colours. The encoder (the latent space) is kept.
+    if done["decoder"] < decoder_steps:
+        vae.requires_grad_(False)
+        decoder = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+        for p in decoder:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(decoder, lr=5e-4)
+        for step in range(decoder_steps):
+            for g in opt.param_groups:
+                g["lr"] = 5e-4 * min(1.0, (step + 1) / 20) * _cosine(step / decoder_steps, 0.05)
+            images, _ = sample_batch(rng, batch_size // 2)
+            x = torch.from_numpy(images)
+            with torch.no_grad():
+                z = vae.encode(x).latent_dist.sample(gen)
+                sigma = 0.15 * torch.rand((z.shape[0], 1, 1, 1), generator=gen) * z.std()
+                z = z + sigma * torch.randn(z.shape, generator=gen)
+            recon = vae.decode(z).sample
+            loss = 0.5 * F.mse_loss(recon, x) + F.l1_loss(recon, x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if step % log_every == 0 or step == decoder_steps - 1:
+                print(f"decoder step {step:5d} loss {loss.item():.5f} ({time.time() - t0:.0f}s)", flush=True)
+        done["decoder"] = decoder_steps
+        checkpoint()
+    vae.eval().requires_grad_(False)
 
     # 2. UNet and text encoder, epsilon prediction on the SD noise schedule.
     noise_scheduler = DDPMScheduler.from_config(parts["scheduler"].config)
     alphas_cumprod = noise_scheduler.alphas_cumprod
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / unet_steps)))
-    )
-    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
-    gen = torch.Generator().manual_seed(seed)
+    if unet_t0 is None:
+        unet_t0, unet_cpu0 = time.time() - t0, cpu()
+    budget = None if max_seconds is None else max(1.0, max_seconds - unet_t0)
+    cpu_budget = None if max_cpu_seconds is None else max(1.0, max_cpu_seconds - unet_cpu0)
 
     def save(path: Path) -> None:
         pipe = SegaPipeline(
@@ -153,8 +249,19 @@ def train(
         pipe.save_pretrained(path, safe_serialization=True)
         pipe.to(torch.float32)
 
-    for step in range(unet_steps):
-        images, captions = sample_batch(rng, batch_size)
+    step = done["unet"]
+    while step < unet_steps:
+        progress = step / unet_steps
+        if budget is not None:
+            progress = max(progress, (time.time() - t0 - unet_t0) / budget)
+        if cpu_budget is not None:
+            progress = max(progress, (cpu() - unet_cpu0) / cpu_budget)
+        if progress >= 1.0:
+            print(f"time budget reached after {step} of {unet_steps} UNet steps", flush=True)
+            break
+        for g in unet_opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / warmup_steps) * _cosine(progress, lr_floor)
+        images, captions = sample_batch(rng, batch_size, caption_mix=caption_mix)
         with torch.no_grad():
             latents = vae.encode(torch.from_numpy(images)).latent_dist.sample(gen) * vae.config.scaling_factor
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
@@ -167,25 +274,34 @@ def train(
         snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
         weight = snr.clamp(max=min_snr_gamma) / snr
         loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
-        opt.zero_grad(set_to_none=True)
+        unet_opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        unet_opt.step()
         decay = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for ema, model in ((ema_unet, unet), (ema_text, text_encoder)):
                 for pe, pm in zip(ema.parameters(), model.parameters()):
                     pe.lerp_(pm, 1 - decay)
         if step % log_every == 0 or step == unet_steps - 1:
-            print(f"unet step {step:5d} loss {loss.item():.5f} ({time.time() - t0:.0f}s)", flush=True)
-        if save_every and step and step % save_every == 0:
+            print(f"unet step {step:5d} loss {loss.item():.5f} lr {unet_opt.param_groups[0]['lr']:.2e} "
+                  f"({time.time() - t0:.0f}s, cpu {cpu():.0f}s)", flush=True)
+        step += 1
+        done["unet"] = step
+        if checkpoint_every and step % checkpoint_every == 0:
+            checkpoint()
+        if save_every and step % save_every == 0:
             save(out)
-            print(f"saved checkpoint at step {step}", flush=True)
+            print(f"saved model at step {step}", flush=True)
+    checkpoint()
     save(out)
-    info = {"seed": seed, "init_from": None if init_from is None else str(init_from), "vae_steps": vae_steps, "unet_steps": unet_steps, "batch_size": batch_size, "lr": lr,
-            "min_snr_gamma": min_snr_gamma,
-            "ema_decay": ema_decay, "train_seconds": round(time.time() - t0), "torch_threads": torch.get_num_threads()}
+    info = {"seed": seed, "init_from": None if init_from is None else str(init_from), "vae_steps": vae_steps,
+            "decoder_steps": decoder_steps, "unet_steps": step, "unet_steps_planned": unet_steps,
+            "batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps, "lr_floor": lr_floor,
+            "caption_mix": caption_mix, "min_snr_gamma": min_snr_gamma, "ema_decay": ema_decay,
+            "train_seconds": round(time.time() - t0), "train_cpu_seconds": round(cpu()),
+            "prior_seconds": round(prior_seconds),
+            "torch_threads": torch.get_num_threads()}
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"done in {time.time() - t0:.0f}s -> {out}", flush=True)
     return out

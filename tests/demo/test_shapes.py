@@ -1,6 +1,7 @@
 """The demo model's dataset, attribute reader and training script."""
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from sega.demo.shapes import (
     SIZES,
     ShapeSpec,
     describe,
+    edit_training_caption,
     mask_iou,
     partial_caption,
     render,
@@ -71,8 +73,38 @@ def test_training_script_runs_and_saves_a_loadable_model(tmp_path, monkeypatch):
     out = train(tmp_path / "m", vae_steps=2, unet_steps=2, batch_size=4, log_every=1)
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").exists()
     assert (out / "vae" / "diffusion_pytorch_model.safetensors").exists()
-    pipe = SegaPipeline.from_pretrained(out, torch_dtype=torch.float32)
+    pipe = SegaPipeline.from_pretrained(out, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     res = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
                concepts=[EditConcept("blue", warmup=0)], return_original=True)
     assert res.images[0].size == (32, 32) and res.original_images[0].size == (32, 32)
+
+
+def test_edit_caption_mix_teaches_each_attribute_alone():
+    spec = ShapeSpec("large", "blue", "circle", "black")
+    rng = np.random.default_rng(0)
+    caps = [edit_training_caption(spec, rng) for _ in range(4000)]
+    assert 0.07 < caps.count("") / len(caps) < 0.13
+    assert 0.25 < caps.count(spec.caption()) / len(caps) < 0.35
+    singles = {"large", "blue", "a circle", "black background", "on a black background"}
+    share = sum(c in singles for c in caps) / len(caps)
+    assert 0.25 < share < 0.35  # one attribute alone, the meaning of a single SEGA concept
+    assert caps.count("blue") > 0.05 * len(caps)
+    vocab = {"a", "on", "background", "large", "blue", "circle", "black"}
+    assert all(set(c.split()) <= vocab for c in caps)
+
+
+def test_training_resumes_from_its_last_checkpoint(tmp_path, capsys):
+    from sega.demo.train import train
+
+    kw = dict(vae_steps=2, batch_size=4, log_every=1, work_dir=tmp_path / "work", checkpoint_every=1,
+              caption_mix="edit", decoder_steps=1, warmup_steps=1)
+    train(tmp_path / "m", unet_steps=2, **kw)
+    assert (tmp_path / "work" / "state.pt").exists()
+    capsys.readouterr()
+    out = train(tmp_path / "m", unet_steps=3, **kw)  # a restarted command goes on where the last one stopped
+    log = capsys.readouterr().out
+    assert "resumed" in log and "vae step" not in log and "decoder step" not in log
+    assert "unet step     2" in log and "unet step     0" not in log
+    info = json.loads((out / "training.json").read_text())
+    assert info["unet_steps"] == 3 and info["caption_mix"] == "edit" and info["decoder_steps"] == 1
