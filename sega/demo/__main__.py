@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     p_eval.add_argument("--kinds", default=None, help="comma-separated edit kinds (default all; '' for none)")
     p_eval.add_argument("--prompt-seeds", type=int, default=None, help="prompt accuracy seeds (default 4x --seeds)")
     p_eval.add_argument("--first-seed", type=int, default=1000, help="evaluation seeds start here (tuning used 0..999)")
+    p_eval.add_argument("--real", action="store_true",
+                        help="edit uploads drawn by the renderer (inversion) instead of generated images")
     p_sweep = sub.add_parser("sweep", help="success per (scale, threshold, warmup) and edit kind, on tuning seeds")
     p_sweep.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
     p_sweep.add_argument("--seeds", type=int, default=12, help="tuning seeds per setting")
@@ -58,8 +60,12 @@ def main(argv: list[str] | None = None) -> None:
     p_sweep.add_argument("--thresholds", default="0.5,0.8")
     p_sweep.add_argument("--warmups", default="2,5,8")
     p_sweep.add_argument("--json", default=None, help="also write the table here")
+    p_sweep.add_argument("--real", action="store_true",
+                         help="presets for uploads (inversion): colour, background and shape on tuning images")
     args = parser.parse_args(argv)
-    if args.command == "sweep":
+    if args.command in ("eval", "sweep") and args.real:
+        real(args)
+    elif args.command == "sweep":
         from .evaluate import choose, grid, load, sweep
 
         if args.first_seed + args.seeds > 900:
@@ -88,6 +94,30 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--kinds must be among {', '.join(EDIT_KINDS)}; got {', '.join(sorted(unknown))}")
         run_eval(args.model, n_seeds=args.seeds, first_seed=args.first_seed, out_json=args.json, kinds=kinds,
                  prompt_seeds=args.prompt_seeds)
+
+
+def real(args) -> None:
+    """``eval --real`` / ``sweep --real``: editing uploads drawn by the renderer, through the inversion."""
+    from .editing import DEMO_EDIT_DEFAULTS, DEMO_EDIT_PRESETS, REAL_KINDS, evaluate_real, sweep_real
+    from .evaluate import load
+
+    pipe = load(args.model)
+    if args.command == "sweep":
+        numbers = lambda text, kind: [kind(x) for x in text.split(",")]  # noqa: E731
+        grid = {"scale": numbers(args.scales, float), "warmup": numbers(args.warmups, int),
+                "threshold": numbers(args.thresholds, float)}
+        kinds = tuple(k for k in args.kinds.split(",") if k in REAL_KINDS[1:]) or REAL_KINDS[1:]
+        result = sweep_real(pipe, list(range(args.first_seed, args.first_seed + args.seeds)), grid,
+                            dict(DEMO_EDIT_DEFAULTS), kinds=kinds)
+        print("best:", json.dumps(result["best"]))
+    else:
+        seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+        result = evaluate_real(pipe, seeds, DEMO_EDIT_PRESETS, dict(DEMO_EDIT_DEFAULTS))
+        for kind, r in result.items():
+            print(f"{kind:15s}: success {r['success']:.1%}, other attributes kept {r['kept']:.1%}, "
+                  f"mask IoU with the input {r['iou']:.3f} ({r['n']} uploads)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
