@@ -5,7 +5,9 @@ from __future__ import annotations
 import socket
 from contextlib import contextmanager
 
+import numpy as np
 import pytest
+from PIL import Image
 
 
 def free_port() -> int:
@@ -32,3 +34,8 @@ def serve(app_module, **launch_kwargs):
         yield url
     finally:
         app_module.demo.close()
+
+
+def pixels(path) -> np.ndarray:
+    """An image file's RGB pixels."""
+    return np.asarray(Image.open(path).convert("RGB"))

@@ -265,7 +265,7 @@ def test_callbacks_and_interrupt():
 def test_save_and_load_local_folder(tmp_path):
     _, ours = pipes("ddim")
     ours.save_pretrained(tmp_path / "model")
-    loaded = SegaPipeline.from_pretrained(tmp_path / "model", torch_dtype=torch.float32)
+    loaded = SegaPipeline.from_pretrained(tmp_path / "model", dtype=torch.float32)
     loaded.set_progress_bar_config(disable=True)
     kw = dict(prompt="a red circle", num_inference_steps=3, output_type="latent", concepts=[EditConcept("blue", warmup=1)])
     assert torch.equal(loaded(**kw, generator=gen()).images, ours(**kw, generator=gen()).images)

@@ -11,36 +11,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
-from tests.served import import_app, serve
+from tests.served import pixels
 
 pytestmark = pytest.mark.slow
 
 STEPS = 10
 PROMPT = "a large red circle on a white background"
-
-
-@pytest.fixture(scope="module")
-def app_module():
-    return import_app()
-
-
-@pytest.fixture(scope="module")
-def server(app_module):
-    with serve(app_module) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    from gradio_client import Client
-
-    return Client(server, verbose=False)
-
-
-def pixels(path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
 
 
 def generate(client, **kwargs):

@@ -12,35 +12,13 @@ from sega.demo.editing import EXAMPLE_IMAGES, EXAMPLES_DIR
 from sega.demo.shapes import describe
 from server import params as api
 from server import snippets
-from tests.served import import_app, serve
+from tests.served import pixels
 
 pytestmark = pytest.mark.slow
 
 STEPS = 10
 RED_CIRCLE = EXAMPLES_DIR / "red-circle.png"
 SWAP = [{"prompt": "blue", "preset": "color", "warmup": 2}, {"prompt": "red", "reverse": True, "preset": "color", "warmup": 2}]
-
-
-@pytest.fixture(scope="module")
-def app_module():
-    return import_app()
-
-
-@pytest.fixture(scope="module")
-def server(app_module):
-    with serve(app_module) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    from gradio_client import Client
-
-    return Client(server, verbose=False)
-
-
-def pixels(path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
 
 
 def edit(client, path, **kwargs):
