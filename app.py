@@ -1,4 +1,4 @@
-"""SEGA: semantic guidance for Stable Diffusion, as a Gradio app (UI and event wiring; the rest is in sega/).
+"""SEGA: semantic guidance for Stable Diffusion, as a Gradio app (UI and event wiring; the rest is in server/ and sega/).
 
     python app.py [--model HUB_ID_OR_FOLDER] [--no-safety-checker] [--host 127.0.0.1] [--port 7860]
 """
@@ -51,7 +51,7 @@ QUEUE_SIZE, CONCURRENCY = api.queue_settings()  # SEGA_QUEUE_SIZE, SEGA_CONCURRE
 # busy. Please try again.", gradio_client "Queue is full! Please try again.").
 BUSY_MESSAGE = "The server is busy (its queue of waiting requests is full). Please try again in a minute."
 
-# One stop flag per browser session: the step callback of that session's run checks it.
+# One stop flag per browser session (a file, so that a forked ZeroGPU worker sees it too; server/gpu.py).
 _stop_flags: dict[str, gpu.StopSignal] = {}
 _stop_lock = threading.Lock()
 
