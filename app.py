@@ -172,24 +172,21 @@ def _saved(result: service.GenerationResult) -> tuple[str | None, str | None]:
 
 
 def _run_ui(raw: dict, request: gr.Request | None, endpoint: str = "generate") -> tuple:
-    """Run for the UI: a stopped run keeps the previous images on screen."""
-    n_outputs = 5 if endpoint == "generate" else 8
+    """Run for the UI: both images, the pair for the slider, the seed and the JSON; for /edit also the summary
+    and both snippets (the Generate tab derives those from the JSON instead, so that cached examples show them
+    too). A stopped run keeps the previous images on screen."""
+    details = endpoint == "edit"
     try:
         params, result = _run(raw, request, endpoint, gr.Progress())
     except service.GenerationStopped as exc:
         gr.Info(str(exc))
-        return (gr.skip(),) * n_outputs
-    return _ui_outputs(params, result)[:n_outputs]
-
-
-def _ui_outputs(params: api.GenerationParams, result: service.GenerationResult) -> tuple:
-    """Both images, the pair for the slider, the seed and the JSON; then the summary and both snippets (the
-    Generate tab derives those from the JSON instead, so that cached examples show them too)."""
+        return (gr.skip(),) * (8 if details else 5)
     for notice in result.used["notices"]:
         gr.Warning(notice)
     original, edited = _saved(result)
     pair = (original, edited) if original is not None and edited is not None else None
-    return (original, edited, pair, params.seed, result.used, result.summary, *snippets.as_code(params))
+    outputs = (original, edited, pair, params.seed, result.used)
+    return (*outputs, result.summary, *snippets.as_code(params)) if details else outputs
 
 
 def show_details(used) -> tuple[str, str, str]:

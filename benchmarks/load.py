@@ -18,11 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,42 +255,55 @@ def _free_port() -> int:
 
 
 @contextmanager
+def app_process(args: list[str], env: Mapping[str, str], log: Path, timeout: float = 300.0) -> Iterator[tuple[str, int]]:
+    """``python <args> --host 127.0.0.1 --port <a free port>`` from the repository root, its output in ``log``;
+    yields ``(url ending in "/", pid)`` once it answers, and ends it afterwards. It runs in its own process group,
+    so that the ZeroGPU workers it forks end with it (a worker busy with a run outlives a SIGTERM)."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/"
+    with open(log, "w") as output:
+        proc = subprocess.Popen([sys.executable, *args, "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
+                                env=dict(env), stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{' '.join(args)} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+                try:
+                    if httpx.get(url + "config", timeout=5).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{' '.join(args)} did not answer on {url} within {timeout:.0f} s:\n"
+                                       f"{log.read_text()[-3000:]}")
+                time.sleep(0.3)
+            yield url, proc.pid
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(proc.pid, sig)
+                    proc.wait(20)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    pass
+
+
+@contextmanager
 def app_server(queue_size: int | None = None, concurrency: int | None = None, steps: int | None = None,
-               env: dict[str, str] | None = None, timeout: float = 120.0):
+               env: dict[str, str] | None = None, timeout: float = 120.0) -> Iterator[str]:
     """``python app.py`` on the bundled demo model and a free loopback port, as a separate process; yields its
     URL (ending in "/") and stops it afterwards."""
     from sega.demo.shapes import DEFAULT_MODEL_DIR
 
-    port = _free_port()
     child_env = {**os.environ, "SEGA_MODEL": str(DEFAULT_MODEL_DIR), "GRADIO_ANALYTICS_ENABLED": "False",
                  "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", **(env or {})}
     for name, value in (("SEGA_QUEUE_SIZE", queue_size), ("SEGA_CONCURRENCY", concurrency),
                         ("SEGA_MAX_STEPS", steps)):
         if value is not None:
             child_env[name] = str(value)
-    proc = subprocess.Popen([sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT,
-                            env=child_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"app.py exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
-            try:
-                if httpx.get(url + "config", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"app.py did not answer on {url} within {timeout:.0f} s")
-            time.sleep(0.3)
+    with tempfile.TemporaryDirectory() as folder, app_process(["app.py"], child_env, Path(folder) / "server.log",
+                                                              timeout) as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def _seconds(values: list[float]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from contextlib import contextmanager
 
@@ -39,3 +40,23 @@ def serve(app_module, **launch_kwargs):
 def pixels(path) -> np.ndarray:
     """An image file's RGB pixels."""
     return np.asarray(Image.open(path).convert("RGB"))
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's; never a downloaded browser
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+@contextmanager
+def browser_page(width: int = 1280, height: int = 900):
+    """A page of headless Debian chromium (the test is skipped where it is not installed)."""
+    from playwright.sync_api import sync_playwright
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("Debian chromium is not installed")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser.new_page(viewport={"width": width, "height": height})
+        finally:
+            browser.close()

@@ -34,8 +34,6 @@ import base64
 import json
 import os
 import runpy
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -270,59 +268,23 @@ class Served:
         self.control_file.write_text(json.dumps(values))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def serve_app(folder: Path, zero_gpu: bool, env: dict[str, str] | None = None,
               timeout: float = 300) -> Iterator[Served]:
     """``python app.py`` on the bundled demo model, as on a ZeroGPU Space (emulated) or as on a CPU."""
-    import httpx
-
+    from benchmarks.load import app_process  # here: the launcher process must not import it before spaces
     from sega.demo.shapes import DEFAULT_MODEL_DIR
 
-    port = _free_port()
-    served = Served(url=f"http://127.0.0.1:{port}/", pid=0, log=folder / "log.jsonl",
-                    control_file=folder / "control.json")
+    log, control_file = folder / "log.jsonl", folder / "control.json"
     environ = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-               "TQDM_DISABLE": "1", "SEGA_MODEL": str(DEFAULT_MODEL_DIR), LOG_ENV: str(served.log),
-               CONTROL_ENV: str(served.control_file), "PYTHONPATH": str(ROOT)}
+               "TQDM_DISABLE": "1", "SEGA_MODEL": str(DEFAULT_MODEL_DIR), LOG_ENV: str(log),
+               CONTROL_ENV: str(control_file), "PYTHONPATH": str(ROOT)}
     environ.pop("SPACES_ZERO_GPU", None)
     if zero_gpu:
         environ["SPACES_ZERO_GPU"] = "true"
     environ.update(env or {})
-    output = open(folder / "server.log", "w")  # closed below
-    # Its own process group: the ZeroGPU workers it forks go with it.
-    process = subprocess.Popen([sys.executable, "-m", "tests.zerogpu", "--host", "127.0.0.1", "--port", str(port)],
-                               cwd=ROOT, env=environ, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
-    served.pid = process.pid
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the app exited ({process.returncode}):\n{(folder / 'server.log').read_text()[-3000:]}")
-            try:
-                if httpx.get(served.url, timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the app did not start:\n{(folder / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield served
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):  # a ZeroGPU worker busy with a run outlives a SIGTERM
-            try:
-                os.killpg(process.pid, sig)
-                process.wait(30)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
-        output.close()
+    with app_process(["-m", "tests.zerogpu"], environ, folder / "server.log", timeout) as (url, pid):
+        yield Served(url=url, pid=pid, log=log, control_file=control_file)
 
 
 def main(argv: list[str]) -> None:

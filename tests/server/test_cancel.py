@@ -10,19 +10,15 @@ from its active jobs. The app's watcher (server.gpu.drive) sees either within 0.
 file, which the denoising loop checks at the end of each step, in the worker on ZeroGPU.
 """
 
-import os
 import time
-from contextlib import contextmanager
 
 import pytest
 
+from tests.served import browser_page
 from tests.zerogpu import serve_app
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 PROMPT = "a large red circle on a white background"
 LONG = 900  # steps: far more than a test waits for
 STEPS_AFTER_STOP = 2  # at most, once the app knows: the step under way, and one more
@@ -84,20 +80,6 @@ def test_a_cancelled_api_call_ends_its_run(server):
     stopped_at = time.time()
     job.cancel()
     check_stopped(server, mark, 31, stopped_at)
-
-
-@contextmanager
-def browser_page():
-    from playwright.sync_api import sync_playwright
-
-    if not os.path.exists(CHROMIUM):
-        pytest.skip("Debian chromium is not installed")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield browser.new_page(viewport={"width": 1280, "height": 900})
-        finally:
-            browser.close()
 
 
 def start_in_browser(page, url: str, steps: int, seed: int) -> None:
