@@ -422,15 +422,22 @@ def run_example(prompt_text, example_seed, concepts, request: gr.Request, progre
     return _run_ui({"prompt": prompt_text, "seed": example_seed, "concepts": concepts}, request)
 
 
-def fill_generate_form(concepts: list | None) -> dict:
-    """An example's concepts in the rows, every other setting back to its default."""
-    return {**concept_rows.fill(concepts or []), randomize: False,
+def example_index(evt: gr.SelectData) -> int:
+    return evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+
+
+def fill_generate_form(evt: gr.SelectData) -> dict:
+    """The clicked example's concepts in the rows, every other setting back to its default (each click: also
+    when the same example is clicked again after a row was changed)."""
+    _, _, concepts, _ = PROFILE.examples[example_index(evt)]
+    return {**concept_rows.fill(concepts), randomize: False,
             **{widget: DEFAULTS[name] for name, widget in settings.items()}}
 
 
-def fill_edit_form(concepts: list | None) -> dict:
-    """An edit example's concepts in the rows, every other setting back to its default."""
-    return {**edit_rows.fill(concepts or []), edit_randomize: False, edit_guidance: None,
+def fill_edit_form(evt: gr.SelectData) -> dict:
+    """The clicked edit example's concepts in the rows, every other setting back to its default."""
+    _, _, _, concepts, _ = PROFILE.edit_examples[example_index(evt)]
+    return {**edit_rows.fill(concepts), edit_randomize: False, edit_guidance: None,
             **{widget: EDIT_DEFAULTS[name] for name, widget in edit_settings.items()
                if name not in ("source_prompt", "guidance_scale")}}
 
@@ -468,7 +475,7 @@ with gr.Blocks(title="SEGA: semantic guidance", delete_cache=(900, 3600)) as dem
                     edit_this_btn = gr.Button("Edit this image", size="sm", elem_id="edit-this")
             # Examples fill the form (rows included) and show a lazily cached result.
             example_concepts = gr.JSON(visible=False)
-            gr.Examples(
+            generate_examples = gr.Examples(
                 examples=[[p, s, c] for _, p, c, s in PROFILE.examples],
                 example_labels=[label for label, *_ in PROFILE.examples],
                 inputs=[prompt, seed, example_concepts],
@@ -503,13 +510,13 @@ with gr.Blocks(title="SEGA: semantic guidance", delete_cache=(900, 3600)) as dem
                         edit_stop_btn = gr.Button("Stop", variant="stop", elem_id="edit-stop")
                 with gr.Column(scale=4):
                     edited = result_column("Reconstruction (without edits)", "edit-")
-            edit_example_concepts = gr.JSON(visible=False)
+            edit_examples = None
             if PROFILE.edit_examples:
                 # They fill the form only; pressing Edit runs them.
-                gr.Examples(
-                    examples=[[path, source, seed_, c] for _, path, source, c, seed_ in PROFILE.edit_examples],
+                edit_examples = gr.Examples(
+                    examples=[[path, source, seed_] for _, path, source, _, seed_ in PROFILE.edit_examples],
                     example_labels=[label for label, *_ in PROFILE.edit_examples],
-                    inputs=[upload, source_prompt, edit_seed, edit_example_concepts],
+                    inputs=[upload, source_prompt, edit_seed],
                     label="Images to edit (drawn by the demo model's renderer, not by the model)",
                 )
 
@@ -522,11 +529,14 @@ with gr.Blocks(title="SEGA: semantic guidance", delete_cache=(900, 3600)) as dem
                      "momentum_scale": edit_momentum_scale, "momentum_beta": edit_momentum_beta}
     concept_rows.wire_advanced(show_advanced)
     edit_rows.wire_advanced(edit_show_advanced)
-    example_concepts.change(fill_generate_form, example_concepts,
-                            [*concept_rows.outputs, randomize, *settings.values()], api_visibility="private")
-    edit_example_concepts.change(fill_edit_form, edit_example_concepts,
-                                 [*edit_rows.outputs, edit_randomize, *edit_settings.values()],
-                                 api_visibility="private")
+    # A click on an example fills the rows from the example itself (a change of a hidden value would not fire
+    # when the same example is clicked twice).
+    generate_examples.dataset.select(fill_generate_form, None, [*concept_rows.outputs, randomize, *settings.values()],
+                                     api_visibility="private", queue=False)
+    if edit_examples is not None:
+        edit_examples.dataset.select(fill_edit_form, None,
+                                     [*edit_rows.outputs, edit_randomize, *edit_settings.values()],
+                                     api_visibility="private", queue=False)
 
     # Summary and code are derived from the JSON: cached examples store JSON faithfully, free text less so.
     generated["used"].change(show_details, generated["used"], generated["details"], api_visibility="private")

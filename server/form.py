@@ -86,13 +86,12 @@ LOOKS: dict[str, Look] = {
 # A concept row's numbers, by EditConcept field.
 CONCEPT_LOOKS: dict[str, Look] = {
     "scale": Look("Edit scale", 0.1, top=_at_most(20.0),
-                  info="How hard the concept pulls: higher changes the image more (too high distorts it)."),
+                  info="How hard the concept pulls: higher changes the image more."),
     "threshold": Look("Threshold", 0.005,
-                      info="Higher edits LESS of the image: the share of it left untouched (0.95 edits only the 5 % "
-                           "where the concept pulls hardest)."),
+                      info="Higher edits LESS of the image: 0.95 edits only the 5 % the concept pulls hardest."),
     # A warmup or cooldown past the last step never applies (or never ends): the form stops at the most steps.
     "warmup": Look("Warmup (steps)", 1, top=_max_steps,
-                   info="The step the concept starts at: later keeps more of the image's layout."),
+                   info="The step the edit starts at: later keeps more of the layout."),
     "cooldown": Look("Cooldown step (empty: never)", 1, top=_max_steps),
     "weight": Look("Weight", 0.1, top=_at_most(5.0)),
 }
