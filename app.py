@@ -347,8 +347,9 @@ def result_column(first_label: str, prefix: str) -> dict:
     with gr.Accordion("Parameters used (JSON)", open=False):
         used = gr.JSON(show_label=False)
     with gr.Accordion("As code", open=False):
-        client_code = gr.Code(language="python", label="gradio_client (call this app)")
-        library_code = gr.Code(language="python", label="sega library (run it yourself)")
+        client_code = gr.Code(language="python", label="gradio_client (call this app)", elem_id=f"{prefix}client-code")
+        library_code = gr.Code(language="python", label="sega library (run it yourself)",
+                               elem_id=f"{prefix}library-code")
     return {"images": [first, edited, slider, seed_used, used], "details": [summary, client_code, library_code],
             "used": used, "edited": edited, "seed_used": seed_used}
 
