@@ -32,17 +32,19 @@ LOCAL_URL = "http://127.0.0.1:7860/"
 def app_address(space_id: str | None, headers: Mapping[str, str], url: str = "") -> str:
     """What a ``gradio_client.Client`` should connect to: the Space's name (``"owner/space"``, from
     ``$SPACE_ID``) on a Hugging Face Space, else the address the visitor used (a proxy's ``x-forwarded-host``
-    and ``x-forwarded-proto``, else the ``host`` header), with the app's path, from ``url``, the request's
-    address (``.../gradio_api/...`` is the app's own part)."""
+    and ``x-forwarded-proto``, else the ``host`` header and the app's path in ``url``, the request's address,
+    of which ``/gradio_api/...`` is gradio's own part)."""
     if space_id:
         return space_id
     headers = {k.lower(): v for k, v in headers.items()}
-    host = headers.get("x-forwarded-host", "").split(",")[0].strip() or headers.get("host", "").strip()
+    forwarded = headers.get("x-forwarded-host", "").split(",")[0].strip()
+    host = forwarded or headers.get("host", "").strip()
     if not host:
         return LOCAL_URL
     parts = urlsplit(url)
     scheme = headers.get("x-forwarded-proto", "").split(",")[0].strip() or parts.scheme or "http"
-    path = parts.path.split("/gradio_api/")[0].rstrip("/")
+    # Behind a proxy the request's own path is the proxy's business (as gradio's get_root_url reads it).
+    path = "" if forwarded else parts.path.split("/gradio_api/")[0].rstrip("/")
     return f"{scheme}://{host}{path}/"
 
 

@@ -352,6 +352,20 @@ def test_client_snippet_is_python_with_every_api_parameter(tiny):
     assert kwargs["scheduler"] == "Euler"
 
 
+def test_as_code_calls_the_space_or_the_address_the_visitor_used(tiny):
+    assert snippets.app_address("someone/sega", {"host": "10.0.0.1"}, "http://10.0.0.1/") == "someone/sega"
+    join = "gradio_api/queue/join?__theme=dark"
+    assert snippets.app_address(None, {"host": "example.org:8080"}, f"http://example.org:8080/{join}") == \
+        "http://example.org:8080/"
+    assert snippets.app_address(None, {"host": "example.org"}, f"http://example.org/sega/{join}") == \
+        "http://example.org/sega/"
+    proxied = {"Host": "10.0.0.1:7860", "X-Forwarded-Host": "sega.example.com, proxy", "X-Forwarded-Proto": "https"}
+    assert snippets.app_address(None, proxied, f"http://10.0.0.1:7860/{join}") == "https://sega.example.com/"
+    assert snippets.app_address(None, {}, "") == snippets.LOCAL_URL
+    client, _ = snippets.as_code(parse(tiny, seed=1), "someone/sega")
+    assert "client = Client('someone/sega')\n" in client
+
+
 def test_library_snippet_reproduces_the_app_result(tiny_dir, tmp_path, monkeypatch):
     loaded = load_pipeline(str(tiny_dir))
     loaded.pipe.set_progress_bar_config(disable=True)
