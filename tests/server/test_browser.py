@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sega.inversion import performed_steps
 from server.profiles import DEMO_PROFILE
 from tests.served import browser_page, import_app, pixels, serve
 
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.slow
 IMAGE_MB, IMAGE_PIXELS = 1, 500_000
 ERROR_TOAST = "[data-testid=toast-body].error"
 RUN_TIMEOUT = 120_000  # ms
+FEW_STEPS = 12
 
 
 @pytest.fixture(scope="module")
@@ -244,6 +246,8 @@ def test_each_preset_of_a_row_generates(server):
         expect(page.get_by_text("Higher edits LESS of the image").first).to_be_visible()
         text_field(page, "prompt").fill("a large red circle on a white background")
         text_field(page, "concept-0-text").fill("blue")
+        assert FEW_STEPS > max(p["warmup"] for p in DEMO_PROFILE.presets.values())  # every preset still applies
+        set_number(page, "steps", FEW_STEPS)
         for name, values in DEMO_PROFILE.presets.items():
             pick_preset(page, "concept-0", name)
             expect_row(page, "concept-0", {"prompt": "blue", "preset": name}, "generate")
@@ -263,6 +267,10 @@ def test_each_preset_of_an_edit_row_edits(server):
         page.locator("#edit-image input[type=file]").set_input_files(str(EXAMPLES_DIR / "red-circle.png"))
         expect(page.locator("#edit-image img").first).to_be_visible(timeout=30_000)
         text_field(page, "edit-concept-0-text").fill("blue")
+        steps = FEW_STEPS + 3
+        assert performed_steps(steps, DEMO_PROFILE.edit_defaults["skip"]) > max(
+            p["warmup"] for p in DEMO_PROFILE.edit_presets.values())  # what skip leaves is past every warmup
+        set_number(page, "edit-steps", steps)
         for name, values in DEMO_PROFILE.edit_presets.items():
             pick_preset(page, "edit-concept-0", name)
             expect_row(page, "edit-concept-0", {"prompt": "blue", "preset": name}, "edit")
