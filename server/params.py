@@ -498,8 +498,9 @@ def _notices_across_fields(values: Mapping[str, Any]) -> list[str]:
             notices.append(f"concepts[{i}] ({concept.prompt!r}) is never applied: its warmup {concept.warmup} "
                            f"is not below the {steps} steps{' that skip leaves' if 'skip' in values else ''}.")
     if values.get("concepts") and values["guidance_scale"] <= 1:
-        notices.append(f"guidance_scale {values['guidance_scale']:g} <= 1 turns classifier-free guidance off; the "
-                       "edits are applied to the unconditional estimate.")
+        notices.append(f"guidance_scale {values['guidance_scale']:g} <= 1 turns classifier-free guidance off: both "
+                       "images follow the prompt alone (any value from 0 to 1 gives the same pair), and the edits "
+                       "are added to the image with edits.")
     return notices
 
 
