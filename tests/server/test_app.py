@@ -146,7 +146,6 @@ def test_stop_stops_only_that_session(app_module):
             outcome["result"] = exc.message
 
     worker = threading.Thread(target=run)
-    start = time.monotonic()
     worker.start()
     while "a" not in app_module._stop_flags and worker.is_alive():
         time.sleep(0.01)
@@ -158,7 +157,6 @@ def test_stop_stops_only_that_session(app_module):
     steps_done = int(outcome["result"].split()[2])
     assert steps_done < app_module.LIMITS.max_steps
     assert "a" not in app_module._stop_flags  # the flag is cleaned up
-    assert time.monotonic() - start < 60
 
 
 def test_a_failure_inside_one_generation_reaches_only_that_request(client, app_module, monkeypatch):
