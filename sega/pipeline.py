@@ -737,6 +737,7 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         return_sem_guidance: bool = False,
         use_cache: bool = True,
         original_first: bool = False,
+        use_reedit_cache: bool = True,
         inversion: SegaInversion | None = None,
         scheduler=None,
         callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict] | None = None,
@@ -794,6 +795,14 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
                 on earlier requests); it costs the same UNet samples as one pass, but up to one more UNet call
                 per step. The two runs advance in step, so a callback or a stop acts on both. Without a seed it
                 falls back to one pass.
+            use_reedit_cache: ``False`` neither reads nor fills the re-edit cache for this call (the embedding
+                cache still serves; ``use_cache=False`` turns both off). With ``return_original`` the pair is then
+                computed in one pass: one UNet call per step, [plain u, p] + [edited u, p] + concepts once the
+                edits start, the steps before shared. Every UNet batch (and the batched decode) then depends on
+                the call's arguments only, so the same call gives bit-identical images whatever ran before, at
+                one pass's cost. The app calls it so. A re-edit that replays the cache does less work (no UNet
+                samples for the run without edits) but computes the edited run in smaller batches, which
+                round differently (~1e-6); under bit-identity there is nothing to replay.
             scheduler: a scheduler for this call only (copied), instead of ``self.scheduler``.
             inversion: edit a real image: the result of :meth:`invert`. The edit starts from its latents at its
                 first timestep and each DDIM step (eta 1) takes its noise map; ``prompt`` should be its
@@ -863,7 +872,7 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
 
         # 5. The run without edits: from the re-edit cache, computed on its own (original_first), or alongside
         key = None
-        if use_cache and (return_original or not has_edits):
+        if use_cache and use_reedit_cache and (return_original or not has_edits):
             key = reedit_key(prompts, negative_prompts, num_images_per_prompt, height, width, num_inference_steps,
                              guidance_scale, eta, scheduler, generator, latents, device, self.unet.dtype,
                              source=None if inversion is None else inversion.key)

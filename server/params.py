@@ -363,9 +363,10 @@ GENERATE_PARAMS: tuple[Param, ...] = (
           default=lambda _loaded: DEFAULT_SCHEDULER, keywords=_scheduler_keyword),
 )
 API_PARAMS: tuple[str, ...] = tuple(p.name for p in GENERATE_PARAMS)
-# Fixed keywords of every app call: both images, the plain run computed on its own first so that an answer never
-# depends on what earlier visitors left in the re-edit cache.
-APP_KEYWORDS = [Keyword.literal("return_original", True), Keyword.literal("original_first", True)]
+# Fixed keywords of every app call: both images, in one pass (one UNet call per step for both) without the re-edit
+# cache, so that every UNet batch depends on the request alone and an answer never depends on what earlier
+# visitors left in the cache.
+APP_KEYWORDS = [Keyword.literal("return_original", True), Keyword.literal("use_reedit_cache", False)]
 
 
 # ----------------------------------------------------------------------------------------------

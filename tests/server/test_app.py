@@ -52,18 +52,17 @@ def test_edit_differs_and_the_same_seed_gives_the_same_pair(client):
     assert used["concepts"][0]["prompt"] == "blue" and {"scale", "threshold", "warmup", "cooldown", "reverse",
                                                           "weight"} <= set(used["concepts"][0])
     original2, edited2, used2 = generate(client, concepts=concepts, seed=42)
+    # The app computes every pair in one pass without the re-edit cache: the same answer, pixel for pixel.
     assert np.array_equal(original, original2)
-    # The second run replays the plain run from the re-edit cache; the app computes it original-first, so the
-    # answer is the same pixel for pixel whether the cache held it or not.
     assert np.array_equal(edited, edited2)
-    volatile = ("summary", "cache_hit")
-    assert {k: v for k, v in used2.items() if k not in volatile} == {k: v for k, v in used.items() if k not in volatile}
-    assert used2["cache_hit"] and not used["cache_hit"]
+    assert {k: v for k, v in used2.items() if k != "summary"} == {k: v for k, v in used.items() if k != "summary"}
+    assert not used["cache_hit"] and not used2["cache_hit"]
 
-    # Only the concepts change: the image without edits stays exactly the same.
+    # Only the concepts change: the same image without edits (to float round-off in other batches: a PNG
+    # pixel may move by one level), another edit.
     original3, edited3, _ = generate(client, concepts=[{"prompt": "black background", "preset": "background"}],
                                      seed=42)
-    assert np.array_equal(original, original3)
+    assert np.abs(original.astype(int) - original3.astype(int)).max() <= 1
     assert not np.array_equal(edited, edited3)
 
 
