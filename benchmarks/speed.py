@@ -4,6 +4,7 @@
     python -m benchmarks.speed --model sd15-random              # SD 1.5 scale: 256 px, 6 steps, 2 concepts (CPU)
     python -m benchmarks.speed --model sd15-random --size 512 --steps 50 --concepts 1,2,4 [--compile]   # GPU
     python -m benchmarks.speed --model sd15-random --per-sample [--compile]  # GPU: ms per UNet sample
+    python -m benchmarks.speed --previews [--model sd15-random]        # the app's live previews: their cost
     python -m benchmarks.speed --model stable-diffusion-v1-5/stable-diffusion-v1-5      # real weights (hub)
 
 Models: "demo" (default, the bundled 32x32 shapes model); "sd15-random", Stable Diffusion 1.5's architecture
@@ -28,6 +29,12 @@ Edits start at step --edit-warmup (default steps // 5: 10 of 50).
 
 --per-sample times the UNet alone at batch sizes 2 to 6 and prints the seconds per 512x512-equivalent sample
 that server/service.py's gpu_duration should use, with the fixed costs (text encoding, decoding).
+
+--previews times the app's pair (as (b), 1 concept) with and without the app's live previews, in one run,
+alternating the two, and prints the ratio (target <= 1.03): a preview every server.service.preview_interval
+steps, made in the step callback as the app makes it (the predicted clean latents at every step; at preview
+steps sega.previews through the VAE on the demo model, as its profile says, else the linear latent-to-RGB map;
+and the PNG the server then writes).
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import io
+import math
 import statistics
 import threading
 import time
@@ -456,6 +465,60 @@ def per_sample(args, ours: SegaPipeline, device: torch.device, counters: Counter
           f"{2 * decode_s + 2 * encode_s:.2f} s + {encode_s:.3f} s per concept, before the safety checker")
 
 
+def previews(args, ours: SegaPipeline, device: torch.device, counters: Counters) -> None:
+    """The app's pair with and without live previews, alternating, in one run; prints the ratio."""
+    from sega.previews import preview_images
+
+    try:
+        from server.service import preview_interval
+    except Exception:  # the server is optional for the benchmark
+        def preview_interval(steps: int) -> int:
+            return max(1, math.ceil(steps / 10))
+
+    steps, every = args.steps, preview_interval(args.steps)
+    vae = ours.vae if args.model == "demo" else None  # the demo profile previews through its VAE
+    concepts = as_concepts(concept_kwargs(SHAPE_CONCEPTS, 1, args.edit_warmup))
+    common = dict(prompt="a small red circle on a white background", height=args.size, width=args.size,
+                  num_inference_steps=steps, guidance_scale=7.0, edit_momentum_scale=0.3, edit_mom_beta=0.6,
+                  output_type="pil", concepts=concepts, **app_keywords())
+    made = []
+
+    def on_step(_pipe, i, _t, tensors):
+        if (i + 1) % every == 0 and i + 1 < steps:
+            image = preview_images(tensors["pred_original_sample"][:1], vae)[0]
+            image.save(io.BytesIO(), format="PNG")
+            made.append(i + 1)
+        return {}
+
+    def run(with_previews: bool) -> None:
+        ours.reedit_cache.clear()
+        if with_previews:
+            ours(**common, generator=torch.Generator("cpu").manual_seed(0), callback_on_step_end=on_step,
+                 callback_on_step_end_tensor_inputs=["latents", "pred_original_sample"])
+        else:
+            ours(**common, generator=torch.Generator("cpu").manual_seed(0), callback_on_step_end=lambda *a: {})
+
+    run(False)  # warm-up (kernels, allocator)
+    run(True)
+    made.clear()
+    # Alternating, so that a change of load hits both alike ("reference" = without previews).
+    plain, shown = measure_interleaved(lambda: run(False), lambda: run(True), device, args.repeats, counters)
+    per_run = len(made) // args.repeats
+    without, with_ = plain["seconds"], shown["seconds"]
+    cpu_without, cpu_with = plain["cpu_seconds"], shown["cpu_seconds"]
+    print(f"model: {args.model}  size: {args.size}x{args.size}  device: {device}  dtype: {args.dtype_t}  "
+          f"steps: {steps}  edit warmup: {args.edit_warmup}  repeats: {args.repeats} (median, alternating)")
+    if device.type != "cuda":
+        print(f"cpu: {psutil.cpu_count()} cores, torch threads {torch.get_num_threads()}, load average "
+              f"{' '.join(f'{x:.1f}' for x in psutil.getloadavg())} at the end")
+    print(f"previews per run: {per_run} (every {every} steps, {'VAE' if vae is not None else 'latent-to-RGB map'})")
+    print(f"app's pair without previews {without:8.3f} s  (CPU {cpu_without:.3f} s)")
+    print(f"app's pair with previews    {with_:8.3f} s  (CPU {cpu_with:.3f} s)")
+    ratio = with_ / without
+    print(f"previews ratio {ratio:.3f} (CPU time {cpu_with / cpu_without:.3f})  "
+          f"{'meets' if ratio <= 1.03 else 'MISSES'} <= 1.03")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line, checked, with the model's defaults filled in (the size stays None for the native one)."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__,
@@ -478,6 +541,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (each case warmed up first)")
     parser.add_argument("--per-sample", action="store_true",
                         help="time the UNet alone and print the per-sample constant for gpu_duration")
+    parser.add_argument("--previews", action="store_true",
+                        help="time the app's pair with and without its live previews, and print the ratio")
     args = parser.parse_args(argv)
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -534,6 +599,8 @@ def main(argv: list[str] | None = None) -> None:
               + ", ".join(f"{k} {v:.1f}M params" for k, v in params.items()), flush=True)
     if args.per_sample:
         per_sample(args, ours, device, counters)
+    elif args.previews:
+        previews(args, ours, device, counters)
     else:
         compare(args, ours, device, counters)
 

@@ -8,8 +8,9 @@ comes back only as its class name. Hence:
 - the GPU function is a generator (:func:`denoise`) that yields a :class:`Step` after every denoising step, then
   the result (or :class:`Stopped`): values, which cross the boundary as they are, and give progress.
 - a stop reaches the process that runs the denoising loop through a :class:`StopSignal` (a file) that the step
-  callback checks; the serving side (:func:`drive`) sets it on Stop, and when Gradio lets go of the request
-  (a ``gradio_client`` ``Job.cancel()``, a closed page: :func:`event_alive`). The run then ends at the end of
+  callback checks; the serving side (:func:`drive`) sets it when Gradio lets go of the request (a Stop
+  button, which cancels its own tab's event; a ``gradio_client`` ``Job.cancel()``; a closed page:
+  :func:`event_alive`), the one way a run is stopped. The run then ends at the end of
   the step under way, and ``spaces`` releases the GPU as for any finished call. Closing the generator (which
   ``spaces`` forwards to the worker) stops it too, one step later.
 - our own failures cross as ``gr.Error`` with our message (out of memory, failed); ``gr.Error`` pickles.

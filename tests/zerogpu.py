@@ -26,7 +26,7 @@ each time the app signals a run to stop, is appended as one JSON line to ``$ZERO
 names a JSON file the tests write to make the next schedule answer ``{"refuse": "quota"}`` (ZeroGPU's quota
 error) or ``{"refuse": "no_gpu"}`` (no GPU free), or to raise ``torch.OutOfMemoryError`` at a denoising step in
 the worker (``{"oom_at_step": 2}``), or to hold the run of one seed at one step until the control file no
-longer says so (``{"hold": {"seed": 5, "step": 3}}``: a run still going, by construction), or to make runs wait
+longer says so (``{"hold": {"seed": 5, "step": 3}}``, or a list of such: a run still going, by construction), or to make runs wait
 for each other (``{"rendezvous": [51, 52]}``: the run of each of those seeds holds its first step until every
 other one has logged a step, then logs ``rendezvous`` with ``met`` true; after :data:`RENDEZVOUS_TIMEOUT` s it
 goes on and logs ``met`` false). Runs that met at a rendezvous provably ran at the same time, whatever the
@@ -79,6 +79,12 @@ def control() -> dict:
         return {}
     with open(path) as f:
         return json.load(f)
+
+
+def holds() -> list[dict]:
+    """The runs the control file holds: ``{"seed": ..., "step": ...}``, one or a list."""
+    hold = control().get("hold") or []
+    return hold if isinstance(hold, list) else [hold]
 
 
 def fake_ip_token() -> str:
@@ -190,10 +196,10 @@ def recording_generate(real_generate):
             record("step", done=done, total=total, seed=params.seed, stage=extra.get("stage", "denoising"),
                    preview=extra.get("preview") is not None)
             hold = {"seed": params.seed, "step": done}
-            if control().get("hold") == hold:  # wait here (the run's loop with it) until the test lets go
+            if hold in holds():  # wait here (the run's loop with it) until the test lets go
                 record("held", **hold)
                 deadline = time.monotonic() + 300
-                while control().get("hold") == hold and time.monotonic() < deadline:
+                while hold in holds() and time.monotonic() < deadline:
                     time.sleep(0.02)
             rendezvous = control().get("rendezvous") or ()
             if done == 1 and params.seed in rendezvous:
@@ -292,7 +298,9 @@ class Served:
         return len(read_log(self.log))
 
     def control(self, **values) -> None:
-        self.control_file.write_text(json.dumps(values))
+        staging = self.control_file.with_suffix(".tmp")
+        staging.write_text(json.dumps(values))
+        os.replace(staging, self.control_file)  # whole: a run may be reading it (a hold) at any moment
 
 
 @contextmanager

@@ -62,6 +62,13 @@ def test_per_sample_prints_the_gpu_duration_constant(capsys):
     assert re.search(r"gpu_duration constant \(server/service.py\): \d+\.\d+ s per 512x512 sample", out), out
 
 
+def test_previews_benchmark_times_the_pair_with_and_without_previews(capsys):
+    speed.main(["--previews", "--steps", "4", "--edit-warmup", "1", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "previews per run: 3 (every 1 steps, VAE)" in out, out  # steps 1 to 3: not the last one
+    assert re.search(r"^previews ratio \d+\.\d+ \(CPU time \d+\.\d+\)  (meets|MISSES) <= 1\.03$", out, re.M), out
+
+
 def test_bad_arguments_name_the_option(capsys):
     for argv, name in ((["--steps", "0"], "--steps"), (["--concepts", "1,x"], "--concepts"),
                        (["--steps", "5", "--edit-warmup", "5"], "--edit-warmup"), (["--cases", "ax"], "--cases"),

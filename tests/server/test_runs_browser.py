@@ -20,7 +20,7 @@ from tests.zerogpu import serve_app
 pytestmark = pytest.mark.slow
 
 PROMPT = "a large red circle on a white background"
-WAIT = 120  # seconds, at most, for anything that happens on its own
+WAIT = 600  # seconds, at most, for anything that happens on its own (steps are slow on a busy CPU)
 
 
 @pytest.fixture(scope="module")
@@ -83,20 +83,20 @@ def test_previews_come_from_the_worker_and_stop_puts_the_previous_image_back(spa
     with browser_page() as page:
         page.goto(space.url)
         mark = space.mark()
-        start_generate(page, 71, 40)
+        start_generate(page, 71, 12)
         assert run_end(space, mark, 71)["outcome"] == "result"
         expect(page.locator("#summary")).to_contain_text("seed 71", timeout=WAIT * 1000)
         before = shown(page, "#edited")
 
         mark = space.mark()
-        space.control(hold={"seed": 72, "step": 25})
+        space.control(hold={"seed": 72, "step": 7})
         try:
             page.locator("#seed input").fill("72")
             page.locator("#generate").click()
             held(space, mark, 72)
-            # previews every 4th step (of 40), made in the worker, reach the "With edits" box while the run goes
+            # previews every 2nd step (of 12), made in the worker, reach the "With edits" box while the run goes
             steps = [e for e in space.events(mark) if e["event"] == "step" and e["seed"] == 72]
-            assert [e["done"] for e in steps if e["preview"]] == [4, 8, 12, 16, 20, 24]
+            assert [e["done"] for e in steps if e["preview"]] == [2, 4, 6]
             assert space.pid not in {e["pid"] for e in steps}
             preview = until_shown(page, "#edited", lambda p: not np.array_equal(p, before), "no preview shown")
             assert preview.shape == before.shape
@@ -117,9 +117,9 @@ def test_stopping_an_edit_leaves_the_same_pages_generate_run_going(space):
     with browser_page(height=1000) as page:
         page.goto(space.url)
         mark = space.mark()
-        space.control(hold={"seed": 61, "step": 3})
+        space.control(hold=[{"seed": 61, "step": 3}, {"seed": 62, "step": 3}])
         try:
-            start_generate(page, 61, 30)
+            start_generate(page, 61, 6)
             held(space, mark, 61)  # the Generate run is under way, and stays so until released
 
             page.get_by_role("tab", name="Edit an image").click()
@@ -128,13 +128,15 @@ def test_stopping_an_edit_leaves_the_same_pages_generate_run_going(space):
             page.locator("#edit-concept-0-text textarea, #edit-concept-0-text input").first.fill("blue")
             page.locator("#edit-randomize input").uncheck()
             page.locator("#edit-seed input").fill("62")
-            page.locator("#edit-steps input[type=number]").fill("300")
+            page.locator("#edit-steps input[type=number]").fill("10")
             page.locator("#edit-steps input[type=number]").press("Enter")
             page.locator("#edit").click()
-            wait_for(space, mark, lambda e: e["event"] == "step" and e["seed"] == 62 and e["done"] >= 3,
-                     "edit steps")
+            held(space, mark, 62)  # both runs under way
             page.locator("#edit-stop").click()
+            wait_for(space, mark, lambda e: e["event"] == "stop_set", "stop")
+            space.control(hold={"seed": 61, "step": 3})  # the edit goes on, to its stop
             assert run_end(space, mark, 62)["outcome"] == "GenerationStopped"
+            assert len([e for e in space.events(mark) if e["event"] == "stop_set"]) == 1
             assert not [e for e in space.events(mark) if e["event"] == "run_end" and e["seed"] == 61]
         finally:
             space.control()
@@ -144,7 +146,7 @@ def test_stopping_an_edit_leaves_the_same_pages_generate_run_going(space):
         for box in ("#original", "#edited"):
             expect(page.locator(f"{box} img").first).to_be_visible()
         steps = [e["done"] for e in space.events(mark) if e["event"] == "step" and e["seed"] == 61]
-        assert steps[-1] == 30
+        assert steps[-1] == 6
 
 
 def test_a_stopped_examples_first_run_says_stopped_and_caches_nothing(space):
@@ -165,17 +167,18 @@ def test_a_stopped_examples_first_run_says_stopped_and_caches_nothing(space):
             space.control()
         assert run_end(space, mark, seed)["outcome"] == "GenerationStopped"
         assert not page.locator("#edited").get_by_text("Error").count()
+        assert cached_examples(space) == []
 
-        # Nothing was cached: the example runs again, to its end this time, and only then comes from the cache.
+        # Nothing was cached: the example runs again, to its end this time, and is cached then.
         mark = space.mark()
         page.get_by_text(label, exact=True).first.click()
         assert run_end(space, mark, seed)["outcome"] == "result"
         expect(page.locator("#edited img").first).to_be_visible(timeout=WAIT * 1000)
         expect(page.locator("#summary")).to_contain_text(f"seed {seed}", timeout=WAIT * 1000)
-        other_label, _, _, other_seed = DEMO_PROFILE.examples[2]
-        page.get_by_text(other_label, exact=True).first.click()
-        expect(page.locator("#summary")).to_contain_text(f"seed {other_seed}", timeout=WAIT * 1000)
-        mark = space.mark()
-        page.get_by_text(label, exact=True).first.click()
-        expect(page.locator("#summary")).to_contain_text(f"seed {seed}", timeout=WAIT * 1000)
-        assert not [e for e in space.events(mark) if e["event"] == "step" and e["seed"] == seed]
+        assert cached_examples(space) == ["0"]
+
+
+def cached_examples(space) -> list[str]:
+    """The indices of the Generate tab's examples in gradio's lazy example cache."""
+    files = list((space.log.parent / "examples").glob("*/indices.csv"))
+    return [line for f in files for line in f.read_text().split()]
