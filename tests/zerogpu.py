@@ -25,11 +25,12 @@ Every call to the fake device API, every denoising step the app's generation rep
 each time the app signals a run to stop, is appended as one JSON line to ``$ZEROGPU_EMULATION_LOG`` (time, pid, what), which the tests read. ``$ZEROGPU_EMULATION_CONTROL``
 names a JSON file the tests write to make the next schedule answer ``{"refuse": "quota"}`` (ZeroGPU's quota
 error) or ``{"refuse": "no_gpu"}`` (no GPU free), or to raise ``torch.OutOfMemoryError`` at a denoising step in
-the worker (``{"oom_at_step": 2}``), or to make runs wait for each other (``{"rendezvous": [51, 52]}``: the run of
-each of those seeds holds its first step until every other one has logged a step, then logs ``rendezvous`` with
-``met`` true; after :data:`RENDEZVOUS_TIMEOUT` s it goes on and logs ``met`` false). Runs that met at a
-rendezvous provably ran at the same time, whatever the machine's load: neither could finish before the other
-started.
+the worker (``{"oom_at_step": 2}``), or to hold the run of one seed at one step until the control file no
+longer says so (``{"hold": {"seed": 5, "step": 3}}``: a run still going, by construction), or to make runs wait
+for each other (``{"rendezvous": [51, 52]}``: the run of each of those seeds holds its first step until every
+other one has logged a step, then logs ``rendezvous`` with ``met`` true; after :data:`RENDEZVOUS_TIMEOUT` s it
+goes on and logs ``met`` false). Runs that met at a rendezvous provably ran at the same time, whatever the
+machine's load: neither could finish before the other started.
 """
 
 from __future__ import annotations
@@ -185,8 +186,15 @@ def recording_generate(real_generate):
     an out-of-memory at a step."""
 
     def generate(loaded, params, progress_callback=None, **kwargs):
-        def on_step(done: int, total: int) -> None:
-            record("step", done=done, total=total, seed=params.seed)
+        def on_step(done: int, total: int, **extra) -> None:
+            record("step", done=done, total=total, seed=params.seed, stage=extra.get("stage", "denoising"),
+                   preview=extra.get("preview") is not None)
+            hold = {"seed": params.seed, "step": done}
+            if control().get("hold") == hold:  # wait here (the run's loop with it) until the test lets go
+                record("held", **hold)
+                deadline = time.monotonic() + 300
+                while control().get("hold") == hold and time.monotonic() < deadline:
+                    time.sleep(0.02)
             rendezvous = control().get("rendezvous") or ()
             if done == 1 and params.seed in rendezvous:
                 wait_for_the_others(params.seed, set(rendezvous) - {params.seed})
@@ -195,7 +203,7 @@ def recording_generate(real_generate):
 
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (emulated)")
             if progress_callback is not None:
-                progress_callback(done, total)
+                progress_callback(done, total, **extra)
 
         outcome = "error"
         try:
