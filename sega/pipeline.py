@@ -5,7 +5,8 @@ Same keywords, same images (latents within 1e-4 in fp32), plus:
 - ``concepts=[EditConcept(...)]``, a validated alternative to the per-keyword lists;
 - ``return_original=True``: the image without edits for the same seed in the same call, sharing every
   UNet evaluation until the first step at which an edit is applied;
-- a bounded re-edit cache: when only the concepts change, the run without edits is replayed from memory;
+- a bounded re-edit cache: when only the concepts change, the run without edits is replayed from memory
+  (``use_reedit_cache=False``: the pair in one pass whatever the cache holds, bit-identical per call);
 - no device-to-host copies in the denoising loop, concept thresholds vectorised across concepts.
 """
 

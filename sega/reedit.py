@@ -12,6 +12,9 @@ scheduler without edit concepts. It comes from one of three sources, all behind 
   run without edits would be, and replayed to the edited run like a cache entry. Its result never depends on
   what the cache held.
 
+With ``use_reedit_cache=False`` the cache is neither read nor filled: a :class:`SharedPlainRun` then makes every
+UNet batch depend on the call's arguments alone, so the same call gives the same bits whatever ran before.
+
 The plain run never sees a step callback's changes: when a callback replaces the edited latents, the
 edited run stops relying on the plain run's estimates and a shared plain run forks off with the latents
 the scheduler produced, so what is recorded in the cache is always the run without edits.
