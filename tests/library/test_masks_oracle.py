@@ -129,6 +129,7 @@ def test_the_oracle_counts_padding_as_concept_tokens():
     concept's token count, and transformers 5's fast tokenizer counts the padding in ``length``."""
     components = parts()
     ledits = ledits_for(components)
+    ledits.batch_size = 1  # what invert sets
     _, _, n = ledits.encode_prompt(editing_prompt=["blue", "large square"], device="cpu", num_images_per_prompt=1,
                                    enable_edit_guidance=True, editing_prompt_embeds=None)
     limit = components["tokenizer"].model_max_length - 2
