@@ -189,3 +189,35 @@ def test_a_model_that_cannot_load_falls_back_with_a_banner(tmp_path):
     assert f"Could not load the model '{missing}'" in done.stderr  # the log
     result = done.stdout.strip().splitlines()[-1]
     assert result.startswith("True [") and "Could not load the model" in result  # the UI banner
+
+
+def test_the_form_is_built_from_the_declarations(app_module):
+    """Every numeric widget of both tabs has the range, step and starting value server/form.py derives from the
+    API's declarations (tests/server/test_form.py checks those against every preset and example)."""
+    from server import form
+
+    a = app_module
+    specs = {
+        "generate": (form.settings(a.LOADED, a.LIMITS), {"seed": a.seed, "steps": a.steps, "guidance_scale": a.guidance,
+                                                          "width": a.width, "height": a.height,
+                                                          "momentum_scale": a.momentum_scale,
+                                                          "momentum_beta": a.momentum_beta}),
+        "edit": (form.settings(a.LOADED, a.LIMITS, "edit"), {"seed": a.edit_seed, "steps": a.edit_steps, "skip": a.skip,
+                                                              "source_guidance_scale": a.source_guidance,
+                                                              "guidance_scale": a.edit_guidance,
+                                                              "momentum_scale": a.edit_momentum_scale,
+                                                              "momentum_beta": a.edit_momentum_beta}),
+    }
+    pairs = []
+    for widgets, components in specs.values():
+        assert set(components) == set(widgets)  # every numeric parameter of the endpoint is on the form
+        pairs += [(components[name], widgets[name]) for name in widgets]
+    for rows, endpoint in ((a.concept_rows, "generate"), (a.edit_rows, "edit")):
+        widgets = form.concept_widgets(a.LOADED, a.LIMITS, endpoint)
+        for row in rows.rows:
+            pairs += [(getattr(row, name), widget) for name, widget in widgets.items()]
+    assert len(pairs) == 14 + 5 * 2 * a.MAX_ROWS
+    for component, spec in pairs:
+        assert (component.minimum, component.maximum, component.step) == (spec.low, spec.high, spec.step), spec
+        assert component.value == spec.default and component.label == spec.label and component.info == spec.info
+    assert "LESS" in a.concept_rows.rows[0].threshold.info  # the direction of the threshold is explained

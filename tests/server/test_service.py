@@ -3,6 +3,7 @@
 
 import ast
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -221,23 +222,66 @@ json_values = st.recursive(
     max_leaves=8,
 )
 concept_strategy = st.dictionaries(st.sampled_from(api.CONCEPT_KEYS + ("bogus",)), json_values, max_size=5)
-request_strategy = st.fixed_dictionaries({}, optional={
-    "prompt": st.text(max_size=30) | json_values,
-    "concepts": st.lists(concept_strategy, max_size=4) | json_values,
-    **{k: json_values | st.integers(0, 64) | st.floats(0, 64) for k in
-       ("seed", "steps", "guidance_scale", "width", "height", "momentum_scale", "momentum_beta")},
-})
+
+def field_strategy(p: api.Param, image: str) -> st.SearchStrategy:
+    """Any JSON for one field, plus values of its own kind (so that valid requests are drawn too)."""
+    own = {
+        "text": st.text(max_size=30) | st.sampled_from(list(api.SCHEDULERS)),
+        "json": st.lists(concept_strategy, max_size=4),
+        "int": st.integers(0, 64),
+        "float": st.floats(0, 64),
+        # the uploaded file, by path or as gradio's file data, or somewhere it may not be read from
+        "file": st.sampled_from([image, {"path": image}, {"path": image, "orig_name": "a.png"}, "/etc/passwd"]),
+    }[p.kind]
+    return own | json_values
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(raw=request_strategy)
-def test_any_payload_is_accepted_or_gets_the_documented_error(tiny, raw):
-    try:
-        p = api.parse_request(tiny, raw, LIMITS)
-    except api.InvalidInput as exc:
-        assert str(exc)  # a message, never a crash of another kind
-        return
-    assert p.prompt.strip() and 1 <= p.steps <= LIMITS.max_steps and len(p.concepts) <= LIMITS.max_concepts
+@pytest.fixture(scope="module")
+def upload(tmp_path_factory) -> str:
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("uploads")
+    Image.new("RGBA", (24, 20), (200, 30, 30, 128)).save(folder / "a.png")
+    return str(folder / "a.png")
+
+
+def request_strategy(endpoint: str, image: str) -> st.SearchStrategy:
+    """Requests with any subset of the endpoint's fields, each any JSON value or one of its own kind."""
+    return st.fixed_dictionaries({}, optional={p.name: field_strategy(p, image) for p in api.ENDPOINTS[endpoint]})
+
+
+@pytest.mark.parametrize("endpoint", ["generate", "edit"])
+def test_any_payload_is_accepted_or_gets_the_documented_error(tiny, upload, endpoint):
+    # Every field of the endpoint is drawn (request_strategy reads them from the declarations).
+    names = tuple(p.name for p in api.ENDPOINTS[endpoint])
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(raw=request_strategy(endpoint, upload))
+    def check(raw):
+        try:
+            p = api.parse_request(tiny, raw, LIMITS, endpoint, upload_roots=(str(Path(upload).parent),))
+        except api.InvalidInput as exc:
+            # a message that names a field of the request (or says what is required), never another crash
+            assert str(exc).startswith(names), str(exc)
+            return
+        assert 1 <= p.steps <= LIMITS.max_steps and len(p.concepts) <= LIMITS.max_concepts
+        assert p.prompt.strip() if endpoint == "generate" else max(p.image.image.size) == tiny.native_size
+
+    check()
+
+
+ODD_VALUES = [[1], {}, [[1, [2]], {}], {"a": [1], "path": {}}, True, False]
+
+
+@pytest.mark.parametrize("endpoint", ["generate", "edit"])
+@pytest.mark.parametrize("odd", ODD_VALUES, ids=repr)
+def test_odd_types_in_any_field_get_an_error_naming_it(tiny, upload, endpoint, odd):
+    # Unhashable values (lists, objects), nested lists and bools where numbers or names go.
+    valid = {"generate": {"prompt": "a red circle"}, "edit": {"image": upload}}[endpoint]
+    for p in api.ENDPOINTS[endpoint]:
+        with pytest.raises(api.InvalidInput) as info:
+            api.parse_request(tiny, {**valid, p.name: odd}, LIMITS, endpoint, upload_roots=(str(Path(upload).parent),))
+        assert str(info.value).startswith(p.name), (p.name, str(info.value))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -306,6 +350,20 @@ def test_client_snippet_is_python_with_every_api_parameter(tiny):
     assert kwargs == p.api_kwargs()
     assert "Client('http://127.0.0.1:9999/')" in client
     assert kwargs["scheduler"] == "Euler"
+
+
+def test_as_code_calls_the_space_or_the_address_the_visitor_used(tiny):
+    assert snippets.app_address("someone/sega", {"host": "10.0.0.1"}, "http://10.0.0.1/") == "someone/sega"
+    join = "gradio_api/queue/join?__theme=dark"
+    assert snippets.app_address(None, {"host": "example.org:8080"}, f"http://example.org:8080/{join}") == \
+        "http://example.org:8080/"
+    assert snippets.app_address(None, {"host": "example.org"}, f"http://example.org/sega/{join}") == \
+        "http://example.org/sega/"
+    proxied = {"Host": "10.0.0.1:7860", "X-Forwarded-Host": "sega.example.com, proxy", "X-Forwarded-Proto": "https"}
+    assert snippets.app_address(None, proxied, f"http://10.0.0.1:7860/{join}") == "https://sega.example.com/"
+    assert snippets.app_address(None, {}, "") == snippets.LOCAL_URL
+    client, _ = snippets.as_code(parse(tiny, seed=1), "someone/sega")
+    assert "client = Client('someone/sega')\n" in client
 
 
 def test_library_snippet_reproduces_the_app_result(tiny_dir, tmp_path, monkeypatch):
