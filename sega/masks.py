@@ -30,6 +30,13 @@ import torch.nn.functional as F
 
 from .guidance import quantile_per_row
 
+# The mask modes a caller (the app's "mask" parameter, the demo evaluation) names, as SegaPipeline keywords.
+MASK_MODES: dict[str, dict[str, bool]] = {
+    "none": {},
+    "cross-attention": {"use_cross_attn_mask": True},
+    "intersect": {"use_intersect_mask": True},
+}
+
 # LEDITS++ applies the cross-attention mask alone above this share of the training timesteps (SD: t > 800).
 NOISE_MASK_MAX_TIMESTEP_SHARE = 0.8
 
@@ -148,6 +155,18 @@ def masked_concept_directions(
     if intersect and use_noise_mask:
         mask = intersect_mask(noise_mask(psi, thresholds), mask)
     return psi * mask.unsqueeze(2), mask
+
+
+def mean_masks(edit_masks: torch.Tensor, warmup: list[int], cooldown: list[int | None]) -> torch.Tensor:
+    """Per concept, its mask averaged over the steps at which its edit is applied ([warmup, cooldown)):
+    (steps, C, B, H, W) -> (C, B, H, W), in [0, 1] (zeros for a concept never applied)."""
+    steps = edit_masks.shape[0]
+    out = torch.zeros_like(edit_masks[0])
+    for c, (start, stop) in enumerate(zip(warmup, cooldown)):
+        end = steps if stop is None else min(stop, steps)
+        if start < end:
+            out[c] = edit_masks[start:end, c].float().mean(dim=0).to(out.dtype)
+    return out
 
 
 def latent_user_mask(mask, batch: int, latent_size: tuple[int, int], image_size: tuple[int, int],
