@@ -34,7 +34,9 @@ TOL = 1e-4
 OURS = dict(num_inference_steps=8, skip=0.0)
 LEDITS = dict(num_inversion_steps=8, skip=0.0)
 # Concepts of 1 and 2 tokens (a 16-token tokenizer: 14 positions between start and end).
-EDIT = dict(editing_prompt=["blue", "large square"], edit_guidance_scale=[5.0, 4.0], edit_threshold=[0.7, 0.5],
+# Moderate scales: the latents stay near 3, where the float rounding of two UNet implementations (classic
+# attention there, SDPA here) stays near 5e-5 after 8 steps (scales 5 and 4: about 1e-4).
+EDIT = dict(editing_prompt=["blue", "large square"], edit_guidance_scale=[3.0, 2.0], edit_threshold=[0.7, 0.5],
             reverse_editing_direction=[False, True], edit_warmup_steps=0)
 
 
@@ -75,9 +77,8 @@ MODES = {
     "intersect": dict(use_cross_attn_mask=False, use_intersect_mask=True),
     "user mask and cross-attention": dict(use_cross_attn_mask=True, use_intersect_mask=False, user_mask=True),
     "user mask and intersect": dict(use_intersect_mask=True, user_mask=True),
-    # Nothing dropped anywhere: smaller scales keep the latents (and their float rounding) moderate.
     "user mask alone, threshold 0": dict(use_cross_attn_mask=False, use_intersect_mask=False, user_mask=True,
-                                         edit_threshold=0.0, edit_guidance_scale=[3.0, 2.0]),
+                                         edit_threshold=0.0),
 }
 
 
