@@ -107,7 +107,11 @@ def real(args) -> None:
     from .editing import DEMO_EDIT_DEFAULTS, DEMO_EDIT_PRESETS, REAL_KINDS, evaluate_real, sweep_real
     from .evaluate import load
 
+    from ..reedit import LRUCache
+
     pipe = load(args.model)
+    # Every kind and setting edits the same uploads: keep each one's inversion (and reconstruction) for the run.
+    pipe.inversion_cache, pipe.reedit_cache = LRUCache(1024), LRUCache(1024)
     if args.command == "sweep":
         numbers = lambda text, kind: [kind(x) for x in text.split(",")]  # noqa: E731
         grid = {"scale": numbers(args.scales, float), "warmup": numbers(args.warmups, int),
@@ -119,7 +123,8 @@ def real(args) -> None:
     else:
         seeds = list(range(args.first_seed, args.first_seed + args.seeds))
         presets = json.loads(Path(args.presets).read_text()) if args.presets else DEMO_EDIT_PRESETS
-        result = evaluate_real(pipe, seeds, presets, {**DEMO_EDIT_DEFAULTS, "mask": args.mask})
+        kinds = REAL_KINDS if args.kinds is None else tuple(k for k in args.kinds.split(",") if k in REAL_KINDS)
+        result = evaluate_real(pipe, seeds, presets, {**DEMO_EDIT_DEFAULTS, "mask": args.mask}, kinds=kinds)
         for kind, r in result.items():
             print(f"{kind:15s}: success {r['success']:.1%}, other attributes kept {r['kept']:.1%}, "
                   f"mask IoU with the input {r['iou']:.3f} ({r['n']} uploads)")

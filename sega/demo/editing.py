@@ -35,7 +35,7 @@ DEMO_EDIT_PRESETS: dict[str, dict] = {
 }
 
 # /edit's defaults on the demo model: 25 steps as for generation, a fifth of them skipped (keeps the layout).
-DEMO_EDIT_DEFAULTS: dict = {"steps": 25, "skip": 0.2, "source_guidance_scale": 5.0}
+DEMO_EDIT_DEFAULTS: dict = {"steps": 25, "skip": 0.2, "source_guidance_scale": 5.0, "mask": "none"}
 
 # (label, image path, source prompt, concepts as the API takes them, seed); each one checked to work by
 # tests/demo/test_editing.py. No background swap: it does not work on inverted images of this model (card).
