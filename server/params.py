@@ -25,6 +25,7 @@ import PIL.Image
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
+from sega.attention import quarter_resolution_layers
 from sega.concepts import EditConcept, Range, show_value
 from sega.inversion import performed_steps
 from sega.masks import MASK_MODES
@@ -209,6 +210,9 @@ def _fixed(bounds: Range) -> Callable[[Any, Limits], Range]:
 def _mask(value, ctx: Context) -> str:
     if not isinstance(value, str) or value not in MASK_MODES:
         raise InvalidInput(f"mask must be one of {', '.join(MASK_MODES)}; got {show_value(value)}")
+    if value != "none" and not quarter_resolution_layers(ctx.loaded.pipe.unet):
+        raise InvalidInput(f"mask {value!r} needs cross-attention two downsamplings below the latent, which this "
+                           "model's UNet does not have; use mask \"none\"")
     return value
 
 

@@ -104,10 +104,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def real(args) -> None:
     """``eval --real`` / ``sweep --real``: editing uploads drawn by the renderer, through the inversion."""
+    from ..reedit import LRUCache
     from .editing import DEMO_EDIT_DEFAULTS, DEMO_EDIT_PRESETS, REAL_KINDS, evaluate_real, sweep_real
     from .evaluate import load
-
-    from ..reedit import LRUCache
 
     pipe = load(args.model)
     # Every kind and setting edits the same uploads: keep each one's inversion (and reconstruction) for the run.
