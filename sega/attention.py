@@ -83,6 +83,8 @@ class AttentionStore:
         self.batch = 0
         self._rows: torch.Tensor | None = None
         self._weights: torch.Tensor | None = None
+        self._layouts: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # per batch layout, kept on the device
+        self._key: tuple | None = None
         self._sum: torch.Tensor | None = None
         self._heads = 0
 
@@ -95,9 +97,13 @@ class AttentionStore:
         if not self.concepts:
             self._rows = self._weights = None
             return
-        rows = [j * batch + b for j, s in enumerate(segments) if isinstance(s, int) for b in range(batch)]
-        self._rows = torch.tensor(rows)
-        self._weights = self.tokens[torch.tensor(self.concepts)].repeat_interleave(batch, dim=0)
+        key = (tuple(segments), batch)
+        if key not in self._layouts:
+            rows = [j * batch + b for j, s in enumerate(segments) if isinstance(s, int) for b in range(batch)]
+            self._layouts[key] = (torch.tensor(rows),
+                                  self.tokens[torch.tensor(self.concepts)].repeat_interleave(batch, dim=0))
+        self._rows, self._weights = self._layouts[key]
+        self._key = key
 
     @property
     def wants_maps(self) -> bool:
@@ -115,6 +121,7 @@ class AttentionStore:
         device = hidden_states.device
         if self._rows.device != device:
             self._rows, self._weights = self._rows.to(device), self._weights.to(device)
+            self._layouts[self._key] = (self._rows, self._weights)
         x = hidden_states.index_select(0, self._rows)
         context = encoder_hidden_states.index_select(0, self._rows)
         if attn.group_norm is not None:
@@ -199,14 +206,16 @@ class EditMasks:
         user_mask: (B, 1, H, W) in [0, 1], or None.
         store: the call's :class:`AttentionStore` (None without a cross-attention mask).
         num_train_timesteps: the scheduler's T, for the t <= 0.8 T rule.
+        timesteps: the call's timesteps (on any device; read once, here).
     """
 
     def __init__(self, n_concepts: int, cross_attention: bool, intersect: bool, user_mask: torch.Tensor | None,
-                 store: AttentionStore | None, num_train_timesteps: int):
+                 store: AttentionStore | None, num_train_timesteps: int, timesteps: Sequence[float]):
         self.n_concepts = n_concepts
         self.cross_attention, self.intersect = cross_attention, intersect
         self.user_mask, self.store = user_mask, store
-        self.num_train_timesteps = num_train_timesteps
+        # Per step, whether the intersect mask uses the noise mask: decided on the host, once.
+        self.use_noise_mask = [noise_mask_applies(t, num_train_timesteps) for t in timesteps]
         self.recorded: dict[int, torch.Tensor] = {}
 
     def recording(self, unet):
@@ -224,7 +233,7 @@ class EditMasks:
         maps = self.store.maps(needed) if self.store is not None else None
         psi, mask = masked_concept_directions(
             noise_uncond, noise_concepts, signed_scales, thresholds, attention_maps=maps, user_mask=self.user_mask,
-            intersect=self.intersect, use_noise_mask=noise_mask_applies(t, self.num_train_timesteps))
+            intersect=self.intersect, use_noise_mask=self.use_noise_mask[i])
         if mask is not None:
             full = mask.new_zeros((self.n_concepts, *mask.shape[1:]))
             full[list(needed)] = mask

@@ -399,7 +399,7 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         return plans, self._concepts_needed(plans, momentum_scale), diverge
 
     def prepare_masks(self, concepts: _Concepts, use_cross_attn_mask: bool, use_intersect_mask: bool, user_mask,
-                      latents: torch.Tensor, height: int, width: int, scheduler) -> EditMasks | None:
+                      latents: torch.Tensor, height: int, width: int, scheduler, timesteps) -> EditMasks | None:
         """The call's implicit masks and user mask, checked; None when no mask is asked for (or no concept)."""
         for name, value in (("use_cross_attn_mask", use_cross_attn_mask), ("use_intersect_mask", use_intersect_mask)):
             if not isinstance(value, bool):
@@ -418,7 +418,7 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
             store = AttentionStore(concept_token_counts(self.tokenizer, concepts.prompts),
                                    self.tokenizer.model_max_length, size)
         return EditMasks(len(concepts), cross_attention, use_intersect_mask, mask, store,
-                         scheduler.config.num_train_timesteps)
+                         scheduler.config.num_train_timesteps, timesteps.tolist())
 
     def prepare_plain_run(self, state: _Denoising, key: tuple | None, diverge: int, return_original: bool,
                           original_first: bool, has_edits: bool) -> PlainRun:
@@ -859,7 +859,7 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
             sem_guidance=None if sem_guidance is None else [g.to(device=device, dtype=dtype) for g in sem_guidance],
             recorded_guidance=[] if return_sem_guidance else None,
             masks=self.prepare_masks(cc, use_cross_attn_mask, use_intersect_mask, user_mask, latents, height, width,
-                                     scheduler),
+                                     scheduler, scheduler.timesteps if inversion is None else inversion.timesteps),
         )
 
         # 5. The run without edits: from the re-edit cache, computed on its own (original_first), or alongside
