@@ -27,6 +27,7 @@ from sega.masks import (
     keep_top_per_channel,
     latent_user_mask,
     masked_concept_directions,
+    mean_masks,
     noise_mask,
     noise_mask_applies,
     quantile_mask,
@@ -429,3 +430,15 @@ def test_concurrent_calls_do_not_share_maps(second):
         assert results["b"].edit_masks is None
     torch.testing.assert_close(results["b"].images, b_alone.images, rtol=0, atol=1e-6)
     assert same_processors(pipe, before)
+
+
+def test_mean_masks_average_the_steps_each_concept_is_applied():
+    masks = torch.zeros(5, 2, 1, 2, 2)
+    masks[:, 0, 0, 0, 0] = 1.0  # concept 0: always this cell
+    masks[1:3, 1, 0, 1, 1] = 1.0  # concept 1: this cell at steps 1 and 2
+    masks[4, 1] = 1.0  # ... and everything at step 4, after its cooldown
+
+    mean = mean_masks(masks, warmup=[0, 1], cooldown=[None, 4])
+    assert torch.equal(mean[0, 0], torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    torch.testing.assert_close(mean[1, 0], torch.tensor([[0.0, 0.0], [0.0, 2 / 3]]))
+    assert mean_masks(masks, warmup=[5, 9], cooldown=[None, None]).abs().max() == 0  # never applied
