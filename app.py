@@ -6,11 +6,11 @@
 import spaces  # noqa: I001  first: on a ZeroGPU Space it must patch CUDA before torch initialises it
 
 import argparse
+import functools
 import inspect
 import logging
 import os
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -55,10 +55,6 @@ QUEUE_SIZE, CONCURRENCY = api.queue_settings()  # SEGA_QUEUE_SIZE, SEGA_CONCURRE
 # busy. Please try again.", gradio_client "Queue is full! Please try again.").
 BUSY_MESSAGE = "The server is busy (its queue of waiting requests is full). Please try again in a minute."
 
-# One stop flag per browser session (a file, so that a forked ZeroGPU worker sees it too; server/gpu.py).
-_stop_flags: dict[str, gpu.StopSignal] = {}
-_stop_lock = threading.Lock()
-
 CSS = """
 /* small images (the demo model's are 32 px) are scaled up to fill their box, without blurring */
 .pixelated img { image-rendering: pixelated; }
@@ -71,65 +67,53 @@ CSS = """
 # ----------------------------------------------------------------------------------------------
 
 
-def _gpu_seconds(params: api.GenerationParams, stop: gpu.StopSignal | None = None) -> int:
+def _gpu_seconds(params: api.GenerationParams, stop: gpu.StopSignal | None = None, previews: bool = False) -> int:
     return service.gpu_seconds(params)
 
 
 @spaces.GPU(duration=_gpu_seconds)
-def run_on_gpu(params: api.GenerationParams,
-               stop: gpu.StopSignal | None = None) -> Iterator[gpu.Step | gpu.Stopped | service.GenerationResult]:
-    # A generator of steps, then the result (server.gpu); on ZeroGPU it runs in a worker process, which sees
-    # ``stop`` (a file) at the end of every step. Takes only picklable arguments.
-    yield from gpu.denoise(LOADED, params, stop)
+def run_on_gpu(params: api.GenerationParams, stop: gpu.StopSignal | None = None,
+               previews: bool = False) -> Iterator[gpu.Step | gpu.Stopped | service.GenerationResult]:
+    # A generator of steps (some with a preview image), then the result (server.gpu); on ZeroGPU it runs in a
+    # worker process, which sees ``stop`` (a file) at the end of every step. Takes only picklable arguments.
+    yield from gpu.denoise(LOADED, params, stop, previews)
+
+
+def _parse(raw: dict, endpoint: str) -> api.GenerationParams:
+    try:
+        return api.parse_request(LOADED, raw, LIMITS, endpoint, upload_roots=_upload_roots())
+    except api.InvalidInput as exc:
+        raise gr.Error(str(exc), title="Invalid input", print_exception=False) from None
+
+
+def _failure(exc: Exception) -> gr.Error:
+    """``gr.Error``s pass through unchanged: ours (from server.gpu, with our message) and ZeroGPU's (quota, no
+    GPU free), so the visitor learns why. Anything else is a failure here, outside the GPU function."""
+    if isinstance(exc, gr.Error):
+        return exc
+    logger.error("generation failed", exc_info=exc)
+    return gr.Error(f"Generation failed ({type(exc).__name__}); please try again.", print_exception=False)
 
 
 def _run(raw: dict, request: gr.Request | None, endpoint: str = "generate",
-         progress: gr.Progress | None = None) -> tuple[api.GenerationParams, service.GenerationResult]:
-    """Validate and run; stop when Stop is pressed, the call is cancelled or the page is closed.
-
-    ``gr.Error``s pass through unchanged: ours (from server.gpu, with our message) and ZeroGPU's (quota, no GPU
-    free), so the visitor learns why. Anything else is a failure here, outside the GPU function.
-    """
-    try:
-        params = api.parse_request(LOADED, raw, LIMITS, endpoint, upload_roots=_upload_roots())
-    except api.InvalidInput as exc:
-        raise gr.Error(str(exc), title="Invalid input", print_exception=False) from None
-    key = getattr(request, "session_hash", None)
+         wanted=gpu.event_alive) -> tuple[api.GenerationParams, service.GenerationResult]:
+    """Validate and run; stop when the event is cancelled (a Stop button, ``Job.cancel()``) or its page closed:
+    ``wanted()`` (server.gpu.drive) says when, the one way a run is stopped."""
+    params = _parse(raw, endpoint)
     flag = gpu.StopSignal()
-    if key:
-        with _stop_lock:
-            _stop_flags[key] = flag
-
-    def on_step(step: gpu.Step) -> None:
-        if progress is not None:
-            progress((step.done, step.total), desc="Denoising", unit="steps")
-
     try:
-        return params, gpu.drive(run_on_gpu(params, flag), flag, gpu.event_alive, on_step)
-    except (service.GenerationStopped, gr.Error):
-        raise  # messages already; for a stop the caller decides how it looks (a UI notice, an API error)
+        return params, gpu.drive(run_on_gpu(params, flag), flag, wanted)
+    except service.GenerationStopped:
+        raise  # a message already; the caller decides how it looks (an API error, an example not cached)
     except Exception as exc:
-        logger.exception("generation failed")
-        raise gr.Error(f"Generation failed ({type(exc).__name__}); please try again.", print_exception=False) from None
+        raise _failure(exc) from None
     finally:
         flag.discard()
-        if key:
-            with _stop_lock:
-                if _stop_flags.get(key) is flag:
-                    del _stop_flags[key]
 
 
 def _upload_roots() -> tuple[str, ...]:
     """Where an uploaded image may be read from: gradio's upload cache, and the examples' own folder."""
     return (demo.GRADIO_CACHE, *{os.path.dirname(path) for _, path, *_ in PROFILE.edit_examples})
-
-
-def stop(request: gr.Request) -> None:
-    # The Stop button also cancels the event, which server.gpu.drive notices too; this is the direct way.
-    with _stop_lock:
-        flag = _stop_flags.get(request.session_hash)
-    if flag is not None:
-        flag.set()
 
 
 def generate_api(request: gr.Request, **raw):
@@ -175,16 +159,10 @@ def _saved(result: service.GenerationResult) -> tuple[str | None, str | None]:
     return service.save_png(result.original, demo.GRADIO_CACHE), service.save_png(result.edited, demo.GRADIO_CACHE)
 
 
-def _run_ui(raw: dict, request: gr.Request | None, endpoint: str = "generate") -> tuple:
-    """Run for the UI: both images, the pair for the slider, the seed and the JSON; for /edit also the summary
-    and both snippets (the Generate tab derives those from the JSON instead, so that cached examples show them
-    too). A stopped run keeps the previous images on screen."""
-    details = endpoint == "edit"
-    try:
-        params, result = _run(raw, request, endpoint, gr.Progress())
-    except service.GenerationStopped as exc:
-        gr.Info(str(exc))
-        return (gr.skip(),) * (8 if details else 5)
+def _outputs(params: api.GenerationParams, result: service.GenerationResult, details: bool,
+             request: gr.Request | None = None) -> tuple:
+    """Both images, the pair for the slider, the seed and the JSON; for /edit also the summary and both
+    snippets (the Generate tab derives those from the JSON instead, so that cached examples show them too)."""
     for notice in result.used["notices"]:
         gr.Warning(notice)
     original, edited = _saved(result)
@@ -198,6 +176,42 @@ def app_address(request: gr.Request | None) -> str:
     headers = dict(getattr(request, "headers", None) or {}) if request is not None else {}
     url = str(getattr(request, "url", "") or "") if request is not None else ""
     return snippets.app_address(os.environ.get("SPACE_ID"), headers, url)
+
+
+def _run_ui(raw: dict, endpoint: str, before, progress: gr.Progress,
+            request: gr.Request | None = None) -> Iterator[tuple]:
+    """Run for the UI, yielding the outputs (see :func:`_outputs`) and the run's state: while the run goes,
+    a preview in the "With edits" box every few steps, and in the state the image that box showed before
+    (``before``), which the Stop button puts back (a stopped run keeps the previous images; a Stop cancels
+    this event, so nothing this handler yields after it reaches the page). A failure puts it back too."""
+    n = 8 if endpoint == "edit" else 5
+    skip = (gr.skip(),) * n
+    restore = (gr.skip(), before, *skip[2:], None)
+    params = _parse(raw, endpoint)
+    flag = gpu.StopSignal()  # server.gpu.follow discards it when the run is over
+    yield (*skip, {"before": before})
+    try:
+        for item in gpu.follow(run_on_gpu(params, flag, True), flag):
+            if not isinstance(item, gpu.Step):
+                yield (*_outputs(params, item, n == 8, request), None)
+                return
+            progress((item.done, item.total), unit="steps",
+                     desc="Inverting your image" if item.stage == "inversion" else "Denoising")
+            if item.preview is not None:
+                yield (gr.skip(), service.save_png(item.preview, demo.GRADIO_CACHE), *skip[2:], gr.skip())
+    except service.GenerationStopped as exc:
+        gr.Info(str(exc))
+        yield restore
+    except Exception as exc:
+        yield restore
+        raise _failure(exc) from None
+
+
+def stopped(state: dict | None) -> tuple:
+    """The Stop buttons' own handler (their ``cancels=`` stop the run): the notice, and the image that a
+    preview replaced back in the "With edits" box."""
+    gr.Info("Stopped.", title="Stopped")
+    return (gr.skip() if state is None else state["before"]), None
 
 
 def show_details(used, request: gr.Request) -> tuple[str, str, str]:
@@ -437,11 +451,19 @@ def api_endpoint(name: str, handler, first_label: str) -> None:
                  concurrency_id="gpu", concurrency_limit="default")
 
 
-def run_example(prompt_text, example_seed, concepts, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+def run_example(prompt_text, example_seed, concepts, request: gr.Request):
     # Example caching hands gr.JSON values over as a pydantic model, not as plain lists.
     if hasattr(concepts, "model_dump"):
         concepts = concepts.model_dump()
-    return _run_ui({"prompt": prompt_text, "seed": example_seed, "concepts": concepts}, request)
+    # gr.Examples computes an example's first result outside the queue, inside the example's own queued event
+    # (which the Stop button cancels): the run follows that event. A stop raises, so that nothing is cached.
+    event = gpu.session_event(getattr(request, "session_hash", None), {generate_examples.cache_event["id"]})
+    try:
+        params, result = _run({"prompt": prompt_text, "seed": example_seed, "concepts": concepts}, request,
+                              wanted=functools.partial(gpu.event_alive, event))
+    except service.GenerationStopped as exc:
+        raise gr.Error(str(exc), title="Stopped", print_exception=False) from None
+    return _outputs(params, result, details=False)
 
 
 def example_index(evt: gr.SelectData) -> int:
@@ -575,27 +597,35 @@ with gr.Blocks(title="SEGA: semantic guidance", delete_cache=(900, 3600)) as dem
                         api_visibility="private", queue=False)
 
     # Generate -----------------------------------------------------------------------------------
-    def generate_ui(v: dict, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+    # Each tab's run state: while its run goes, the image its "With edits" box showed before the previews.
+    generate_run, edit_run = gr.State(None), gr.State(None)
+
+    def generate_ui(v: dict, request: gr.Request, progress=gr.Progress()):
         raw = {"prompt": v[prompt], "concepts": concept_rows.read(v), "seed": None if v[randomize] else v[seed],
                **{name: v[widget] for name, widget in settings.items()}}
-        return _run_ui(raw, request)
+        yield from _run_ui(raw, "generate", v[generated["images"][1]], progress, request)
 
     gen_event = gr.on([generate_btn.click, prompt.submit], generate_ui,
-                      {prompt, randomize, seed, *settings.values(), *concept_rows.inputs}, generated["images"],
-                      api_visibility="private", concurrency_id="gpu", concurrency_limit="default")
-    stop_btn.click(stop, None, None, cancels=[gen_event], queue=False, api_visibility="private")
+                      {prompt, randomize, seed, generated["images"][1], *settings.values(), *concept_rows.inputs},
+                      [*generated["images"], generate_run], api_visibility="private", concurrency_id="gpu",
+                      concurrency_limit="default")
+    # Stop cancels this tab's run (and an example's first run), nothing else: server.gpu.drive notices.
+    stop_btn.click(stopped, generate_run, [generated["images"][1], generate_run],
+                   cancels=[gen_event, generate_examples.cache_event], show_progress="hidden",
+                   api_visibility="private")
 
     # Edit ---------------------------------------------------------------------------------------
-    def edit_ui(v: dict, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+    def edit_ui(v: dict, request: gr.Request, progress=gr.Progress()):
         raw = {"image": v[upload], "concepts": edit_rows.read(v), "seed": None if v[edit_randomize] else v[edit_seed],
                **{name: v[widget] for name, widget in edit_settings.items()}}
-        return _run_ui(raw, request, endpoint="edit")
+        yield from _run_ui(raw, "edit", v[edited["images"][1]], progress, request)
 
-    edit_event = edit_btn.click(edit_ui, {upload, edit_randomize, edit_seed, *edit_settings.values(),
-                                          *edit_rows.inputs},
-                                [*edited["images"], *edited["details"]], api_visibility="private",
+    edit_event = edit_btn.click(edit_ui, {upload, edit_randomize, edit_seed, edited["images"][1],
+                                          *edit_settings.values(), *edit_rows.inputs},
+                                [*edited["images"], *edited["details"], edit_run], api_visibility="private",
                                 concurrency_id="gpu", concurrency_limit="default")
-    edit_stop_btn.click(stop, None, None, cancels=[edit_event], queue=False, api_visibility="private")
+    edit_stop_btn.click(stopped, edit_run, [edited["images"][1], edit_run], cancels=[edit_event],
+                        show_progress="hidden", api_visibility="private")
 
     # Public API: named parameters built from their declarations (validated in server/).
     api_endpoint("generate", generate_api, "without edits")

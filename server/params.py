@@ -385,9 +385,10 @@ GENERATE_PARAMS: tuple[Param, ...] = (
     Param("mask", "text", MASK_DOC, check=_mask, default=_profile_default("mask"), keywords=_mask_keyword),
 )
 API_PARAMS: tuple[str, ...] = tuple(p.name for p in GENERATE_PARAMS)
-# Fixed keywords of every app call: both images, the plain run computed on its own first so that an answer never
-# depends on what earlier visitors left in the re-edit cache.
-APP_KEYWORDS = [Keyword.literal("return_original", True), Keyword.literal("original_first", True)]
+# Fixed keywords of every app call: both images, in one pass (one UNet call per step for both) without the re-edit
+# cache, so that every UNet batch depends on the request alone and an answer never depends on what earlier
+# visitors left in the cache.
+APP_KEYWORDS = [Keyword.literal("return_original", True), Keyword.literal("use_reedit_cache", False)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -521,8 +522,9 @@ def _notices_across_fields(values: Mapping[str, Any]) -> list[str]:
             notices.append(f"concepts[{i}] ({concept.prompt!r}) is never applied: its warmup {concept.warmup} "
                            f"is not below the {steps} steps{' that skip leaves' if 'skip' in values else ''}.")
     if values.get("concepts") and values["guidance_scale"] <= 1:
-        notices.append(f"guidance_scale {values['guidance_scale']:g} <= 1 turns classifier-free guidance off; the "
-                       "edits are applied to the unconditional estimate.")
+        notices.append(f"guidance_scale {values['guidance_scale']:g} <= 1 turns classifier-free guidance off: both "
+                       "images follow the prompt alone (any value from 0 to 1 gives the same pair), and the edits "
+                       "are added to the image with edits.")
     return notices
 
 

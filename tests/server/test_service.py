@@ -298,11 +298,48 @@ def test_generate_returns_both_images_and_the_used_parameters(tiny):
     assert r.used["seed"] == 3
     assert api.params_from_json(tiny, r.used, LIMITS) == p
     assert "+'blue'" in r.summary and "seed 3" in r.summary
-    # The same request again: the same pair; the plain run comes from the re-edit cache.
+    # The same request again: the same pair, computed again in one pass (the app does not use the re-edit cache).
     r2 = service.generate(tiny, p)
-    assert r2.cache_hit
+    assert not r2.cache_hit
     assert np.array_equal(np.asarray(r.original), np.asarray(r2.original))
     assert np.array_equal(np.asarray(r.edited), np.asarray(r2.edited))
+
+
+def test_the_same_request_gives_the_same_pair_whatever_the_caches_hold(tiny):
+    """Cold, warm with another request's entries, warm with the same prompt and seed and other concepts: the
+    very same images, bit for bit (as PNG pixels, and as the floats the service's library call returns)."""
+    pipe = tiny.pipe
+    p = parse(tiny, seed=7, steps=5, momentum_scale=0.3,
+              concepts=[{"prompt": "blue", "warmup": 1, "scale": 8, "threshold": 0.5},
+                        {"prompt": "square", "warmup": 2, "reverse": True}])
+    keywords = p.pipeline_keywords("pipe")
+
+    def answer():
+        r = service.generate(tiny, p)
+        out = pipe(**{name: k.build(pipe) for name, k in keywords.items()}, output_type="np")
+        assert not r.cache_hit and not out.cache_hit
+        return np.asarray(r.original), np.asarray(r.edited), out.original_images, out.images
+
+    def library_call(request):  # a library user's caching call on the same pipeline
+        return pipe(**{name: k.build(pipe) for name, k in request.pipeline_keywords("pipe").items()
+                       if name != "use_reedit_cache"})
+
+    pipe.reedit_cache.clear()
+    pipe.embedding_cache.clear()
+    cold = answer()
+    assert len(pipe.reedit_cache) == 0  # the app's calls neither read nor fill it
+    assert not np.array_equal(cold[2], cold[3])
+    service.generate(tiny, parse(tiny, prompt="a blue square", seed=8, steps=5, concepts=[{"prompt": "red"}]))
+    library_call(parse(tiny, prompt="a green circle", seed=9, steps=5, concepts=[{"prompt": "large", "warmup": 1}]))
+    after_others = answer()
+    other_concepts = parse(tiny, seed=7, steps=5, momentum_scale=0.3, concepts=[{"prompt": "red", "warmup": 3}])
+    service.generate(tiny, other_concepts)
+    library_call(other_concepts)  # the re-edit cache now holds this prompt and seed's run without edits
+    assert library_call(p).cache_hit
+    after_same_prompt = answer()
+    for warm in (after_others, after_same_prompt):
+        for a, b in zip(cold, warm):
+            assert np.array_equal(a, b)
 
 
 def test_generate_without_concepts_gives_the_same_image_twice(tiny):
