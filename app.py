@@ -19,6 +19,7 @@ from fastapi.exception_handlers import http_exception_handler
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import form, gpu, service, snippets
+from server.images import mask_overlays
 from server import params as api
 from server.loading import load_pipeline
 
@@ -223,6 +224,23 @@ def show_details(used, request: gr.Request) -> tuple[str, str, str]:
     return used.get("summary", ""), client_code, library_code
 
 
+def show_masks(used, edited: str | None):
+    """Per concept, its mask (from the JSON's "masks") over the image with edits; hidden without masks."""
+    if hasattr(used, "model_dump"):
+        used = used.model_dump()
+    items = mask_overlays(edited, (used or {}).get("masks") or [])
+    return gr.Gallery(value=items or None, visible=bool(items))
+
+
+def mask_choice(endpoint: str, elem_id: str) -> gr.Radio:
+    """The "mask" parameter's control, from its declaration (choices, default of the endpoint)."""
+    return gr.Radio(list(api.MASK_MODES), value=api.defaults(LOADED, endpoint)["mask"], elem_id=elem_id,
+                    label="Masks (LEDITS++): where each concept may edit",
+                    info="none: SEGA's threshold per latent channel; cross-attention: only where the concept's "
+                         "words attend (the threshold is the share of that map left out); intersect: there and "
+                         "where its edit is strong. The masks are shown beside the result.")
+
+
 def keep_seed(seed_used):
     """The seed a run used, for the Seed box (nothing when there is none)."""
     return gr.skip() if seed_used is None else seed_used
@@ -357,6 +375,9 @@ def result_column(first_label: str, prefix: str) -> dict:
     slider = gr.ImageSlider(label="Before / after", format="png", interactive=False, max_height=360,
                             elem_id=f"{prefix}slider", elem_classes="pixelated")
     seed_used = gr.Number(label="Seed used", precision=0, interactive=False, elem_id=f"{prefix}seed-used")
+    masks = gr.Gallery(label="Where each concept edited (its mask over the image with edits)", columns=4,
+                       height=160, object_fit="contain", interactive=False, visible=False, elem_id=f"{prefix}masks",
+                       elem_classes="pixelated")
     summary = gr.Markdown(elem_id=f"{prefix}summary")
     with gr.Accordion("Parameters used (JSON)", open=False):
         used = gr.JSON(show_label=False)
@@ -365,7 +386,7 @@ def result_column(first_label: str, prefix: str) -> dict:
         library_code = gr.Code(language="python", label="sega library (run it yourself)",
                                elem_id=f"{prefix}library-code")
     return {"images": [first, edited, slider, seed_used, used], "details": [summary, client_code, library_code],
-            "used": used, "edited": edited, "seed_used": seed_used}
+            "used": used, "edited": edited, "seed_used": seed_used, "masks": masks}
 
 
 def hand_over_untouched(image: gr.Image) -> gr.Image:
@@ -479,6 +500,7 @@ with gr.Blocks(title="SEGA: semantic guidance", delete_cache=(900, 3600)) as dem
                                         placeholder=PROFILE.prompt_placeholder)
                     negative_prompt = gr.Textbox(label="Negative prompt", value="", elem_id="negative-prompt")
                     concept_rows = ConceptRows("concept")
+                    mask = mask_choice("generate", "mask")
                     seed, randomize = seed_row("", FORM)
                     with gr.Row():
                         steps = slider(FORM["steps"], elem_id="steps")
@@ -519,6 +541,7 @@ with gr.Blocks(title="SEGA: semantic guidance", delete_cache=(900, 3600)) as dem
                     source_prompt = gr.Textbox(label="Source prompt", elem_id="edit-source-prompt",
                                                placeholder="describe your image; empty works too")
                     edit_rows = ConceptRows("edit-concept", "edit")
+                    edit_mask = mask_choice("edit", "edit-mask")
                     edit_seed, edit_randomize = seed_row("edit-", EDIT_FORM)
                     with gr.Row():
                         edit_steps = slider(EDIT_FORM["steps"], elem_id="edit-steps")
@@ -546,10 +569,10 @@ with gr.Blocks(title="SEGA: semantic guidance", delete_cache=(900, 3600)) as dem
     # The settings widgets, by API parameter name: requests are read from (and examples reset) these.
     settings = {"negative_prompt": negative_prompt, "steps": steps, "guidance_scale": guidance, "width": width,
                 "height": height, "scheduler": scheduler, "momentum_scale": momentum_scale,
-                "momentum_beta": momentum_beta}
+                "momentum_beta": momentum_beta, "mask": mask}
     edit_settings = {"source_prompt": source_prompt, "steps": edit_steps, "skip": skip,
                      "guidance_scale": edit_guidance, "source_guidance_scale": source_guidance,
-                     "momentum_scale": edit_momentum_scale, "momentum_beta": edit_momentum_beta}
+                     "momentum_scale": edit_momentum_scale, "momentum_beta": edit_momentum_beta, "mask": edit_mask}
     concept_rows.wire_advanced(show_advanced)
     edit_rows.wire_advanced(edit_show_advanced)
     # A click on an example fills the rows from the example itself (a change of a hidden value would not fire
@@ -563,6 +586,10 @@ with gr.Blocks(title="SEGA: semantic guidance", delete_cache=(900, 3600)) as dem
 
     # Summary and code are derived from the JSON: cached examples store JSON faithfully, free text less so.
     generated["used"].change(show_details, generated["used"], generated["details"], api_visibility="private")
+    # The masks too (cached examples included), over the image with edits.
+    for result in (generated, edited):
+        result["used"].change(show_masks, [result["used"], result["edited"]], result["masks"],
+                              api_visibility="private")
     # The seed used goes back into the Seed box (Random seed stays as it was): one click reproduces a result.
     for result, seed_box in ((generated, seed), (edited, edit_seed)):
         result["seed_used"].change(keep_seed, result["seed_used"], seed_box, api_visibility="private", queue=False)

@@ -6,6 +6,7 @@
     python -m benchmarks.speed --model sd15-random --per-sample [--compile]  # GPU: ms per UNet sample
     python -m benchmarks.speed --previews [--model sd15-random]        # the app's live previews: their cost
     python -m benchmarks.speed --model stable-diffusion-v1-5/stable-diffusion-v1-5      # real weights (hub)
+    python -m benchmarks.speed --masks [--model sd15-random --size 256 --steps 10]  # (m) implicit masks' cost
 
 Models: "demo" (default, the bundled 32x32 shapes model); "sd15-random", Stable Diffusion 1.5's architecture
 with random weights built offline from benchmarks/sd15_random/ (its images are noise, its cost is SD 1.5's);
@@ -26,6 +27,12 @@ ours/reference for (--cases, default all four on the demo model, "ab" for sd15-r
       the same two reference calls;
 and, for (a), the share of the denoising loop's time spent outside the UNet and the scheduler.
 Edits start at step --edit-warmup (default steps // 5: 10 of 50).
+
+--masks measures one more case instead, (m): an edit of an inverted image with N concepts (default 2), ours
+with LEDITS++'s intersect mask (cross-attention maps recorded) against the same call without masks (target:
+masked / unmasked <= 1.15), and diffusers' LEditsPPPipelineStableDiffusion with the same mask on the same
+components, image, steps and concepts beside it (it evaluates no prompt estimate: one UNet sample fewer per
+step; its processors, which it never puts back, are restored after each of its calls).
 
 --per-sample times the UNet alone at batch sizes 2 to 6 and prints the seconds per 512x512-equivalent sample
 that server/service.py's gpu_duration should use, with the fixed costs (text encoding, decoding).
@@ -66,6 +73,7 @@ CONCEPT_SETTINGS = [(5.0, 0.99, False), (5.0, 0.975, True), (5.0, 0.925, False),
 TARGETS = {"a": 1.0, "b": 0.90, "c": 0.90, "d": 0.6}
 TARGET_NAMES = {"a": "edited ratio", "b": "pair ratio", "c": "re-edit ratio (app)", "d": "re-edit ratio (cache)"}
 SD15_DEFAULTS = {"size": 256, "steps": 6, "concepts": [2], "cases": "ab", "repeats": 3}  # SD scale, a CPU run of reasonable length
+MASKS_TARGET = 1.15  # (m), --masks: issue 17's masked / unmasked ratio
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -413,6 +421,86 @@ def compare(args, ours: SegaPipeline, device: torch.device, counters: Counters) 
                       f"{o['seconds']:.1f} s here")
 
 
+def ledits_pipeline(ours: SegaPipeline):
+    """diffusers' LEditsPPPipelineStableDiffusion on the very same components (DDIM scheduler copy)."""
+
+    from diffusers import DDIMScheduler
+    from diffusers.pipelines.ledits_pp.pipeline_leditspp_stable_diffusion import (
+        LEditsPPPipelineStableDiffusion,
+    )
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = LEditsPPPipelineStableDiffusion(
+            vae=ours.vae, text_encoder=ours.text_encoder, tokenizer=ours.tokenizer, unet=ours.unet,
+            scheduler=DDIMScheduler.from_config(ours.scheduler.config), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    # diffusers 0.42.1's invert passes float timesteps to add_noise, which indexes with them.
+    add_noise = pipe.scheduler.add_noise
+    pipe.scheduler.add_noise = lambda x, noise, t: add_noise(x, noise, t.long())
+    return pipe
+
+
+def masks_case(args, ours: SegaPipeline, device: torch.device, counters: Counters) -> None:
+    """(m): ours with the intersect mask against ours without, and diffusers' LEDITS++ with it, on one
+    inverted image; prints the rows and the ratio masked / unmasked against its target."""
+    import numpy as np
+    import PIL.Image
+
+    ledits = ledits_pipeline(ours)
+    n = (args.concepts or [2])[0]
+    texts = FACE_CONCEPTS if args.model not in ("demo", "sd15-random") else SHAPE_CONCEPTS
+    kw = concept_kwargs(texts, n, 0)
+    pixels = np.random.default_rng(0).integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
+    image = PIL.Image.fromarray(pixels)
+    steps = args.steps
+    inv = ours.invert(image, num_inference_steps=steps, skip=0.0, generator=torch.Generator("cpu").manual_seed(0))
+    own = dict(ours.unet.attn_processors)
+
+    def ledits_fn():
+        try:
+            ledits(**kw, use_cross_attn_mask=True, use_intersect_mask=True, output_type="pil")
+        finally:
+            ours.unet.set_attn_processor(dict(own))  # LEDITS++ leaves its classic-attention processors in place
+
+    ledits.invert(image, num_inversion_steps=steps, skip=0.0, generator=torch.Generator("cpu").manual_seed(0))
+    ours_kw = dict(inversion=inv, **kw, edit_momentum_scale=0.0, output_type="pil", use_cache=False)
+
+    def unmasked():
+        ours("", **ours_kw)
+
+    def masked():
+        ours("", **ours_kw, use_intersect_mask=True)
+
+    fns = {"ours, no masks": unmasked, "ours, intersect mask": masked, "LEDITS++, intersect mask": ledits_fn}
+    for fn in fns.values():  # warm-up
+        fn()
+    timings = {name: Timing() for name in fns}
+    names = list(fns)
+    for k in range(args.repeats):  # interleaved, each repeat starting with another one
+        for name in names[k % 3:] + names[:k % 3]:
+            timings[name].run(fns[name], device, counters)
+    rows = [(name, timing.summary()) for name, timing in timings.items()]
+    label = f"(m) masks, {n} concept{'s' * (n > 1)}"
+    print()
+    print(f"model: {args.model}  size: {args.size}x{args.size}  device: {device}  dtype: {args.dtype_t}  steps: {steps}"
+          f"  (an inverted image, skip 0)  repeats: {args.repeats} (median)")
+    if device.type == "cpu":
+        print(f"cpu: {psutil.cpu_count()} cores, torch threads {torch.get_num_threads()}, load average "
+              f"{' '.join(f'{x:.1f}' for x in psutil.getloadavg())} at the end")
+    print(f"{'case':30s} {'':24s} {'seconds':>8s} {'CPU s':>8s} {'unet calls':>10s} {'samples':>8s} {'ms/sample':>9s}")
+    for who, m in rows:
+        print(f"{label:30s} {who:24s} {m['seconds']:8.3f} {m['cpu_seconds']:8.3f} {m['unet_calls']:10d} "
+              f"{m['unet_samples']:8d} {m['ms_per_sample']:9.1f}")
+    (_, plain), (_, mine), (_, theirs) = rows
+    ratio, cpu_ratio = mine["seconds"] / plain["seconds"], mine["cpu_seconds"] / plain["cpu_seconds"]
+    print(f"  {label:30s} masked / unmasked ratio {ratio:.3f} (CPU time {cpu_ratio:.3f})  "
+          f"{'meets' if ratio <= MASKS_TARGET else 'MISSES'} <= {MASKS_TARGET}")
+    print(f"  {'':30s} ours masked / LEDITS++ masked {mine['seconds'] / theirs['seconds']:.3f} "
+          f"(CPU time {mine['cpu_seconds'] / theirs['cpu_seconds']:.3f})")
+
+
 def per_sample(args, ours: SegaPipeline, device: torch.device, counters: Counters) -> None:
     """Milliseconds per UNet sample at the benchmark's size, and the constant gpu_duration should use."""
     unet, latent = ours.unet, args.size // ours.vae_scale_factor
@@ -539,6 +627,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default float16 on CUDA, else float32")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (each case warmed up first)")
+    parser.add_argument("--masks", action="store_true",
+                        help="case (m): the cost of implicit masks, next to diffusers' LEDITS++ (default 2 concepts)")
     parser.add_argument("--per-sample", action="store_true",
                         help="time the UNet alone and print the per-sample constant for gpu_duration")
     parser.add_argument("--previews", action="store_true",
@@ -601,6 +691,8 @@ def main(argv: list[str] | None = None) -> None:
         per_sample(args, ours, device, counters)
     elif args.previews:
         previews(args, ours, device, counters)
+    elif args.masks:
+        masks_case(args, ours, device, counters)
     else:
         compare(args, ours, device, counters)
 

@@ -12,6 +12,7 @@ Same keywords, same images (latents within 1e-4 in fp32), plus:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -31,6 +32,7 @@ from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel
 
+from .attention import AttentionStore, EditMasks, concept_token_counts
 from .concepts import EditConcept
 from .guidance import (
     StepPlan,
@@ -40,6 +42,7 @@ from .guidance import (
     semantic_guidance_step,
 )
 from .inversion import SegaInversion, image_to_tensor, inversion_scheduler, noise_map, performed_steps
+from .masks import latent_user_mask
 from .previews import predicted_original
 from .reedit import (
     LockstepPlainRun,
@@ -69,6 +72,9 @@ class SegaPipelineOutput(BaseOutput):
         cache_hit: whether the run without edits was replayed from the re-edit cache.
         unet_calls, unet_samples: UNet calls of this call and the samples they evaluated.
         inversion_cache_hit: with ``inversion=``, whether that inversion came from ``inversion_cache``.
+        edit_masks: with ``use_cross_attn_mask`` or ``use_intersect_mask``, the implicit mask each concept's edit
+            was multiplied by at each step, (steps, concepts, images, latent H, latent W), 1.0 = edited (zeros at
+            steps where a concept's estimate was not evaluated).
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
@@ -80,6 +86,7 @@ class SegaPipelineOutput(BaseOutput):
     unet_calls: int = 0
     unet_samples: int = 0
     inversion_cache_hit: bool | None = None
+    edit_masks: torch.Tensor | None = None
 
 
 @dataclass
@@ -120,6 +127,7 @@ class _Denoising:
     sem_guidance: list[torch.Tensor] | None = None
     recorded_guidance: list[torch.Tensor] | None = None
     noise_maps: torch.Tensor | None = None  # an inversion's per-step variance noise
+    masks: EditMasks | None = None  # implicit masks (cross-attention, intersect, user mask)
     device_tensors: dict = field(default_factory=dict)  # built once per call: weights, embedding layouts
     last_estimate: tuple | None = None  # (model input, estimate) of the edited run's latest step
     unet_calls: int = 0
@@ -400,6 +408,28 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
             diverge = n_steps
         return plans, needed, diverge
 
+    def prepare_masks(self, concepts: _Concepts, use_cross_attn_mask: bool, use_intersect_mask: bool, user_mask,
+                      latents: torch.Tensor, height: int, width: int, scheduler, timesteps) -> EditMasks | None:
+        """The call's implicit masks and user mask, checked; None when no mask is asked for (or no concept)."""
+        for name, value in (("use_cross_attn_mask", use_cross_attn_mask), ("use_intersect_mask", use_intersect_mask)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false, got {value!r}")
+        cross_attention = use_cross_attn_mask or use_intersect_mask
+        if not len(concepts) or not (cross_attention or user_mask is not None):
+            return None
+        batch, size = latents.shape[0], tuple(latents.shape[-2:])
+        mask = None if user_mask is None else latent_user_mask(user_mask, batch, size, (height, width),
+                                                               latents.device, latents.dtype)
+        store = None
+        if cross_attention:
+            if concepts.prompts is None:
+                raise ValueError("use_cross_attn_mask / use_intersect_mask need the concepts' texts (editing_prompt "
+                                 "or concepts), not editing_prompt_embeddings: the masks follow the texts' tokens")
+            store = AttentionStore(concept_token_counts(self.tokenizer, concepts.prompts),
+                                   self.tokenizer.model_max_length, size)
+        return EditMasks(len(concepts), cross_attention, use_intersect_mask, mask, store,
+                         scheduler.config.num_train_timesteps, timesteps.tolist())
+
     def prepare_plain_run(self, state: _Denoising, key: tuple | None, diverge: int, return_original: bool,
                           original_first: bool, has_edits: bool) -> PlainRun:
         """The run without edits: replayed from the cache, computed on its own (``original_first``), shared
@@ -482,6 +512,8 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         if not parts:
             return []
         segments = tuple(s for _, names in parts for s in names)
+        if state.masks is not None:
+            state.masks.expect(segments, state.batch)
         inputs = torch.cat([z for z, names in parts for _ in names])
         out = self.unet(inputs, t, encoder_hidden_states=state.layout(segments)).sample
         state.unet_calls, state.unet_samples = state.unet_calls + 1, state.unet_samples + out.shape[0]
@@ -494,7 +526,10 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         if not len(state.concepts):
             return None
         plan, needed = state.plans[i], state.needed[i]
-        if noise_concepts is not None:
+        if noise_concepts is not None and state.masks is not None:
+            psi = state.masks.directions(i, state.timesteps[i], noise_uncond, noise_concepts, needed,
+                                         state.signed_scales[needed], state.thresholds[needed])
+        elif noise_concepts is not None:
             psi = concept_directions(noise_uncond, noise_concepts, state.signed_scales[needed],
                                      state.thresholds[needed])
         else:
@@ -739,6 +774,9 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         use_cache: bool = True,
         original_first: bool = False,
         use_reedit_cache: bool = True,
+        use_cross_attn_mask: bool = False,
+        use_intersect_mask: bool = False,
+        user_mask: torch.Tensor | np.ndarray | PIL.Image.Image | list[PIL.Image.Image] | None = None,
         inversion: SegaInversion | None = None,
         scheduler=None,
         callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict] | None = None,
@@ -804,6 +842,17 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
                 one pass's cost. The app calls it so. A re-edit that replays the cache does less work (no UNet
                 samples for the run without edits) but computes the edited run in smaller batches, which
                 round differently (~1e-6); under bit-identity there is nothing to replay.
+            use_cross_attn_mask: LEDITS++'s implicit mask (Brack et al., CVPR 2024): each concept edits only where
+                its own tokens' cross-attention map (a quarter of the latent size, layers and heads averaged,
+                3x3 Gaussian) reaches its ``edit_threshold`` quantile, which then no longer thresholds the edit
+                per channel. Needs concept texts (not ``editing_prompt_embeddings``). Default off (SEGA).
+            use_intersect_mask: the cross-attention mask times a noise mask (|psi| summed over channels, kept at
+                its ``edit_threshold`` quantile); the cross-attention mask alone while t > 0.8 T (SD: 800).
+                Turns the cross-attention mask on. Momentum, warmup, cooldown and weights act on the masked
+                directions as without masks. ``edit_masks`` in the output holds the masks applied.
+            user_mask: where edits may act, per image, in [0, 1] (1 = edit): a tensor or array (H, W), (B, H, W)
+                or (B, 1, H, W) at the latent or the image size (averaged down), or PIL images (white = edit).
+                Multiplied into every concept's direction before thresholds and masks.
             scheduler: a scheduler for this call only (copied), instead of ``self.scheduler``.
             inversion: edit a real image: the result of :meth:`invert`. The edit starts from its latents at its
                 first timestep and each DDIM step (eta 1) takes its noise map; ``prompt`` should be its
@@ -869,6 +918,8 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
             momentum=torch.zeros_like(latents), momentum_scale=edit_momentum_scale, momentum_beta=edit_mom_beta,
             sem_guidance=None if sem_guidance is None else [g.to(device=device, dtype=dtype) for g in sem_guidance],
             recorded_guidance=[] if return_sem_guidance else None,
+            masks=self.prepare_masks(cc, use_cross_attn_mask, use_intersect_mask, user_mask, latents, height, width,
+                                     scheduler, scheduler.timesteps if inversion is None else inversion.timesteps),
         )
 
         # 5. The run without edits: from the re-edit cache, computed on its own (original_first), or alongside
@@ -881,9 +932,10 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
                                        has_edits)
         plain.start(scheduler, generator, latents, eta, noise_maps)
 
-        # 6. Denoising loop
-        latents = self.denoise(state, latents, plain, callback, callback_steps, callback_on_step_end,
-                               callback_on_step_end_tensor_inputs)
+        # 6. Denoising loop (with masks: recording cross-attention maps, the UNet's processors put back after)
+        with state.masks.recording(self.unet) if state.masks is not None else contextlib.nullcontext():
+            latents = self.denoise(state, latents, plain, callback, callback_steps, callback_on_step_end,
+                                   callback_on_step_end_tensor_inputs)
 
         # 7. Decode, keep the plain run for re-edits, post-process
         plain_latents = plain.final_latents(latents)
@@ -910,4 +962,5 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
                                   original_nsfw_content_detected=original_nsfw, sem_guidance=state.recorded_guidance,
                                   cache_hit=plain.cache_hit, unet_calls=state.unet_calls,
                                   unet_samples=state.unet_samples,
-                                  inversion_cache_hit=None if inversion is None else inversion.cache_hit)
+                                  inversion_cache_hit=None if inversion is None else inversion.cache_hit,
+                                  edit_masks=None if state.masks is None else state.masks.stacked(n_steps))

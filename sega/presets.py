@@ -14,4 +14,4 @@ SD_PRESETS: dict[str, dict] = {
     "custom": {"scale": 5.0, "threshold": 0.95, "warmup": 10},
 }
 SD_DEFAULTS: dict = {"steps": 50, "guidance_scale": 7.0, "momentum_scale": 0.3, "momentum_beta": 0.6,
-                     "default_preset": "face"}
+                     "default_preset": "face", "mask": "none"}

@@ -67,3 +67,59 @@ def read_upload(path: Path, size: int, max_megabytes: int, max_pixels: int) -> t
         return load_image(path, size)
     except ValueError as exc:
         raise InvalidInput(str(exc)) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks: where each concept edited (the "mask" parameter), as data in the JSON and as overlays
+# ----------------------------------------------------------------------------------------------
+
+MASK_COLOR = (255, 0, 64)  # the overlay's tint where a concept edited
+
+
+def mask_to_data_url(mask) -> str:
+    """A mask in [0, 1] (H, W) as an 8-bit grayscale PNG data URL (white = edited at every step)."""
+    import base64
+    import io
+
+    import numpy as np
+
+    values = np.clip(np.rint(np.asarray(mask, dtype=np.float32) * 255), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    PIL.Image.fromarray(values, mode="L").save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def mask_from_data_url(url: str):
+    """The (H, W) float mask in [0, 1] of :func:`mask_to_data_url`."""
+    import base64
+    import io
+
+    import numpy as np
+
+    prefix = "data:image/png;base64,"
+    if not isinstance(url, str) or not url.startswith(prefix):
+        raise ValueError("a mask must be a PNG data URL (data:image/png;base64,...)")
+    with PIL.Image.open(io.BytesIO(base64.b64decode(url[len(prefix):]))) as image:
+        return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+
+
+def mask_overlay(image: PIL.Image.Image, mask, strength: float = 0.6) -> PIL.Image.Image:
+    """``image`` tinted with :data:`MASK_COLOR` where ``mask`` (any size, nearest-resized) is high."""
+    import numpy as np
+
+    m = PIL.Image.fromarray(np.clip(np.rint(np.asarray(mask, np.float32) * 255), 0, 255).astype(np.uint8), mode="L")
+    alpha = np.asarray(m.resize(image.size, PIL.Image.Resampling.NEAREST), dtype=np.float32)[..., None] / 255.0
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    tinted = base * (1 - strength * alpha) + np.array(MASK_COLOR, np.float32) * strength * alpha
+    return PIL.Image.fromarray(np.clip(np.rint(tinted), 0, 255).astype(np.uint8))
+
+
+def mask_overlays(image_path: str | None, masks: list[dict]) -> list[tuple[PIL.Image.Image, str]]:
+    """(overlay, caption) per entry of a result JSON's "masks" over the image at ``image_path`` ([] without
+    either); the caption is the concept with its direction (+ add, − remove)."""
+    if not masks or not image_path:
+        return []
+    with PIL.Image.open(image_path) as image:
+        image = image.convert("RGB")
+        return [(mask_overlay(image, mask_from_data_url(m["mask"])), f"{'−' if m.get('reverse') else '+'}{m['concept']}")
+                for m in masks]

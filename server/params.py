@@ -25,8 +25,10 @@ import PIL.Image
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
+from sega.attention import quarter_resolution_layers
 from sega.concepts import EditConcept, Range, show_value
 from sega.inversion import performed_steps
+from sega.masks import MASK_MODES
 
 from .errors import InvalidInput
 from .images import read_upload, upload_path
@@ -205,6 +207,25 @@ def _fixed(bounds: Range) -> Callable[[Any, Limits], Range]:
     return lambda _model, _limits: bounds
 
 
+def _mask(value, ctx: Context) -> str:
+    if not isinstance(value, str) or value not in MASK_MODES:
+        raise InvalidInput(f"mask must be one of {', '.join(MASK_MODES)}; got {show_value(value)}")
+    if value != "none" and not quarter_resolution_layers(ctx.loaded.pipe.unet):
+        raise InvalidInput(f"mask {value!r} needs cross-attention two downsamplings below the latent, which this "
+                           "model's UNet does not have; use mask \"none\"")
+    return value
+
+
+def _mask_keyword(mode: str) -> list[Keyword]:
+    """"none" adds no keyword (plain SEGA); the others LEDITS++'s flag (sega.masks.MASK_MODES)."""
+    return [Keyword.literal(name, value) for name, value in MASK_MODES[mode].items()]
+
+
+MASK_DOC = ("implicit masks (LEDITS++): none (SEGA's threshold per channel), cross-attention (each concept edits "
+            "only where its words attend; threshold = share of the map left out) or intersect (that, and only "
+            "where its edit is strong); the JSON's masks show where each concept edited")
+
+
 def _scheduler(value, ctx: Context) -> str:
     # isinstance first: an unhashable value (a list, an object) cannot be looked up in the table
     if not isinstance(value, str) or value not in SCHEDULERS:
@@ -361,6 +382,7 @@ GENERATE_PARAMS: tuple[Param, ...] = (
           default=_profile_default("momentum_beta"), keywords=_as("edit_mom_beta")),
     Param("scheduler", "text", f"sampler: {', '.join(SCHEDULERS)}", check=_scheduler,
           default=lambda _loaded: DEFAULT_SCHEDULER, keywords=_scheduler_keyword),
+    Param("mask", "text", MASK_DOC, check=_mask, default=_profile_default("mask"), keywords=_mask_keyword),
 )
 API_PARAMS: tuple[str, ...] = tuple(p.name for p in GENERATE_PARAMS)
 # Fixed keywords of every app call: both images, in one pass (one UNet call per step for both) without the re-edit
@@ -433,6 +455,7 @@ EDIT_PARAMS: tuple[Param, ...] = (
                             "reconstructs the image exactly)"),
     _BY_NAME["momentum_scale"],
     _BY_NAME["momentum_beta"],
+    dataclasses.replace(_BY_NAME["mask"], default=_edit_default("mask")),
 )
 EDIT_KEYWORDS = [Keyword.literal("return_original", True)]  # the reconstruction without edits, too
 

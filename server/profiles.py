@@ -24,12 +24,12 @@ class ModelProfile:
 
     name: str
     presets: dict[str, dict]
-    defaults: dict  # steps, guidance_scale, momentum_scale, momentum_beta, default_preset
+    defaults: dict  # steps, guidance_scale, momentum_scale, momentum_beta, default_preset, mask
     examples: list[Example]
     intro: str  # Markdown; "{size}" stands for the native size in pixels
     prompt_placeholder: str
     concept_placeholder: str
-    edit_defaults: dict  # /edit: steps, skip, source_guidance_scale
+    edit_defaults: dict  # /edit: steps, skip, source_guidance_scale, mask
     edit_presets: dict[str, dict] | None = None  # presets for uploaded images (None: the same as ``presets``)
     # The "Edit an image" tab's examples: (label, image path, source prompt, concepts, seed); none for SD.
     edit_examples: list = field(default_factory=list)
@@ -91,7 +91,7 @@ SD_PROFILE = ModelProfile(
     prompt_placeholder="a photo of the face of a woman",
     concept_placeholder="e.g. glasses, wearing glasses (leave empty to skip)",
     # LEDITS++'s defaults for SD 1.5: 50 steps, skip 0.15, source guidance 3.5.
-    edit_defaults={"steps": 50, "skip": 0.15, "source_guidance_scale": 3.5},
+    edit_defaults={"steps": 50, "skip": 0.15, "source_guidance_scale": 3.5, "mask": "none"},
 )
 
 

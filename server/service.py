@@ -19,8 +19,10 @@ import PIL.Image
 
 from sega.concepts import EditConcept
 from sega.inversion import performed_steps
+from sega.masks import mean_masks
 from sega.previews import preview_images
 
+from .images import mask_to_data_url
 from .loading import LoadedModel
 from .params import GenerationParams
 
@@ -162,9 +164,19 @@ def generate(loaded: LoadedModel, params: GenerationParams,
     # Notices (truncation, removed control characters...) and the summary travel with the result, for API
     # callers too.
     used = {**params.to_json(), "notices": [*params.notices, *flagged], "summary": summary,
-            "cache_hit": cache_hit}
+            "cache_hit": cache_hit, "masks": concept_masks(params.concepts, out.edit_masks)}
     return GenerationResult(original=original, edited=edited, used=used, summary=summary,
                             cache_hit=cache_hit, seconds=seconds)
+
+
+def concept_masks(concepts, edit_masks) -> list[dict]:
+    """Per concept, where it edited: its mask averaged over the steps it was applied, at the latent size, as a
+    PNG data URL (white = edited at every step); [] without masks (``mask`` "none")."""
+    if edit_masks is None:
+        return []
+    means = mean_masks(edit_masks, [c.warmup for c in concepts], [c.cooldown for c in concepts])
+    return [{"concept": c.prompt, "reverse": c.reverse, "mask": mask_to_data_url(means[i, 0].float().cpu().numpy())}
+            for i, c in enumerate(concepts)]
 
 
 def gpu_duration(steps: int, n_concepts: int, width: int, height: int, inversion: bool = False) -> int:

@@ -39,3 +39,24 @@ def tiny_components(scheduler: str = "ddim", seed: int = 0) -> dict:
     for m in (unet, vae, text_encoder):
         m.eval()
     return {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet, "scheduler": sched}
+
+
+def tiny_mask_components(scheduler: str = "ddim", seed: int = 0, vae_blocks: int = 2) -> dict:
+    """Like :func:`tiny_components`, with a three-level UNet: cross-attention two downsamplings below the latent
+    (``down_blocks.2``, ``up_blocks.0`` with two layers, as LEDITS++'s masks need) and one downsampling below
+    (``down_blocks.1``, ``up_blocks.1``, which the masks must ignore); a VAE of ``vae_blocks`` levels."""
+    parts = tiny_components(scheduler, seed)
+    torch.manual_seed(seed + 1)
+    parts["unet"] = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=8,
+    ).eval()
+    if vae_blocks != 2:
+        parts["vae"] = AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * vae_blocks,
+            up_block_types=("UpDecoderBlock2D",) * vae_blocks, block_out_channels=(8,) + (16,) * (vae_blocks - 1),
+            layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=16,
+        ).eval()
+    return parts

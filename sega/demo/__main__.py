@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     p_eval.add_argument("--kinds", default=None, help="comma-separated edit kinds (default all; '' for none)")
     p_eval.add_argument("--prompt-seeds", type=int, default=None, help="prompt accuracy seeds (default 4x --seeds)")
     p_eval.add_argument("--first-seed", type=int, default=1000, help="evaluation seeds start here (tuning used 0..999)")
+    p_eval.add_argument("--mask", default="none", choices=["none", "cross-attention", "intersect"],
+                        help="implicit masks (LEDITS++) on every edit")
+    p_eval.add_argument("--presets", default=None, help="a JSON file of presets to use instead of the built-in ones")
     p_eval.add_argument("--real", action="store_true",
                         help="edit uploads drawn by the renderer (inversion) instead of generated images")
     p_sweep = sub.add_parser("sweep", help="success per (scale, threshold, warmup) and edit kind, on tuning seeds")
@@ -60,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     p_sweep.add_argument("--thresholds", default="0.5,0.8")
     p_sweep.add_argument("--warmups", default="2,5,8")
     p_sweep.add_argument("--json", default=None, help="also write the table here")
+    p_sweep.add_argument("--mask", default="none", choices=["none", "cross-attention", "intersect"],
+                         help="implicit masks (LEDITS++) on every edit")
     p_sweep.add_argument("--real", action="store_true",
                          help="presets for uploads (inversion): colour, background and shape on tuning images")
     args = parser.parse_args(argv)
@@ -74,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         g = grid(numbers(args.scales, float), numbers(args.thresholds, float), numbers(args.warmups, int))
         kinds = args.kinds.split(",")
         table = sweep(load(args.model), list(range(args.first_seed, args.first_seed + args.seeds)), kinds=kinds,
-                      grids={**{k: g for k in kinds if k != "three"}, "background": g})
+                      grids={**{k: g for k in kinds if k != "three"}, "background": g}, mask=args.mask)
         for kind, rows in table.items():
             print(f"best {kind}: {json.dumps(choose(kind, rows))}")
         if args.json:
@@ -92,27 +97,33 @@ def main(argv: list[str] | None = None) -> None:
         kinds = list(EDIT_KINDS) if args.kinds is None else [k for k in args.kinds.split(",") if k]
         if unknown := set(kinds) - set(EDIT_KINDS):
             parser.error(f"--kinds must be among {', '.join(EDIT_KINDS)}; got {', '.join(sorted(unknown))}")
+        presets = json.loads(Path(args.presets).read_text()) if args.presets else None
         run_eval(args.model, n_seeds=args.seeds, first_seed=args.first_seed, out_json=args.json, kinds=kinds,
-                 prompt_seeds=args.prompt_seeds)
+                 prompt_seeds=args.prompt_seeds, mask=args.mask, presets=presets)
 
 
 def real(args) -> None:
     """``eval --real`` / ``sweep --real``: editing uploads drawn by the renderer, through the inversion."""
+    from ..reedit import LRUCache
     from .editing import DEMO_EDIT_DEFAULTS, DEMO_EDIT_PRESETS, REAL_KINDS, evaluate_real, sweep_real
     from .evaluate import load
 
     pipe = load(args.model)
+    # Every kind and setting edits the same uploads: keep each one's inversion (and reconstruction) for the run.
+    pipe.inversion_cache, pipe.reedit_cache = LRUCache(1024), LRUCache(1024)
     if args.command == "sweep":
         numbers = lambda text, kind: [kind(x) for x in text.split(",")]  # noqa: E731
         grid = {"scale": numbers(args.scales, float), "warmup": numbers(args.warmups, int),
                 "threshold": numbers(args.thresholds, float)}
         kinds = tuple(k for k in args.kinds.split(",") if k in REAL_KINDS[1:]) or REAL_KINDS[1:]
         result = sweep_real(pipe, list(range(args.first_seed, args.first_seed + args.seeds)), grid,
-                            dict(DEMO_EDIT_DEFAULTS), kinds=kinds)
+                            {**DEMO_EDIT_DEFAULTS, "mask": args.mask}, kinds=kinds)
         print("best:", json.dumps(result["best"]))
     else:
         seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-        result = evaluate_real(pipe, seeds, DEMO_EDIT_PRESETS, dict(DEMO_EDIT_DEFAULTS))
+        presets = json.loads(Path(args.presets).read_text()) if args.presets else DEMO_EDIT_PRESETS
+        kinds = REAL_KINDS if args.kinds is None else tuple(k for k in args.kinds.split(",") if k in REAL_KINDS)
+        result = evaluate_real(pipe, seeds, presets, {**DEMO_EDIT_DEFAULTS, "mask": args.mask}, kinds=kinds)
         for kind, r in result.items():
             print(f"{kind:15s}: success {r['success']:.1%}, other attributes kept {r['kept']:.1%}, "
                   f"mask IoU with the input {r['iou']:.3f} ({r['n']} uploads)")

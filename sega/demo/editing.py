@@ -35,7 +35,7 @@ DEMO_EDIT_PRESETS: dict[str, dict] = {
 }
 
 # /edit's defaults on the demo model: 25 steps as for generation, a fifth of them skipped (keeps the layout).
-DEMO_EDIT_DEFAULTS: dict = {"steps": 25, "skip": 0.2, "source_guidance_scale": 5.0}
+DEMO_EDIT_DEFAULTS: dict = {"steps": 25, "skip": 0.2, "source_guidance_scale": 5.0, "mask": "none"}
 
 # (label, image path, source prompt, concepts as the API takes them, seed); each one checked to work by
 # tests/demo/test_editing.py. No background swap: it does not work on inverted images of this model (card).
@@ -107,7 +107,10 @@ def edit_upload(pipe, image: PIL.Image.Image, concepts: list, seed: int, edit: d
     inversion = pipe.invert(image, source_prompt="", num_inference_steps=edit["steps"], skip=edit["skip"],
                             source_guidance_scale=edit["source_guidance_scale"],
                             generator=torch.Generator().manual_seed(seed))
-    out = pipe("", inversion=inversion, concepts=concepts or None,
+    from ..masks import MASK_MODES
+
+    masks = MASK_MODES[edit.get("mask", "none")] if concepts else {}
+    out = pipe("", inversion=inversion, concepts=concepts or None, **masks,
                edit_momentum_scale=edit.get("momentum_scale", 0.3), edit_mom_beta=edit.get("momentum_beta", 0.6),
                return_original=True, output_type="np")
 

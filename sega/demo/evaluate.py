@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..concepts import EditConcept
+from ..masks import MASK_MODES
 from .presets import DEMO_DEFAULTS, DEMO_PRESETS
 from .shapes import BACKGROUNDS, COLORS, SHAPES, SIZES, ShapeSpec, describe, mask_iou, random_spec
 
@@ -115,12 +116,19 @@ def edit_succeeded(case: EditCase, after: dict) -> bool:
     return after[case.kind] == case.target
 
 
+def others_kept(case: EditCase, before: dict, after: dict) -> bool:
+    """Whether the attributes the edit should not touch read the same before and after."""
+    edited = {"removal": ("color",), "three": ("color", "background")}.get(case.kind, (case.kind,))
+    return all(before[k] == after[k] for k in before if k not in edited)
+
+
 class Evaluator:
     """Runs prompts and edits in batches (seeds with the same concepts share a call) and reads the images."""
 
     def __init__(self, pipe, steps: int | None = None, guidance_scale: float | None = None,
-                 momentum_scale: float | None = None, momentum_beta: float | None = None):
+                 momentum_scale: float | None = None, momentum_beta: float | None = None, mask: str = "none"):
         self.pipe = pipe
+        self.mask = MASK_MODES[mask]  # implicit masks (sega.masks.MASK_MODES)
         self.steps = steps or DEMO_DEFAULTS["steps"]
         self.guidance_scale = guidance_scale or DEMO_DEFAULTS["guidance_scale"]
         self.momentum_scale = DEMO_DEFAULTS["momentum_scale"] if momentum_scale is None else momentum_scale
@@ -132,7 +140,7 @@ class Evaluator:
         out = self.pipe(prompts, num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
                         generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="np",
                         concepts=concepts, edit_momentum_scale=self.momentum_scale, edit_mom_beta=self.momentum_beta,
-                        return_original=bool(concepts))
+                        return_original=bool(concepts), **(self.mask if concepts else {}))
         edited = to_uint8(out.images)
         return (to_uint8(out.original_images) if concepts else None), edited
 
@@ -168,10 +176,13 @@ class Evaluator:
 
     def score(self, cases: list[EditCase], images: list[tuple[np.ndarray, np.ndarray]]) -> dict:
         wins = [edit_succeeded(c, describe(e).attributes()) for c, (_, e) in zip(cases, images)]
+        # "kept": a success whose other attributes read as in the image without edits.
+        kept = [win and others_kept(c, describe(o).attributes(), describe(e).attributes())
+                for c, (o, e), win in zip(cases, images, wins)]
         directions: dict[str, list[bool]] = {}
         for case, win in zip(cases, wins):
             directions.setdefault(case.direction, []).append(win)
-        return {"success": float(np.mean(wins)), "n": len(wins),
+        return {"success": float(np.mean(wins)), "kept": float(np.mean(kept)), "n": len(wins),
                 "directions": {d: {"success": float(np.mean(w)), "n": len(w)} for d, w in directions.items()}}
 
     def edits(self, kind: str, seeds: list[int], settings: dict[str, dict] | None = None) -> dict:
@@ -224,7 +235,7 @@ def choose(kind: str, rows: list[dict], iou_target: float = 0.8) -> dict:
 
 
 def sweep(pipe, seeds: list[int], kinds=EDIT_KINDS, grids: dict[str, list[dict]] | None = None,
-          base: dict[str, dict] | None = None, log: Callable[[str], None] = print) -> dict:
+          base: dict[str, dict] | None = None, log: Callable[[str], None] = print, mask: str = "none") -> dict:
     """Success (and, for colour, composition IoU) of every setting in each kind's grid, on tuning seeds.
 
     For a kind with one preset the grid's settings replace that preset; for "three" a grid entry maps preset
@@ -232,7 +243,7 @@ def sweep(pipe, seeds: list[int], kinds=EDIT_KINDS, grids: dict[str, list[dict]]
     concepts run as one batch, settings after one another, so the pipeline's re-edit cache replays the run
     without edits.
     """
-    ev = Evaluator(pipe)
+    ev = Evaluator(pipe, mask=mask)
     base = dict(base or DEMO_PRESETS)
     grids = dict(grids or {})
     table: dict[str, list[dict]] = {}
@@ -243,7 +254,7 @@ def sweep(pipe, seeds: list[int], kinds=EDIT_KINDS, grids: dict[str, list[dict]]
         for setting in grids.get(kind) or grid():
             settings = {**base, **setting} if kind == "three" else {**base, KIND_PRESETS[kind][0]: setting}
             r = ev.edits(kind, seeds, settings)
-            row = {"setting": setting, "success": r["success"],
+            row = {"setting": setting, "success": r["success"], "kept": r["kept"],
                    "directions": {d: v["success"] for d, v in r["directions"].items()}}
             if "iou_sega" in r:
                 row["iou_sega"], row["iou_prompt_change"] = r["iou_sega"], r["iou_prompt_change"]
@@ -255,7 +266,8 @@ def sweep(pipe, seeds: list[int], kinds=EDIT_KINDS, grids: dict[str, list[dict]]
 
 
 def run_eval(model_dir: str | Path, n_seeds: int = 48, first_seed: int = 1000, out_json: str | Path | None = None,
-             presets: dict[str, dict] | None = None, kinds=EDIT_KINDS, prompt_seeds: int | None = None) -> dict:
+             presets: dict[str, dict] | None = None, kinds=EDIT_KINDS, prompt_seeds: int | None = None,
+             mask: str = "none") -> dict:
     """Print and return prompt accuracy, edit success per kind (both directions) and overall, and composition IoU.
 
     ``kinds`` and ``prompt_seeds`` (default ``4 * n_seeds``; 0 skips) evaluate a part, e.g. to run the parts
@@ -263,11 +275,12 @@ def run_eval(model_dir: str | Path, n_seeds: int = 48, first_seed: int = 1000, o
     """
     t0 = time.time()
     pipe = load(model_dir)
-    ev = Evaluator(pipe)
+    ev = Evaluator(pipe, mask=mask)
     presets = presets or DEMO_PRESETS
     seeds = list(range(first_seed, first_seed + n_seeds))
     report: dict = {"seeds": [seeds[0], seeds[-1]], "steps": ev.steps, "guidance_scale": ev.guidance_scale,
-                    "momentum_scale": ev.momentum_scale, "momentum_beta": ev.momentum_beta, "presets": presets}
+                    "momentum_scale": ev.momentum_scale, "momentum_beta": ev.momentum_beta, "presets": presets,
+                    "mask": mask}
     n_prompt = 4 * n_seeds if prompt_seeds is None else prompt_seeds
     if n_prompt:
         report["prompt_accuracy"] = ev.prompt_accuracy(list(range(first_seed, first_seed + n_prompt)))
@@ -277,7 +290,8 @@ def run_eval(model_dir: str | Path, n_seeds: int = 48, first_seed: int = 1000, o
     for kind in kinds:
         edits[kind] = r = ev.edits(kind, seeds, presets)
         ways = ", ".join(f"{d} {v['success']:.0%}" for d, v in sorted(r["directions"].items()))
-        print(f"edit success {kind:10s}: {r['success']:6.1%} of {r['n']} ({ways})", flush=True)
+        print(f"edit success {kind:10s}: {r['success']:6.1%} of {r['n']} ({ways}); other attributes kept "
+              f"{r['kept']:.1%}", flush=True)
     report["edits"] = edits
     if edits:
         report["edit_success_overall"] = float(np.mean([e["success"] for e in edits.values()]))

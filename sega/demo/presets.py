@@ -12,7 +12,7 @@ DEMO_PRESETS: dict[str, dict] = {
     "custom": {"scale": 10.0, "threshold": 0.5, "warmup": 8},
 }
 DEMO_DEFAULTS: dict = {"steps": 25, "guidance_scale": 5.0, "momentum_scale": 0.3, "momentum_beta": 0.6,
-                       "default_preset": "color"}
+                       "default_preset": "color", "mask": "none"}
 
 # The app's examples on this model, one per kind of edit, written as SEGA users write them (add the new value,
 # remove the old one; removal is one reverse concept): (label, prompt, concepts as the API takes them, seed).

@@ -97,3 +97,15 @@ def test_sd15_random_builds_from_the_configs_and_runs_through_sega_pipeline():
     assert torch.isfinite(out.images).all() and torch.isfinite(out.original_images).all()
     assert not torch.equal(out.images, out.original_images)  # the concept was applied
     assert out.unet_calls >= 2
+
+
+def test_masks_case_compares_masked_unmasked_and_ledits_pp(capsys):
+    speed.main(["--masks", "--steps", "2", "--repeats", "1"])
+    out = capsys.readouterr().out
+    rows = {m["who"]: (int(m["calls"]), int(m["samples"])) for m in re.finditer(
+        r"^\(m\) masks, 2 concepts +(?P<who>ours, no masks|ours, intersect mask|LEDITS\+\+, intersect mask) +[\d.]+ "
+        r"+[\d.]+ +(?P<calls>\d+) +(?P<samples>\d+) ", out, re.M)}
+    # Ours evaluates u, p and both concepts per step, with or without masks; LEDITS++ u and the concepts.
+    assert rows == {"ours, no masks": (2, 8), "ours, intersect mask": (2, 8), "LEDITS++, intersect mask": (2, 6)}, out
+    assert re.search(r"masked / unmasked ratio \d+\.\d+ \(CPU time \d+\.\d+\)  (meets|MISSES) <= 1.15", out), out
+    assert re.search(r"ours masked / LEDITS\+\+ masked \d+\.\d+", out), out

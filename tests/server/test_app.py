@@ -29,12 +29,12 @@ def test_the_api_lists_two_endpoints_with_named_parameters(client, app_module):
     edit = info["named_endpoints"]["/edit"]["parameters"]
     assert [p["parameter_name"] for p in edit] == ["image", "source_prompt", "concepts", "seed", "steps", "skip",
                                                    "source_guidance_scale", "guidance_scale", "momentum_scale",
-                                                   "momentum_beta"]
+                                                   "momentum_beta", "mask"]
     assert [p["parameter_name"] for p in edit if not p["parameter_has_default"]] == ["image"]
     params = info["named_endpoints"]["/generate"]["parameters"]
     assert [p["parameter_name"] for p in params] == ["prompt", "concepts", "seed", "steps", "guidance_scale",
                                                      "negative_prompt", "width", "height", "momentum_scale",
-                                                     "momentum_beta", "scheduler"]
+                                                     "momentum_beta", "scheduler", "mask"]
     required = [p["parameter_name"] for p in params if not p["parameter_has_default"]]
     assert required == ["prompt"]
     defaults = {p["parameter_name"]: p["parameter_default"] for p in params}
@@ -72,6 +72,24 @@ def test_the_scheduler_is_an_api_parameter(client):
     assert euler["scheduler"] == "Euler" and ddim["scheduler"] == "DDIM"
 
 
+def test_masks_come_back_in_the_json_one_per_concept(client):
+    from server.images import mask_from_data_url
+
+    swap = [{"prompt": "blue", "preset": "color", "warmup": 2}, {"prompt": "red", "reverse": True, "preset": "color",
+                                                                  "warmup": 2}]
+    original, edited, used = generate(client, concepts=swap, seed=8, mask="intersect")
+    assert used["mask"] == "intersect"
+    assert [(m["concept"], m["reverse"]) for m in used["masks"]] == [("blue", False), ("red", True)]
+    for m in used["masks"]:
+        mask = mask_from_data_url(m["mask"])
+        assert mask.shape == (16, 16)  # the latent's size (32 px images, a 2x VAE)
+        assert 0 < mask.mean() < 1 and mask.max() > 0.5  # where the concept edited, not everywhere
+    # The same seed without masks: the same image without edits, another edit, no masks.
+    original2, edited2, plain = generate(client, concepts=swap, seed=8, mask="none")
+    assert np.array_equal(original, original2) and not np.array_equal(edited, edited2)
+    assert plain["mask"] == "none" and plain["masks"] == []
+
+
 def test_no_concepts_and_no_seed(client):
     original, edited, used = generate(client, concepts=[])
     assert np.array_equal(original, edited)
@@ -103,6 +121,7 @@ def test_a_long_prompt_is_truncated_with_a_notice(client):
     ({"prompt": "\n\t"}, "prompt"),
     ({"scheduler": "PNDM"}, "scheduler"),
     ({"steps": 1001}, "steps"),
+    ({"mask": "everywhere"}, "mask"),
 ])
 def test_invalid_input_gets_an_error_naming_the_field(client, kwargs, field):
     from gradio_client.exceptions import AppError
@@ -114,7 +133,7 @@ def test_invalid_input_gets_an_error_naming_the_field(client, kwargs, field):
 
 def test_nan_over_raw_http_is_rejected_and_the_app_keeps_serving(server, client):
     # gradio_client refuses to send NaN; a hand-written request can.
-    body = '{"data": ["a red circle", [], 1, NaN, null, "", null, null, null, null, null]}'
+    body = '{"data": ["a red circle", [], 1, NaN, null, "", null, null, null, null, null, null]}'
     r = httpx.post(f"{server}gradio_api/call/generate", content=body, headers={"content-type": "application/json"})
     event_id = r.json()["event_id"]
     stream = httpx.get(f"{server}gradio_api/call/generate/{event_id}", timeout=60).text

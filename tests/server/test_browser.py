@@ -150,6 +150,48 @@ def test_two_concepts_one_removed_shows_both_images(server, tmp_path):
     assert 0 < screenshot.stat().st_size < 300_000
 
 
+def test_masks_are_shown_beside_the_result_in_both_tabs(server):
+    """With a mask, a gallery shows each concept's mask over the image with edits; without, it is hidden."""
+    from playwright.sync_api import expect
+
+    from sega.demo.editing import EXAMPLES_DIR
+
+    with browser_page(height=1200) as page:
+        page.goto(server)
+        page.locator("#prompt textarea").fill("a large red circle on a white background")
+        page.locator("#add-concept").click()
+        text_field(page, "concept-0-text").fill("blue")
+        text_field(page, "concept-1-text").fill("red")
+        page.locator("#concept-1-direction").get_by_text("remove").click()
+        set_number(page, "steps", 10)
+        for i in range(2):
+            set_number(page, f"concept-{i}-warmup", 2)
+        page.locator("#mask input[value=intersect]").check()
+        run(page, "#generate")
+        gallery = page.locator("#masks")
+        expect(gallery.locator("img")).to_have_count(2, timeout=30_000)
+        expect(gallery).to_contain_text("+blue")
+        expect(gallery).to_contain_text("−red")
+        overlay, result = shown(page, server, "#masks img"), shown(page, server, "#edited img")
+        assert overlay.shape == result.shape and np.abs(overlay.astype(int) - result).max() > 50  # tinted where masked
+        page.locator("#mask input[value=none]").check()
+        run(page, "#generate")
+        expect(gallery).to_be_hidden(timeout=30_000)
+        no_error(page)
+
+        page.get_by_role("tab", name="Edit an image").click()
+        page.locator("#edit-image input[type=file]").set_input_files(str(EXAMPLES_DIR / "red-circle.png"))
+        expect(page.locator("#edit-image img").first).to_be_visible(timeout=30_000)
+        text_field(page, "edit-concept-0-text").fill("blue")
+        set_number(page, "edit-steps", 10)
+        set_number(page, "edit-concept-0-warmup", 2)
+        page.locator("#edit-mask input[value=cross-attention]").check()
+        run(page, "#edit", "edit-")
+        edit_gallery = page.locator("#edit-masks")
+        expect(edit_gallery.locator("img")).to_have_count(1, timeout=30_000)
+        expect(edit_gallery).to_contain_text("+blue")
+
+
 def test_an_uploaded_image_is_edited_in_the_second_tab(server, tmp_path):
     from playwright.sync_api import expect
 

@@ -41,6 +41,19 @@ def test_an_uploaded_image_is_reconstructed_and_edited(client):
     assert not used["cache_hit"]
 
 
+def test_an_edit_with_masks_returns_them(client):
+    from server.images import mask_from_data_url
+
+    reconstruction, edited, used = edit(client, RED_CIRCLE, concepts=SWAP, seed=3, mask="cross-attention")
+    assert used["mask"] == "cross-attention" and [m["concept"] for m in used["masks"]] == ["blue", "red"]
+    masks = [mask_from_data_url(m["mask"]) for m in used["masks"]]
+    # A cross-attention mask is made of 4x4 cells (the map at a quarter of the 16x16 latent, upsampled).
+    for mask in masks:
+        cells = mask.reshape(4, 4, 4, 4)
+        assert np.array_equal(cells.min(axis=(1, 3)), cells.max(axis=(1, 3))) and 0 < mask.mean() < 1
+    assert np.abs(reconstruction.astype(int) - edited.astype(int)).mean() > 1.0
+
+
 def test_a_second_edit_of_the_same_image_reuses_its_inversion(client):
     first_reconstruction, _, first = edit(client, RED_CIRCLE, concepts=SWAP, seed=11)
     reconstruction, _, again = edit(client, RED_CIRCLE, concepts=[{"prompt": "square", "preset": "shape"}], seed=11)

@@ -151,3 +151,20 @@ def test_only_uploaded_files_are_read(tmp_path):
         with pytest.raises(InvalidInput) as info:
             upload_path(payload, [uploads])
         assert str(info.value).startswith(message)
+
+
+def test_masks_travel_as_png_data_urls_and_tint_the_image():
+    from server.images import MASK_COLOR, mask_from_data_url, mask_overlay, mask_overlays, mask_to_data_url
+
+    mask = np.zeros((4, 4), np.float32)
+    mask[:2, :2] = 1.0
+    mask[3, 3] = 0.5
+    url = mask_to_data_url(mask)
+    assert url.startswith("data:image/png;base64,")
+    np.testing.assert_allclose(mask_from_data_url(url), mask, atol=1 / 255)
+    image = PIL.Image.new("RGB", (8, 8), (255, 255, 255))
+    tinted = np.asarray(mask_overlay(image, mask, strength=1.0))
+    assert tuple(tinted[0, 0]) == MASK_COLOR and tuple(tinted[7, 0]) == (255, 255, 255)  # nearest 2x2 blocks
+    with pytest.raises(ValueError, match="data URL"):
+        mask_from_data_url("not a mask")
+    assert mask_overlays(None, [{"concept": "blue", "mask": url}]) == []

@@ -294,7 +294,8 @@ def test_generate_returns_both_images_and_the_used_parameters(tiny):
     r = service.generate(tiny, p)
     assert r.original.size == r.edited.size == (16, 16)
     assert not np.array_equal(np.asarray(r.original), np.asarray(r.edited))
-    assert r.used == {**p.to_json(), "notices": [], "summary": r.summary, "cache_hit": False} and r.used["seed"] == 3
+    assert r.used == {**p.to_json(), "notices": [], "summary": r.summary, "cache_hit": False, "masks": []}
+    assert r.used["seed"] == 3
     assert api.params_from_json(tiny, r.used, LIMITS) == p
     assert "+'blue'" in r.summary and "seed 3" in r.summary
     # The same request again: the same pair, computed again in one pass (the app does not use the re-edit cache).
