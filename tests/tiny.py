@@ -49,7 +49,7 @@ def tiny_xl_components(scheduler: str = "ddim", seed: int = 0) -> dict:
     tokenizer = build_tokenizer(max_length=77)
     hidden, projection, time_dim = 16, 16, 4
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=2 * hidden, attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2),
         use_linear_projection=True, norm_num_groups=8, addition_embed_type="text_time",
