@@ -1,6 +1,6 @@
 """Benchmark at SDXL's real scale with random weights: SegaXLPipeline next to diffusers' StableDiffusionXLPipeline.
 
-    python -m benchmarks.sdxl                                    # CPU: bfloat16, 256x256, 3 steps
+    python -m benchmarks.sdxl                                    # CPU: bfloat16, 128x128, 2 steps
     python -m benchmarks.sdxl --device cuda                      # GPU: float16, 1024x1024, 50 steps
     python -m benchmarks.sdxl --device cuda --concepts 1,2,4 --repeats 3 [--compile]
 
@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="default float16 on CUDA (as SDXL is served), bfloat16 on a CPU (half the memory)")
-    parser.add_argument("--size", type=int, default=None, help="image size in px (default 1024 on CUDA, 256 on CPU)")
-    parser.add_argument("--steps", type=int, default=None, help="default 50 on CUDA, 3 on a CPU")
+    parser.add_argument("--size", type=int, default=None, help="image size in px (default 1024 on CUDA, 128 on CPU)")
+    parser.add_argument("--steps", type=int, default=None, help="default 50 on CUDA, 2 on a CPU")
     parser.add_argument("--concepts", default="1,2", help="comma-separated concept counts (default 1,2)")
     parser.add_argument("--repeats", type=int, default=None, help="median of this many runs (default 3 on CUDA, 1 CPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
@@ -155,8 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if cuda else torch.bfloat16)
-    size = (NATIVE if cuda else 256) if args.size is None else args.size
-    steps = (50 if cuda else 3) if args.steps is None else args.steps
+    size = (NATIVE if cuda else 128) if args.size is None else args.size
+    steps = (50 if cuda else 2) if args.steps is None else args.steps
     repeats = (3 if cuda else 1) if args.repeats is None else args.repeats
     if size < 8 or size % 8:
         parser.error(f"--size must be a positive multiple of 8, got {size}")

@@ -12,7 +12,15 @@ from sega.demo.editing import DEMO_EDIT_DEFAULTS, DEMO_EDIT_EXAMPLES, DEMO_EDIT_
 from sega.demo.presets import DEMO_DEFAULTS, DEMO_EXAMPLES, DEMO_PRESETS
 from sega.demo.shapes import BACKGROUNDS, COLORS, SHAPES, SIZES, VOCAB_WORDS
 from sega.pipeline import SegaPipeline
-from sega.presets import SD_DEFAULTS, SD_PRESETS
+from sega.pipeline_xl import SegaXLPipeline
+from sega.presets import (
+    SD_DEFAULTS,
+    SD_PRESETS,
+    SDXL_DEFAULTS,
+    SDXL_EDIT_DEFAULTS,
+    SDXL_EDIT_PRESETS,
+    SDXL_PRESETS,
+)
 
 # (label, prompt, concepts as the API takes them, seed)
 Example = tuple[str, str, list[dict], int]
@@ -92,6 +100,19 @@ SD_PROFILE = ModelProfile(
 )
 
 
+SDXL_PROFILE = ModelProfile(
+    name="stable-diffusion-xl",
+    presets=SDXL_PRESETS,
+    defaults=SDXL_DEFAULTS,
+    examples=SD_PROFILE.examples,
+    intro=SD_PROFILE.intro + " Stable Diffusion XL works best at {size}×{size} px.",
+    prompt_placeholder=SD_PROFILE.prompt_placeholder,
+    concept_placeholder=SD_PROFILE.concept_placeholder,
+    edit_defaults=SDXL_EDIT_DEFAULTS,
+    edit_presets=SDXL_EDIT_PRESETS,
+)
+
+
 def is_demo_model(pipe: SegaPipeline) -> bool:
     """The bundled shapes model (or a copy of it, e.g. a training checkpoint) has its own tiny vocabulary."""
     vocab = pipe.tokenizer.get_vocab()
@@ -99,7 +120,9 @@ def is_demo_model(pipe: SegaPipeline) -> bool:
 
 
 def profile_for(pipe: SegaPipeline) -> ModelProfile:
-    """The demo model's profile for the bundled model, Stable Diffusion's for every other checkpoint."""
+    """The demo model's profile for the bundled model, SDXL's for SDXL, Stable Diffusion's for the others."""
+    if isinstance(pipe, SegaXLPipeline):
+        return SDXL_PROFILE
     return DEMO_PROFILE if is_demo_model(pipe) else SD_PROFILE
 
 
