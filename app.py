@@ -6,11 +6,11 @@
 import spaces  # noqa: I001  first: on a ZeroGPU Space it must patch CUDA before torch initialises it
 
 import argparse
+import functools
 import inspect
 import logging
 import os
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -18,7 +18,7 @@ import gradio as gr
 from fastapi.exception_handlers import http_exception_handler
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server import gpu, service, snippets
+from server import form, gpu, service, snippets
 from server import params as api
 from server.loading import load_pipeline
 
@@ -42,6 +42,9 @@ LOADED = load_pipeline(ARGS.model, safety_checker=not ARGS.no_safety_checker)  #
 PROFILE = LOADED.profile
 DEFAULTS = api.defaults(LOADED)
 EDIT_DEFAULTS = api.defaults(LOADED, "edit")
+# Every numeric widget's range, step and starting value, from the API's declarations (server/form.py).
+FORM = form.settings(LOADED, LIMITS)
+EDIT_FORM = form.settings(LOADED, LIMITS, "edit")
 MAX_ROWS = LIMITS.max_concepts
 # Cached example results belong to one set of weights: another model (or a retrained one) gets its own folder.
 os.environ.setdefault("GRADIO_EXAMPLES_CACHE", os.path.join(".gradio", "cached_examples",
@@ -50,10 +53,6 @@ QUEUE_SIZE, CONCURRENCY = api.queue_settings()  # SEGA_QUEUE_SIZE, SEGA_CONCURRE
 # What an API caller gets when the queue is full (gradio's browser client says "This application is currently
 # busy. Please try again.", gradio_client "Queue is full! Please try again.").
 BUSY_MESSAGE = "The server is busy (its queue of waiting requests is full). Please try again in a minute."
-
-# One stop flag per browser session (a file, so that a forked ZeroGPU worker sees it too; server/gpu.py).
-_stop_flags: dict[str, gpu.StopSignal] = {}
-_stop_lock = threading.Lock()
 
 CSS = """
 /* small images (the demo model's are 32 px) are scaled up to fill their box, without blurring */
@@ -67,65 +66,53 @@ CSS = """
 # ----------------------------------------------------------------------------------------------
 
 
-def _gpu_seconds(params: api.GenerationParams, stop: gpu.StopSignal | None = None) -> int:
+def _gpu_seconds(params: api.GenerationParams, stop: gpu.StopSignal | None = None, previews: bool = False) -> int:
     return service.gpu_seconds(params)
 
 
 @spaces.GPU(duration=_gpu_seconds)
-def run_on_gpu(params: api.GenerationParams,
-               stop: gpu.StopSignal | None = None) -> Iterator[gpu.Step | gpu.Stopped | service.GenerationResult]:
-    # A generator of steps, then the result (server.gpu); on ZeroGPU it runs in a worker process, which sees
-    # ``stop`` (a file) at the end of every step. Takes only picklable arguments.
-    yield from gpu.denoise(LOADED, params, stop)
+def run_on_gpu(params: api.GenerationParams, stop: gpu.StopSignal | None = None,
+               previews: bool = False) -> Iterator[gpu.Step | gpu.Stopped | service.GenerationResult]:
+    # A generator of steps (some with a preview image), then the result (server.gpu); on ZeroGPU it runs in a
+    # worker process, which sees ``stop`` (a file) at the end of every step. Takes only picklable arguments.
+    yield from gpu.denoise(LOADED, params, stop, previews)
+
+
+def _parse(raw: dict, endpoint: str) -> api.GenerationParams:
+    try:
+        return api.parse_request(LOADED, raw, LIMITS, endpoint, upload_roots=_upload_roots())
+    except api.InvalidInput as exc:
+        raise gr.Error(str(exc), title="Invalid input", print_exception=False) from None
+
+
+def _failure(exc: Exception) -> gr.Error:
+    """``gr.Error``s pass through unchanged: ours (from server.gpu, with our message) and ZeroGPU's (quota, no
+    GPU free), so the visitor learns why. Anything else is a failure here, outside the GPU function."""
+    if isinstance(exc, gr.Error):
+        return exc
+    logger.error("generation failed", exc_info=exc)
+    return gr.Error(f"Generation failed ({type(exc).__name__}); please try again.", print_exception=False)
 
 
 def _run(raw: dict, request: gr.Request | None, endpoint: str = "generate",
-         progress: gr.Progress | None = None) -> tuple[api.GenerationParams, service.GenerationResult]:
-    """Validate and run; stop when Stop is pressed, the call is cancelled or the page is closed.
-
-    ``gr.Error``s pass through unchanged: ours (from server.gpu, with our message) and ZeroGPU's (quota, no GPU
-    free), so the visitor learns why. Anything else is a failure here, outside the GPU function.
-    """
-    try:
-        params = api.parse_request(LOADED, raw, LIMITS, endpoint, upload_roots=_upload_roots())
-    except api.InvalidInput as exc:
-        raise gr.Error(str(exc), title="Invalid input", print_exception=False) from None
-    key = getattr(request, "session_hash", None)
+         wanted=gpu.event_alive) -> tuple[api.GenerationParams, service.GenerationResult]:
+    """Validate and run; stop when the event is cancelled (a Stop button, ``Job.cancel()``) or its page closed:
+    ``wanted()`` (server.gpu.drive) says when, the one way a run is stopped."""
+    params = _parse(raw, endpoint)
     flag = gpu.StopSignal()
-    if key:
-        with _stop_lock:
-            _stop_flags[key] = flag
-
-    def on_step(step: gpu.Step) -> None:
-        if progress is not None:
-            progress((step.done, step.total), desc="Denoising", unit="steps")
-
     try:
-        return params, gpu.drive(run_on_gpu(params, flag), flag, gpu.event_alive, on_step)
-    except (service.GenerationStopped, gr.Error):
-        raise  # messages already; for a stop the caller decides how it looks (a UI notice, an API error)
+        return params, gpu.drive(run_on_gpu(params, flag), flag, wanted)
+    except service.GenerationStopped:
+        raise  # a message already; the caller decides how it looks (an API error, an example not cached)
     except Exception as exc:
-        logger.exception("generation failed")
-        raise gr.Error(f"Generation failed ({type(exc).__name__}); please try again.", print_exception=False) from None
+        raise _failure(exc) from None
     finally:
         flag.discard()
-        if key:
-            with _stop_lock:
-                if _stop_flags.get(key) is flag:
-                    del _stop_flags[key]
 
 
 def _upload_roots() -> tuple[str, ...]:
     """Where an uploaded image may be read from: gradio's upload cache, and the examples' own folder."""
     return (demo.GRADIO_CACHE, *{os.path.dirname(path) for _, path, *_ in PROFILE.edit_examples})
-
-
-def stop(request: gr.Request) -> None:
-    # The Stop button also cancels the event, which server.gpu.drive notices too; this is the direct way.
-    with _stop_lock:
-        flag = _stop_flags.get(request.session_hash)
-    if flag is not None:
-        flag.set()
 
 
 def generate_api(request: gr.Request, **raw):
@@ -171,32 +158,84 @@ def _saved(result: service.GenerationResult) -> tuple[str | None, str | None]:
     return service.save_png(result.original, demo.GRADIO_CACHE), service.save_png(result.edited, demo.GRADIO_CACHE)
 
 
-def _run_ui(raw: dict, request: gr.Request | None, endpoint: str = "generate") -> tuple:
-    """Run for the UI: both images, the pair for the slider, the seed and the JSON; for /edit also the summary
-    and both snippets (the Generate tab derives those from the JSON instead, so that cached examples show them
-    too). A stopped run keeps the previous images on screen."""
-    details = endpoint == "edit"
-    try:
-        params, result = _run(raw, request, endpoint, gr.Progress())
-    except service.GenerationStopped as exc:
-        gr.Info(str(exc))
-        return (gr.skip(),) * (8 if details else 5)
+def _outputs(params: api.GenerationParams, result: service.GenerationResult, details: bool,
+             request: gr.Request | None = None) -> tuple:
+    """Both images, the pair for the slider, the seed and the JSON; for /edit also the summary and both
+    snippets (the Generate tab derives those from the JSON instead, so that cached examples show them too)."""
     for notice in result.used["notices"]:
         gr.Warning(notice)
     original, edited = _saved(result)
     pair = (original, edited) if original is not None and edited is not None else None
     outputs = (original, edited, pair, params.seed, result.used)
-    return (*outputs, result.summary, *snippets.as_code(params)) if details else outputs
+    return (*outputs, result.summary, *snippets.as_code(params, app_address(request))) if details else outputs
 
 
-def show_details(used) -> tuple[str, str, str]:
+def app_address(request: gr.Request | None) -> str:
+    """What "As code" connects to: the Space on a Space ($SPACE_ID), else the address the visitor used."""
+    headers = dict(getattr(request, "headers", None) or {}) if request is not None else {}
+    url = str(getattr(request, "url", "") or "") if request is not None else ""
+    return snippets.app_address(os.environ.get("SPACE_ID"), headers, url)
+
+
+def _run_ui(raw: dict, endpoint: str, before, progress: gr.Progress,
+            request: gr.Request | None = None) -> Iterator[tuple]:
+    """Run for the UI, yielding the outputs (see :func:`_outputs`) and the run's state: while the run goes,
+    a preview in the "With edits" box every few steps, and in the state the image that box showed before
+    (``before``), which the Stop button puts back (a stopped run keeps the previous images; a Stop cancels
+    this event, so nothing this handler yields after it reaches the page). A failure puts it back too."""
+    n = 8 if endpoint == "edit" else 5
+    skip = (gr.skip(),) * n
+    restore = (gr.skip(), before, *skip[2:], None)
+    params = _parse(raw, endpoint)
+    flag = gpu.StopSignal()  # server.gpu.follow discards it when the run is over
+    yield (*skip, {"before": before})
+    try:
+        for item in gpu.follow(run_on_gpu(params, flag, True), flag):
+            if not isinstance(item, gpu.Step):
+                yield (*_outputs(params, item, n == 8, request), None)
+                return
+            progress((item.done, item.total), unit="steps",
+                     desc="Inverting your image" if item.stage == "inversion" else "Denoising")
+            if item.preview is not None:
+                yield (gr.skip(), service.save_png(item.preview, demo.GRADIO_CACHE), *skip[2:], gr.skip())
+    except service.GenerationStopped as exc:
+        gr.Info(str(exc))
+        yield restore
+    except Exception as exc:
+        yield restore
+        raise _failure(exc) from None
+
+
+def stopped(state: dict | None) -> tuple:
+    """The Stop buttons' own handler (their ``cancels=`` stop the run): the notice, and the image that a
+    preview replaced back in the "With edits" box."""
+    gr.Info("Stopped.", title="Stopped")
+    return (gr.skip() if state is None else state["before"]), None
+
+
+def show_details(used, request: gr.Request) -> tuple[str, str, str]:
     """Summary and "as code" from the parameters used (also when they come from a cached example)."""
     if hasattr(used, "model_dump"):  # cached examples hand gr.JSON values over as a pydantic model
         used = used.model_dump()
     if not used:
         return "", "", ""
-    client_code, library_code = snippets.as_code(api.params_from_json(LOADED, used, LIMITS))
+    client_code, library_code = snippets.as_code(api.params_from_json(LOADED, used, LIMITS), app_address(request))
     return used.get("summary", ""), client_code, library_code
+
+
+def keep_seed(seed_used):
+    """The seed a run used, for the Seed box (nothing when there is none)."""
+    return gr.skip() if seed_used is None else seed_used
+
+
+def send_to_edit(image: str | None, used) -> tuple:
+    """"Edit this image": the generated image with edits into the Edit tab, its prompt as the source prompt."""
+    if hasattr(used, "model_dump"):
+        used = used.model_dump()
+    if not image:
+        raise gr.Error("Generate an image first: there is no image with edits to send.", title="Nothing to edit",
+                       print_exception=False)
+    return image, (used or {}).get("prompt", ""), gr.Tabs(selected="edit-tab")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,6 +290,7 @@ class ConceptRows:
         self.count = gr.State(1)
         self.rows: list[ConceptRow] = []
         d = PROFILE.concept_defaults(endpoint=endpoint)
+        w = form.concept_widgets(LOADED, LIMITS, endpoint)
         for i in range(MAX_ROWS):
             with gr.Group(visible=i == 0, elem_id=f"{prefix}-{i}") as group:
                 with gr.Row():
@@ -261,13 +301,12 @@ class ConceptRows:
                     preset = gr.Dropdown(list(presets), value=d["preset"], label="Preset", scale=2,
                                          elem_id=f"{prefix}-{i}-preset")
                 with gr.Row():
-                    scale = gr.Slider(0, max(20, d["scale"]), value=d["scale"], step=0.1, label="Edit scale")
-                    threshold = gr.Slider(0, 0.995, value=d["threshold"], step=0.005, label="Threshold")
-                    warmup = gr.Slider(0, LIMITS.max_steps, value=d["warmup"], step=1, label="Warmup (steps)")
+                    scale = slider(w["scale"], elem_id=f"{prefix}-{i}-scale")
+                    threshold = slider(w["threshold"], elem_id=f"{prefix}-{i}-threshold")
+                    warmup = slider(w["warmup"], elem_id=f"{prefix}-{i}-warmup")
                 with gr.Row(visible=False) as advanced:
-                    cooldown = gr.Number(None, label="Cooldown step (empty: never)", precision=0, minimum=0,
-                                         maximum=LIMITS.max_steps)
-                    weight = gr.Slider(0, 5, value=1.0, step=0.1, label="Weight")
+                    cooldown = number_box(w["cooldown"], elem_id=f"{prefix}-{i}-cooldown")
+                    weight = slider(w["weight"], elem_id=f"{prefix}-{i}-weight")
             self.rows.append(ConceptRow(group, advanced, text, direction, preset, scale, threshold, warmup,
                                         cooldown, weight))
         with gr.Row():
@@ -312,9 +351,9 @@ def result_column(first_label: str, prefix: str) -> dict:
     """The images side by side, the before/after slider, the seed, summary, JSON and "as code"."""
     with gr.Row():
         first = gr.Image(label=first_label, format="png", interactive=False, height=260, elem_id=f"{prefix}original",
-                         elem_classes="pixelated")
+                         elem_classes="pixelated", type="filepath")
         edited = gr.Image(label="With edits", format="png", interactive=False, height=260, elem_id=f"{prefix}edited",
-                          elem_classes="pixelated")
+                          elem_classes="pixelated", type="filepath")
     slider = gr.ImageSlider(label="Before / after", format="png", interactive=False, max_height=360,
                             elem_id=f"{prefix}slider", elem_classes="pixelated")
     seed_used = gr.Number(label="Seed used", precision=0, interactive=False, elem_id=f"{prefix}seed-used")
@@ -322,23 +361,53 @@ def result_column(first_label: str, prefix: str) -> dict:
     with gr.Accordion("Parameters used (JSON)", open=False):
         used = gr.JSON(show_label=False)
     with gr.Accordion("As code", open=False):
-        client_code = gr.Code(language="python", label="gradio_client (call this app)")
-        library_code = gr.Code(language="python", label="sega library (run it yourself)")
+        client_code = gr.Code(language="python", label="gradio_client (call this app)", elem_id=f"{prefix}client-code")
+        library_code = gr.Code(language="python", label="sega library (run it yourself)",
+                               elem_id=f"{prefix}library-code")
     return {"images": [first, edited, slider, seed_used, used], "details": [summary, client_code, library_code],
-            "used": used}
+            "used": used, "edited": edited, "seed_used": seed_used}
 
 
-def seed_row(prefix: str) -> tuple[gr.Number, gr.Checkbox]:
+def hand_over_untouched(image: gr.Image) -> gr.Image:
+    """``image`` (an upload box) gives its handlers the uploaded file as it is, a path: server/images.py checks
+    its size and header, then reads it. ``gr.Image(type="filepath")``'s own preprocess opens every upload with
+    PIL first (a header claiming too many pixels fails there, with gradio's generic error) and re-saves it when
+    its mode is not ``image_mode``. (Set on the instance: a subclass of a gradio component makes gradio write
+    an ``app.pyi`` next to this file.)"""
+    own = image.preprocess
+
+    def preprocess(payload):
+        if payload is None or payload.path is None:  # nothing, or a data URL: gr.Image's own way
+            return own(payload)
+        return payload.path
+
+    image.preprocess = preprocess
+    return image
+
+
+def slider(widget: form.Widget, **kwargs) -> gr.Slider:
+    """A slider as server/form.py declares it."""
+    return gr.Slider(widget.low, widget.high, value=widget.default, step=widget.step, label=widget.label,
+                     info=widget.info, **kwargs)
+
+
+def number_box(widget: form.Widget, **kwargs) -> gr.Number:
+    """A number box as server/form.py declares it (empty when its default is None)."""
+    return gr.Number(widget.default, label=widget.label, info=widget.info, minimum=widget.low,
+                     maximum=widget.high, step=widget.step, precision=0 if widget.integer else None, **kwargs)
+
+
+def seed_row(prefix: str, widgets: dict[str, form.Widget]) -> tuple[gr.Number, gr.Checkbox]:
     with gr.Row():
-        seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=api.MAX_SEED, elem_id=f"{prefix}seed")
+        seed = number_box(widgets["seed"], elem_id=f"{prefix}seed")
         randomize = gr.Checkbox(True, label="Random seed", elem_id=f"{prefix}randomize")
     return seed, randomize
 
 
-def momentum_sliders(defaults: dict) -> tuple[gr.Slider, gr.Slider]:
+def momentum_sliders(widgets: dict[str, form.Widget], prefix: str) -> tuple[gr.Slider, gr.Slider]:
     with gr.Row():
-        scale = gr.Slider(0, 2, value=defaults["momentum_scale"], step=0.05, label="Momentum scale")
-        beta = gr.Slider(0, 0.99, value=defaults["momentum_beta"], step=0.01, label="Momentum beta")
+        scale = slider(widgets["momentum_scale"], elem_id=f"{prefix}momentum-scale")
+        beta = slider(widgets["momentum_beta"], elem_id=f"{prefix}momentum-beta")
     return scale, beta
 
 
@@ -361,22 +430,37 @@ def api_endpoint(name: str, handler, first_label: str) -> None:
                  concurrency_id="gpu", concurrency_limit="default")
 
 
-def run_example(prompt_text, example_seed, concepts, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+def run_example(prompt_text, example_seed, concepts, request: gr.Request):
     # Example caching hands gr.JSON values over as a pydantic model, not as plain lists.
     if hasattr(concepts, "model_dump"):
         concepts = concepts.model_dump()
-    return _run_ui({"prompt": prompt_text, "seed": example_seed, "concepts": concepts}, request)
+    # gr.Examples computes an example's first result outside the queue, inside the example's own queued event
+    # (which the Stop button cancels): the run follows that event. A stop raises, so that nothing is cached.
+    event = gpu.session_event(getattr(request, "session_hash", None), {generate_examples.cache_event["id"]})
+    try:
+        params, result = _run({"prompt": prompt_text, "seed": example_seed, "concepts": concepts}, request,
+                              wanted=functools.partial(gpu.event_alive, event))
+    except service.GenerationStopped as exc:
+        raise gr.Error(str(exc), title="Stopped", print_exception=False) from None
+    return _outputs(params, result, details=False)
 
 
-def fill_generate_form(concepts: list | None) -> dict:
-    """An example's concepts in the rows, every other setting back to its default."""
-    return {**concept_rows.fill(concepts or []), randomize: False,
+def example_index(evt: gr.SelectData) -> int:
+    return evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+
+
+def fill_generate_form(evt: gr.SelectData) -> dict:
+    """The clicked example's concepts in the rows, every other setting back to its default (each click: also
+    when the same example is clicked again after a row was changed)."""
+    _, _, concepts, _ = PROFILE.examples[example_index(evt)]
+    return {**concept_rows.fill(concepts), randomize: False,
             **{widget: DEFAULTS[name] for name, widget in settings.items()}}
 
 
-def fill_edit_form(concepts: list | None) -> dict:
-    """An edit example's concepts in the rows, every other setting back to its default."""
-    return {**edit_rows.fill(concepts or []), edit_randomize: False, edit_guidance: None,
+def fill_edit_form(evt: gr.SelectData) -> dict:
+    """The clicked edit example's concepts in the rows, every other setting back to its default."""
+    _, _, _, concepts, _ = PROFILE.edit_examples[example_index(evt)]
+    return {**edit_rows.fill(concepts), edit_randomize: False, edit_guidance: None,
             **{widget: EDIT_DEFAULTS[name] for name, widget in edit_settings.items()
                if name not in ("source_prompt", "guidance_scale")}}
 
@@ -386,7 +470,7 @@ with gr.Blocks(title="SEGA: semantic guidance", delete_cache=(900, 3600)) as dem
     if LOADED.fallback_reason:
         gr.Markdown(f"**Note:** {LOADED.fallback_reason}", elem_id="fallback-banner")
 
-    with gr.Tabs():
+    with gr.Tabs() as tabs:
         # Generate ---------------------------------------------------------------------------------
         with gr.Tab("Generate", id="generate-tab"):
             with gr.Row():
@@ -395,29 +479,26 @@ with gr.Blocks(title="SEGA: semantic guidance", delete_cache=(900, 3600)) as dem
                                         placeholder=PROFILE.prompt_placeholder)
                     negative_prompt = gr.Textbox(label="Negative prompt", value="", elem_id="negative-prompt")
                     concept_rows = ConceptRows("concept")
-                    seed, randomize = seed_row("")
+                    seed, randomize = seed_row("", FORM)
                     with gr.Row():
-                        steps = gr.Slider(1, LIMITS.max_steps, value=DEFAULTS["steps"], step=1, label="Steps",
-                                          elem_id="steps")
-                        guidance = gr.Slider(0, api.MAX_GUIDANCE_SCALE, value=DEFAULTS["guidance_scale"], step=0.5,
-                                             label="Guidance scale", elem_id="guidance")
+                        steps = slider(FORM["steps"], elem_id="steps")
+                        guidance = slider(FORM["guidance_scale"], elem_id="guidance")
                     with gr.Row():
-                        size_max = min(LIMITS.max_size, 2 * LOADED.native_size)
-                        width = gr.Slider(LOADED.min_size, size_max, value=DEFAULTS["width"], step=8, label="Width")
-                        height = gr.Slider(LOADED.min_size, size_max, value=DEFAULTS["height"], step=8,
-                                           label="Height")
+                        width = slider(FORM["width"], elem_id="width")
+                        height = slider(FORM["height"], elem_id="height")
                         scheduler = gr.Dropdown(list(api.SCHEDULERS), value=DEFAULTS["scheduler"], label="Scheduler")
                     with gr.Accordion("Advanced", open=False):
-                        momentum_scale, momentum_beta = momentum_sliders(DEFAULTS)
+                        momentum_scale, momentum_beta = momentum_sliders(FORM, "")
                         show_advanced = gr.Checkbox(False, label="Show cooldown and weight for each concept")
                     with gr.Row():
                         generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                         stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
                 with gr.Column(scale=4):
                     generated = result_column("Without edits", "")
+                    edit_this_btn = gr.Button("Edit this image", size="sm", elem_id="edit-this")
             # Examples fill the form (rows included) and show a lazily cached result.
             example_concepts = gr.JSON(visible=False)
-            gr.Examples(
+            generate_examples = gr.Examples(
                 examples=[[p, s, c] for _, p, c, s in PROFILE.examples],
                 example_labels=[label for label, *_ in PROFILE.examples],
                 inputs=[prompt, seed, example_concepts],
@@ -432,40 +513,33 @@ with gr.Blocks(title="SEGA: semantic guidance", delete_cache=(900, 3600)) as dem
         with gr.Tab("Edit an image", id="edit-tab"):
             with gr.Row():
                 with gr.Column(scale=5):
-                    upload = gr.Image(label="Your image (PNG, JPEG or WebP)", type="filepath", sources=["upload", "clipboard"],
-                                      height=260, elem_id="edit-image", elem_classes="pixelated")
+                    upload = hand_over_untouched(gr.Image(
+                        label="Your image (PNG, JPEG or WebP)", type="filepath", image_mode=None,
+                        sources=["upload", "clipboard"], height=260, elem_id="edit-image", elem_classes="pixelated"))
                     source_prompt = gr.Textbox(label="Source prompt", elem_id="edit-source-prompt",
                                                placeholder="describe your image; empty works too")
                     edit_rows = ConceptRows("edit-concept", "edit")
-                    edit_seed, edit_randomize = seed_row("edit-")
+                    edit_seed, edit_randomize = seed_row("edit-", EDIT_FORM)
                     with gr.Row():
-                        edit_steps = gr.Slider(1, LIMITS.max_steps, value=EDIT_DEFAULTS["steps"], step=1,
-                                               label="Steps", elem_id="edit-steps")
-                        skip = gr.Slider(0, 0.95, value=EDIT_DEFAULTS["skip"], step=0.05, elem_id="edit-skip",
-                                         label="Skip: how much of the image to keep",
-                                         info="The share of the first denoising steps left out; higher keeps "
-                                              "more of your image, lower lets the edits change more.")
-                    source_guidance = gr.Slider(0, api.MAX_GUIDANCE_SCALE, step=0.5, label="Guidance scale",
-                                                value=EDIT_DEFAULTS["source_guidance_scale"],
-                                                elem_id="edit-guidance")
+                        edit_steps = slider(EDIT_FORM["steps"], elem_id="edit-steps")
+                        skip = slider(EDIT_FORM["skip"], elem_id="edit-skip")
+                    source_guidance = slider(EDIT_FORM["source_guidance_scale"], elem_id="edit-guidance")
                     with gr.Accordion("Advanced", open=False):
-                        edit_guidance = gr.Number(None, minimum=0, maximum=api.MAX_GUIDANCE_SCALE,
-                                                  label="Guidance of the edit (empty: the same as above, which "
-                                                        "reconstructs your image exactly)")
-                        edit_momentum_scale, edit_momentum_beta = momentum_sliders(EDIT_DEFAULTS)
+                        edit_guidance = number_box(EDIT_FORM["guidance_scale"], elem_id="edit-edit-guidance")
+                        edit_momentum_scale, edit_momentum_beta = momentum_sliders(EDIT_FORM, "edit-")
                         edit_show_advanced = gr.Checkbox(False, label="Show cooldown and weight for each concept")
                     with gr.Row():
                         edit_btn = gr.Button("Edit", variant="primary", elem_id="edit")
                         edit_stop_btn = gr.Button("Stop", variant="stop", elem_id="edit-stop")
                 with gr.Column(scale=4):
                     edited = result_column("Reconstruction (without edits)", "edit-")
-            edit_example_concepts = gr.JSON(visible=False)
+            edit_examples = None
             if PROFILE.edit_examples:
                 # They fill the form only; pressing Edit runs them.
-                gr.Examples(
-                    examples=[[path, source, seed_, c] for _, path, source, c, seed_ in PROFILE.edit_examples],
+                edit_examples = gr.Examples(
+                    examples=[[path, source, seed_] for _, path, source, _, seed_ in PROFILE.edit_examples],
                     example_labels=[label for label, *_ in PROFILE.edit_examples],
-                    inputs=[upload, source_prompt, edit_seed, edit_example_concepts],
+                    inputs=[upload, source_prompt, edit_seed],
                     label="Images to edit (drawn by the demo model's renderer, not by the model)",
                 )
 
@@ -478,37 +552,53 @@ with gr.Blocks(title="SEGA: semantic guidance", delete_cache=(900, 3600)) as dem
                      "momentum_scale": edit_momentum_scale, "momentum_beta": edit_momentum_beta}
     concept_rows.wire_advanced(show_advanced)
     edit_rows.wire_advanced(edit_show_advanced)
-    example_concepts.change(fill_generate_form, example_concepts,
-                            [*concept_rows.outputs, randomize, *settings.values()], api_visibility="private")
-    edit_example_concepts.change(fill_edit_form, edit_example_concepts,
-                                 [*edit_rows.outputs, edit_randomize, *edit_settings.values()],
-                                 api_visibility="private")
+    # A click on an example fills the rows from the example itself (a change of a hidden value would not fire
+    # when the same example is clicked twice).
+    generate_examples.dataset.select(fill_generate_form, None, [*concept_rows.outputs, randomize, *settings.values()],
+                                     api_visibility="private", queue=False)
+    if edit_examples is not None:
+        edit_examples.dataset.select(fill_edit_form, None,
+                                     [*edit_rows.outputs, edit_randomize, *edit_settings.values()],
+                                     api_visibility="private", queue=False)
 
     # Summary and code are derived from the JSON: cached examples store JSON faithfully, free text less so.
     generated["used"].change(show_details, generated["used"], generated["details"], api_visibility="private")
+    # The seed used goes back into the Seed box (Random seed stays as it was): one click reproduces a result.
+    for result, seed_box in ((generated, seed), (edited, edit_seed)):
+        result["seed_used"].change(keep_seed, result["seed_used"], seed_box, api_visibility="private", queue=False)
+    edit_this_btn.click(send_to_edit, [generated["edited"], generated["used"]], [upload, source_prompt, tabs],
+                        api_visibility="private", queue=False)
 
     # Generate -----------------------------------------------------------------------------------
-    def generate_ui(v: dict, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+    # Each tab's run state: while its run goes, the image its "With edits" box showed before the previews.
+    generate_run, edit_run = gr.State(None), gr.State(None)
+
+    def generate_ui(v: dict, request: gr.Request, progress=gr.Progress()):
         raw = {"prompt": v[prompt], "concepts": concept_rows.read(v), "seed": None if v[randomize] else v[seed],
                **{name: v[widget] for name, widget in settings.items()}}
-        return _run_ui(raw, request)
+        yield from _run_ui(raw, "generate", v[generated["images"][1]], progress, request)
 
     gen_event = gr.on([generate_btn.click, prompt.submit], generate_ui,
-                      {prompt, randomize, seed, *settings.values(), *concept_rows.inputs}, generated["images"],
-                      api_visibility="private", concurrency_id="gpu", concurrency_limit="default")
-    stop_btn.click(stop, None, None, cancels=[gen_event], queue=False, api_visibility="private")
+                      {prompt, randomize, seed, generated["images"][1], *settings.values(), *concept_rows.inputs},
+                      [*generated["images"], generate_run], api_visibility="private", concurrency_id="gpu",
+                      concurrency_limit="default")
+    # Stop cancels this tab's run (and an example's first run), nothing else: server.gpu.drive notices.
+    stop_btn.click(stopped, generate_run, [generated["images"][1], generate_run],
+                   cancels=[gen_event, generate_examples.cache_event], show_progress="hidden",
+                   api_visibility="private")
 
     # Edit ---------------------------------------------------------------------------------------
-    def edit_ui(v: dict, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+    def edit_ui(v: dict, request: gr.Request, progress=gr.Progress()):
         raw = {"image": v[upload], "concepts": edit_rows.read(v), "seed": None if v[edit_randomize] else v[edit_seed],
                **{name: v[widget] for name, widget in edit_settings.items()}}
-        return _run_ui(raw, request, endpoint="edit")
+        yield from _run_ui(raw, "edit", v[edited["images"][1]], progress, request)
 
-    edit_event = edit_btn.click(edit_ui, {upload, edit_randomize, edit_seed, *edit_settings.values(),
-                                          *edit_rows.inputs},
-                                [*edited["images"], *edited["details"]], api_visibility="private",
+    edit_event = edit_btn.click(edit_ui, {upload, edit_randomize, edit_seed, edited["images"][1],
+                                          *edit_settings.values(), *edit_rows.inputs},
+                                [*edited["images"], *edited["details"], edit_run], api_visibility="private",
                                 concurrency_id="gpu", concurrency_limit="default")
-    edit_stop_btn.click(stop, None, None, cancels=[edit_event], queue=False, api_visibility="private")
+    edit_stop_btn.click(stopped, edit_run, [edited["images"][1], edit_run], cancels=[edit_event],
+                        show_progress="hidden", api_visibility="private")
 
     # Public API: named parameters built from their declarations (validated in server/).
     api_endpoint("generate", generate_api, "without edits")
@@ -530,6 +620,8 @@ def launch(queue_size: int | None = None, concurrency: int | None = None, **kwar
     """
     demo.queue(max_size=QUEUE_SIZE if queue_size is None else queue_size,
                default_concurrency_limit=CONCURRENCY if concurrency is None else concurrency)
+    # An upload above SEGA_MAX_IMAGE_MB is refused by gradio as it arrives (server/images.py checks it again).
+    kwargs.setdefault("max_file_size", LIMITS.max_image_mb * 1024 * 1024)  # bytes, as server/images.py counts
     return demo.launch(css=CSS, app_kwargs={"exception_handlers": {StarletteHTTPException: _http_error}}, **kwargs)
 
 

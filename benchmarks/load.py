@@ -8,8 +8,8 @@ server at ``--url``), sends every request once from a single client (the serial 
 its requests at the same time, and prints throughput, latency percentiles of the valid requests, how the
 invalid requests were answered and whether every concurrent answer equals the serial one pixel for pixel.
 
-The requests: valid ones share a prompt and seed in groups and differ only in their concepts (so the re-edit
-cache is hit while other requests run); invalid ones (steps 0, width 33, concepts "red", a NaN scale...) must
+The requests: valid ones share a prompt and seed in groups and differ only in their concepts (requests whose
+run without edits is the same run at the same time, and must still each get the serial answer); invalid ones (steps 0, width 33, concepts "red", a NaN scale...) must
 each get an error that names the field. ``tests/test_load.py`` runs the same load and asserts on it.
 """
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 MAX_EDIT_SCALE = 100.0
 MAX_WEIGHT = 100.0
@@ -45,6 +46,47 @@ def check_number(name: str, value, low: float, high: float, *, integer: bool = F
 
 
 @dataclass(frozen=True)
+class Range:
+    """The values a numeric parameter accepts: ``[low, high]`` (``[low, high)`` when ``high_inclusive`` is
+    False), integers only when ``integer``, multiples of ``multiple_of`` when set.
+
+    One declaration serves both the check (:meth:`check`) and whatever shows the parameter (a form's slider).
+    """
+
+    low: float
+    high: float
+    integer: bool = False
+    high_inclusive: bool = True
+    multiple_of: int | None = None
+
+    def check(self, name: str, value: Any, *, allow_none: bool = False) -> Any:
+        """``value`` checked (a ValueError naming ``name`` and this range otherwise), as an int or a float."""
+        value = check_number(name, value, self.low, self.high, integer=self.integer, allow_none=allow_none,
+                             high_inclusive=self.high_inclusive)
+        if value is not None and self.multiple_of and value % self.multiple_of:
+            raise ValueError(f"{name} must be a multiple of {self.multiple_of} in [{_show_bound(self.low)}, "
+                             f"{_show_bound(self.high)}], got {show_value(value)}")
+        return value
+
+    def __contains__(self, value: Any) -> bool:
+        try:
+            self.check("value", value)
+        except ValueError:
+            return False
+        return True
+
+
+# The bounds of a concept's numbers (EditConcept checks them; the app's form shows them).
+CONCEPT_RANGES: dict[str, Range] = {
+    "scale": Range(0.0, MAX_EDIT_SCALE),
+    "threshold": Range(0.0, 1.0, high_inclusive=False),
+    "warmup": Range(0, MAX_STEP_INDEX, integer=True),
+    "cooldown": Range(0, MAX_STEP_INDEX, integer=True),
+    "weight": Range(0.0, MAX_WEIGHT),
+}
+
+
+@dataclass(frozen=True)
 class EditConcept:
     """One semantic direction, validated on construction.
 
@@ -75,12 +117,6 @@ class EditConcept:
             raise ValueError("prompt must be a non-empty string (the concept's text)")
         if not isinstance(self.reverse, bool):
             raise ValueError(f"reverse must be true or false, got {show_value(self.reverse)}")
-        fixed = {
-            "scale": check_number("scale", self.scale, 0.0, MAX_EDIT_SCALE),
-            "threshold": check_number("threshold", self.threshold, 0.0, 1.0, high_inclusive=False),
-            "warmup": check_number("warmup", self.warmup, 0, MAX_STEP_INDEX, integer=True),
-            "cooldown": check_number("cooldown", self.cooldown, 0, MAX_STEP_INDEX, integer=True, allow_none=True),
-            "weight": check_number("weight", self.weight, 0.0, MAX_WEIGHT),
-        }
-        for name, value in fixed.items():
+        for name, bounds in CONCEPT_RANGES.items():
+            value = bounds.check(name, getattr(self, name), allow_none=name == "cooldown")
             object.__setattr__(self, name, value)

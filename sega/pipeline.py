@@ -39,6 +39,7 @@ from .guidance import (
     semantic_guidance_step,
 )
 from .inversion import SegaInversion, image_to_tensor, inversion_scheduler, noise_map, performed_steps
+from .previews import predicted_original
 from .reedit import (
     LockstepPlainRun,
     LRUCache,
@@ -119,6 +120,7 @@ class _Denoising:
     recorded_guidance: list[torch.Tensor] | None = None
     noise_maps: torch.Tensor | None = None  # an inversion's per-step variance noise
     device_tensors: dict = field(default_factory=dict)  # built once per call: weights, embedding layouts
+    last_estimate: tuple | None = None  # (model input, estimate) of the edited run's latest step
     unet_calls: int = 0
     unet_samples: int = 0
 
@@ -181,7 +183,7 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
     model_cpu_offload_seq = "text_encoder->unet->vae"
     _optional_components = ["safety_checker", "feature_extractor"]
     _exclude_from_cpu_offload = ["safety_checker"]
-    _callback_tensor_inputs = ["latents"]
+    _callback_tensor_inputs = ["latents", "pred_original_sample"]
     default_guidance_scale = 7.5  # StableDiffusionPipeline's
 
     def __init__(
@@ -405,13 +407,20 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         """Per step: what the reference does with the concepts, and which concepts go into the UNet batch;
         and ``diverge``, the first step at which the edited run leaves the run without edits."""
         plans = [plan_step(i, concepts.warmup, concepts.cooldown, concepts.weights) for i in range(n_steps)]
-        if replaying_guidance or (len(concepts) and not do_cfg):
+        needed = self._concepts_needed(plans, momentum_scale)
+        if replaying_guidance:
             diverge = 0
+        elif len(concepts) and not do_cfg:
+            # Without guidance the run without edits has no e_u, which the concept directions need: the edited
+            # run leaves it at the first step that evaluates a concept or applies an edit (until then both
+            # estimates are e_p).
+            diverge = next((i for i, (plan, n) in enumerate(zip(plans, needed))
+                            if n or plan.edit_weights is not None), n_steps)
         elif len(concepts):
             diverge = min(min(concepts.warmup), n_steps)
         else:
             diverge = n_steps
-        return plans, self._concepts_needed(plans, momentum_scale), diverge
+        return plans, needed, diverge
 
     def prepare_plain_run(self, state: _Denoising, key: tuple | None, diverge: int, return_original: bool,
                           original_first: bool, has_edits: bool) -> PlainRun:
@@ -441,6 +450,8 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
             latents = stepped
             if callback_on_step_end is not None:
                 tensors = {"latents": latents}
+                if "pred_original_sample" in callback_on_step_end_tensor_inputs:
+                    tensors["pred_original_sample"] = self.pred_original_sample(state, t)
                 result = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
                 latents = (result or {}).get("latents", latents)
             if callback is not None and i % callback_steps == 0:
@@ -457,24 +468,36 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         # One batched UNet call: [plain u, p] + [edited u, p] + [concepts on the edited latents].
         parts: list[tuple[torch.Tensor, list]] = []
         plain.add_inputs(i, t, parts)
+        # e_u: for guidance, and (guidance off) only at the steps whose concept directions need it
+        with_uncond = state.edit_cfg and (state.guidance_scale > 1.0 or bool(needed)
+                                          or state.plans[i].edit_weights is not None)
         if shared is None:
-            parts.append((z_in, ["u", "p"] if state.edit_cfg else ["p"]))
+            parts.append((z_in, ["u", "p"] if with_uncond else ["p"]))
         if needed:
             parts.append((z_in, needed))
         chunks = self._unet_step(state, t, parts)
         plain.take(i, t, chunks)
         if shared is None:
             noise_uncond = chunks.pop(0)
-            noise_text = chunks.pop(0) if state.edit_cfg else noise_uncond
+            noise_text = chunks.pop(0) if with_uncond else noise_uncond
         else:
             noise_uncond, noise_pred = shared
         edit_term = self.semantic_guidance(state, i, noise_uncond, torch.stack(chunks) if needed else None)
         if shared is None:
             noise_pred = self.guided_estimate(state, i, noise_uncond, noise_text, edit_term)
         plain.observe(i, latents, noise_uncond, noise_pred)
+        state.last_estimate = (z_in, noise_pred)
         if state.recorded_guidance is not None:
             state.recorded_guidance.append(edit_term if edit_term is not None else torch.zeros_like(latents))
         return scheduler_step(state.scheduler, state.step_kwargs, state.noise_maps, i, noise_pred, t, latents)
+
+    @staticmethod
+    def pred_original_sample(state: _Denoising, t) -> torch.Tensor:
+        """The clean latents x0 that the edited run's latest estimate predicts (for previews)."""
+        model_input, estimate = state.last_estimate
+        alphas = state.scheduler.alphas_cumprod
+        alpha_prod = alphas[min(max(int(round(float(t))), 0), len(alphas) - 1)]
+        return predicted_original(model_input, estimate, alpha_prod, state.scheduler.config.prediction_type)
 
     def _unet_step(self, state: _Denoising, t, parts: list[tuple[torch.Tensor, list]]) -> list[torch.Tensor]:
         """One UNet call on every (latent input, embedding segments) part; one chunk per segment."""
@@ -513,9 +536,17 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
     @staticmethod
     def guided_estimate(state: _Denoising, i: int, noise_uncond: torch.Tensor, noise_text: torch.Tensor,
                         edit_term: torch.Tensor | None) -> torch.Tensor:
-        """e = e_u + (g + edit term + replayed guidance), summed in the reference's order."""
+        """e = e_u + (g + edit term + replayed guidance), summed in the reference's order; with guidance off
+        (s_g <= 1), e = e_p + edit term + replayed guidance: the estimate of the run without edits, plus the edits."""
         if not state.edit_cfg:
             return noise_text
+        if state.guidance_scale <= 1.0:
+            noise_pred = noise_text
+            if edit_term is not None:
+                noise_pred = noise_pred + edit_term
+            if state.sem_guidance is not None:
+                noise_pred = noise_pred + state.sem_guidance[i]
+            return noise_pred
         noise_guidance = classifier_free_guidance(noise_uncond, noise_text, state.guidance_scale)
         if edit_term is not None:
             noise_guidance = noise_guidance + edit_term
@@ -588,6 +619,8 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         source_guidance_scale: float = 3.5,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict | None] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> SegaInversion:
         r"""Invert a real image for editing (edit-friendly DDPM inversion, as LEDITS++ with DDIM).
 
@@ -607,6 +640,13 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
                 (LEDITS++: 3.5; <= 1 uses the prompt's estimate alone). Edits use the same by default.
             generator: draws the independent noisy versions of the image; same generator state, same inversion.
             use_cache: read and fill ``inversion_cache`` (keyed by the image content and every setting).
+            callback_on_step_end: ``f(pipe, step, t, tensors)``, called after each inversion step (steps 0 to
+                n-1 of the n performed ones, from the noisiest; none on a cache hit) with "latents", where that
+                step lands, as diffusers' pipelines call it after a denoising step; its return value is ignored
+                (an inversion's latents are fixed by the image). Raise in it to stop the inversion: nothing is
+                returned or cached. Progress bars and stop buttons use it; an edit's total work is n inversion
+                steps plus n denoising steps.
+            callback_on_step_end_tensor_inputs: tensors passed to ``callback_on_step_end`` ("latents").
 
         Returns:
             :class:`~sega.inversion.SegaInversion` with the start latents, noise maps, ``cache_hit`` and the
@@ -621,6 +661,8 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
             raise ValueError(f"source_guidance_scale must be >= 0, got {source_guidance_scale!r}")
         if not isinstance(source_prompt, str):
             raise ValueError(f"source_prompt must be a string, got {type(source_prompt).__name__}")
+        if set(callback_on_step_end_tensor_inputs) - {"latents"}:
+            raise ValueError('callback_on_step_end_tensor_inputs of invert may only name "latents"')
         pixels = image_to_tensor(image, self.image_processor)
         device, dtype = self._execution_device, self.unet.dtype
 
@@ -668,6 +710,9 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
                 noise_pred = noise_pred + classifier_free_guidance(chunks[0], chunks[1], source_guidance_scale)
             z, xts[k + 1] = noise_map(scheduler, xts[k + 1], xts[k], t, noise_pred)
             zs.append(z)
+            if callback_on_step_end is not None:
+                tensors = {"latents": xts[k + 1]}
+                callback_on_step_end(self, k, t, {name: tensors[name] for name in callback_on_step_end_tensor_inputs})
 
         inversion = SegaInversion(
             latents=xts[0], noise_maps=torch.stack(zs), image_latents=x0, timesteps=timesteps, scheduler=scheduler,
@@ -716,6 +761,7 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         return_sem_guidance: bool = False,
         use_cache: bool = True,
         original_first: bool = False,
+        use_reedit_cache: bool = True,
         inversion: SegaInversion | None = None,
         scheduler=None,
         callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict] | None = None,
@@ -730,9 +776,12 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
             num_inference_steps: denoising steps, >= 1, default 50. More is slower and usually finer (SD: 50).
                 With ``inversion``, the inversion's (leave it out).
             guidance_scale: classifier-free guidance s_g, default 7.5 (with ``inversion``, its
-                ``source_guidance_scale``: the image without edits is then the input). Values <= 1 disable it
-                for the image without edits; with edit concepts the unconditional estimate is still computed
-                and the edits are applied (the deprecated pipeline silently dropped them), with a warning.
+                ``source_guidance_scale``: the image without edits is then the input). Values <= 1 turn it off:
+                both images then follow the prompt's estimate e_p alone, the edited one plus the edit term
+                (e = e_p + sum of psi_c, the concept directions still s_c (e_c - e_u), so the unconditional
+                estimate is still computed for them), so the pair stays the same picture with and without
+                edits whatever the value in [0, 1]. The deprecated pipeline silently dropped the edits there;
+                this logs a warning.
             negative_prompt: replaces the empty prompt of the unconditional estimate.
             num_images_per_prompt: images per prompt, >= 1.
             eta: DDIM eta in [0, 1]; only for schedulers that take it.
@@ -770,6 +819,14 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
                 on earlier requests); it costs the same UNet samples as one pass, but up to one more UNet call
                 per step. The two runs advance in step, so a callback or a stop acts on both. Without a seed it
                 falls back to one pass.
+            use_reedit_cache: ``False`` neither reads nor fills the re-edit cache for this call (the embedding
+                cache still serves; ``use_cache=False`` turns both off). With ``return_original`` the pair is then
+                computed in one pass: one UNet call per step, [plain u, p] + [edited u, p] + concepts once the
+                edits start, the steps before shared. Every UNet batch (and the batched decode) then depends on
+                the call's arguments only, so the same call gives bit-identical images whatever ran before, at
+                one pass's cost. The app calls it so. A re-edit that replays the cache does less work (no UNet
+                samples for the run without edits) but computes the edited run in smaller batches, which
+                round differently (~1e-6); under bit-identity there is nothing to replay.
             scheduler: a scheduler for this call only (copied), instead of ``self.scheduler``.
             inversion: edit a real image: the result of :meth:`invert`. The edit starts from its latents at its
                 first timestep and each DDIM step (eta 1) takes its noise map; ``prompt`` should be its
@@ -783,7 +840,9 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
                 (returned as the original and kept in the re-edit cache) goes on from the scheduler's latents.
                 Set ``pipe._interrupt = True`` (or raise) to stop both runs early; an interrupted run is not
                 cached. Callbacks that change the latents in place are not supported.
-            callback_on_step_end_tensor_inputs: tensors passed to ``callback_on_step_end``.
+            callback_on_step_end_tensor_inputs: tensors passed to ``callback_on_step_end``: "latents", and
+                "pred_original_sample", the clean latents x0 that the step's estimate predicts (for previews:
+                :mod:`sega.previews`).
 
         Returns:
             :class:`SegaPipelineOutput`, or a tuple ``(images, nsfw_content_detected)``.
@@ -802,8 +861,8 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         has_edits = len(cc) > 0 or sem_guidance is not None
         if has_edits and not do_cfg:
             logger.warning(
-                f"guidance_scale={guidance_scale} <= 1: classifier-free guidance is off, but the edits are applied "
-                "on the unconditional estimate (the deprecated pipeline silently ignored them)."
+                f"guidance_scale={guidance_scale} <= 1: classifier-free guidance is off; both images follow the "
+                "prompt's estimate, and the edits are added to it (the deprecated pipeline ignored them)."
             )
         self._interrupt = False
 
@@ -838,7 +897,7 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
 
         # 5. The run without edits: from the re-edit cache, computed on its own (original_first), or alongside
         key = None
-        if use_cache and (return_original or not has_edits):
+        if use_cache and use_reedit_cache and (return_original or not has_edits):
             key = reedit_key(prompts, negative_prompts, num_images_per_prompt, height, width, num_inference_steps,
                              guidance_scale, eta, scheduler, generator, latents, device, self.unet.dtype,
                              source=None if inversion is None else inversion.key)

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import gradio as gr
+import PIL.Image
 import torch
 
 from . import service
@@ -40,10 +41,14 @@ WATCH_SECONDS = 0.1  # how often a running request checks whether it is still wa
 
 @dataclass(frozen=True)
 class Step:
-    """One denoising step done (``done`` of ``total``): what the GPU function yields before its result."""
+    """One step done (``done`` of ``total``, counted as :func:`server.service.generate` counts them): what the
+    GPU function yields before its result. ``stage`` is "inversion" or "denoising"; ``preview``, on some
+    steps of a run with previews, a small PIL image of what the image with edits is becoming."""
 
     done: int
     total: int
+    stage: str = "denoising"
+    preview: PIL.Image.Image | None = None
 
 
 @dataclass(frozen=True)
@@ -82,10 +87,11 @@ class StopSignal:
             pass
 
 
-def denoise(loaded: LoadedModel, params: service.GenerationParams,
-            stop: StopSignal | None = None) -> Iterator[Step | Stopped | service.GenerationResult]:
-    """Run one generation, yielding a :class:`Step` after every denoising step, then the result, or
-    :class:`Stopped` once ``stop`` is set (checked at the end of every step).
+def denoise(loaded: LoadedModel, params: service.GenerationParams, stop: StopSignal | None = None,
+            previews: bool = False) -> Iterator[Step | Stopped | service.GenerationResult]:
+    """Run one generation, yielding a :class:`Step` after every step (an edit's inversion steps, then the
+    denoising steps), then the result, or :class:`Stopped` once ``stop`` is set (checked at the end of every
+    step). With ``previews``, some steps carry a preview image, made in the process that runs the loop.
 
     The pipeline runs in a thread of the calling process (the ZeroGPU worker, or the server itself), because a
     step callback cannot yield. Closing this generator also stops the run at its next step, and waits for it.
@@ -107,14 +113,15 @@ def denoise(loaded: LoadedModel, params: service.GenerationParams,
     def stopped() -> bool:
         return closing.is_set() or (stop is not None and stop.is_set())
 
-    def on_step(done: int, total: int) -> None:
+    def on_step(done: int, total: int, stage: str = "denoising", preview: PIL.Image.Image | None = None) -> None:
         # Asked again after the (possibly waiting) hand-over: the stop may have come meanwhile.
-        if stopped() or not put(Step(done, total)) or stopped():
-            raise service.GenerationStopped(f"Stopped after {done} of {total} steps.")
+        if stopped() or not put(Step(done, total, stage, preview)) or stopped():
+            during = " during the inversion," if stage == "inversion" else ""
+            raise service.GenerationStopped(f"Stopped{during} after {done} of {total} steps.")
 
     def work() -> None:
         try:
-            put(service.generate(loaded, params, progress_callback=on_step))
+            put(service.generate(loaded, params, progress_callback=on_step, previews=previews))
         except service.GenerationStopped as exc:
             put(Stopped(str(exc)))
         except BaseException as exc:  # handed to the generator, which raises it in its own thread
@@ -148,9 +155,17 @@ def _as_gradio_error(exc: BaseException) -> BaseException:
                     print_exception=False)
 
 
-def event_alive() -> bool:
-    """False once Gradio has let go of the event being handled: cancelled (the Stop button, ``Job.cancel()``)
-    or its page closed. True outside a queued Gradio event (a direct call, a test).
+def _active_events() -> list:
+    from gradio.context import LocalContext
+
+    queue_ = getattr(LocalContext.blocks.get(None), "_queue", None)
+    return [] if queue_ is None else [event for job in queue_.active_jobs for event in job or ()]
+
+
+def event_alive(event_id: str | None = None) -> bool:
+    """False once Gradio has let go of the event being handled (or of ``event_id``): cancelled (a Stop button's
+    ``cancels=``, ``Job.cancel()``) or its page closed. True outside a queued Gradio event (a direct call, a
+    test).
 
     A cancel ends the event's asyncio task at once, and the queue then drops the event from its active jobs
     while the handler's thread runs on; a closed page ends the browser's event stream, and the queue marks the
@@ -158,16 +173,23 @@ def event_alive() -> bool:
     """
     from gradio.context import LocalContext
 
-    blocks = LocalContext.blocks.get(None)
-    event_id = LocalContext.event_id.get(None)
-    queue_ = getattr(blocks, "_queue", None)
-    if queue_ is None or event_id is None:
+    event_id = event_id or LocalContext.event_id.get(None)
+    if event_id is None or getattr(LocalContext.blocks.get(None), "_queue", None) is None:
         return True
-    for job in queue_.active_jobs:
-        for event in job or ():
-            if event._id == event_id:
-                return bool(event.alive)
-    return False
+    return any(event._id == event_id and event.alive for event in _active_events())
+
+
+def session_event(session_hash: str | None, fn_ids: set[int]) -> str | None:
+    """The id of the queued event of ``session_hash`` that runs one of the functions ``fn_ids``, if any.
+
+    For work that Gradio runs outside its queue on behalf of a queued event, where :func:`event_alive` cannot
+    tell which event it serves: a lazily cached example's first run (``gr.Examples`` computes it inside its
+    own queued event, which a Stop button can cancel).
+    """
+    for event in _active_events():
+        if event.session_hash == session_hash and getattr(event.fn, "_id", None) in fn_ids:
+            return event._id
+    return None
 
 
 def drive(steps: Iterator[Step | Stopped | service.GenerationResult], stop: StopSignal,
@@ -214,3 +236,41 @@ def drive(steps: Iterator[Step | Stopped | service.GenerationResult], stop: Stop
     if result is None:
         raise RuntimeError("the GPU function ended without a result")
     return result
+
+
+def follow(steps: Iterator[Step | Stopped | service.GenerationResult], stop: StopSignal,
+           wanted: Callable[[], bool] = event_alive) -> Iterator[Step | service.GenerationResult]:
+    """:func:`drive` in a thread of its own, yielding its steps as they come, then the result (or raising
+    :class:`GenerationStopped` or the run's error): for a handler that yields (previews), which Gradio stops
+    iterating when its event is cancelled. The run is still followed to its end there, so the stop reaches
+    it and its GPU is released; closing this iterator early stops the run too. ``stop`` is discarded once the
+    run is over.
+    """
+    items: queue.Queue = queue.Queue()
+    abandoned = threading.Event()
+
+    def run() -> None:
+        try:
+            items.put(drive(steps, stop, lambda: not abandoned.is_set() and wanted(), items.put))
+        except BaseException as exc:  # raised where the steps are read
+            items.put(exc)
+        finally:
+            stop.discard()
+
+    # drive's watcher reads Gradio's request state from context variables: hand this thread's on.
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(run,), name="sega-follow", daemon=True)
+    thread.start()
+    finished = False
+    try:
+        while True:
+            item = items.get()
+            if isinstance(item, BaseException):
+                finished = True
+                raise item
+            finished = not isinstance(item, Step)
+            yield item
+            if finished:
+                return
+    finally:
+        if not finished:
+            abandoned.set()  # drive's watcher stops the run

@@ -21,6 +21,17 @@ logger = logging.getLogger(__name__)
 SD_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the API's bounds and defaults depend on besides the limits, without the weights (a form for a model
+    that is not loaded, e.g. Stable Diffusion in a test, is built from these)."""
+
+    profile: ModelProfile
+    native_size: int
+    min_size: int = 8
+    train_timesteps: int = 1000  # the scheduler's training timesteps: the most steps it can sample
+
+
 @dataclass
 class LoadedModel:
     """A pipeline ready to serve, and what the app needs to know about it."""
@@ -42,6 +53,14 @@ class LoadedModel:
     @property
     def min_size(self) -> int:
         return min_size(self.pipe)
+
+    @property
+    def train_timesteps(self) -> int:
+        return int(self.pipe.scheduler.config.num_train_timesteps)
+
+    @property
+    def facts(self) -> ModelFacts:
+        return ModelFacts(self.profile, self.native_size, self.min_size, self.train_timesteps)
 
     @property
     def intro(self) -> str:

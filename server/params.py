@@ -25,12 +25,12 @@ import PIL.Image
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
-from sega.concepts import EditConcept, check_number, show_value
+from sega.concepts import EditConcept, Range, show_value
 from sega.inversion import performed_steps
 
 from .errors import InvalidInput
 from .images import read_upload, upload_path
-from .loading import LoadedModel, on_zero_gpu
+from .loading import LoadedModel, ModelFacts, on_zero_gpu
 
 MAX_SEED = 2**32 - 1
 MAX_GUIDANCE_SCALE = 30.0
@@ -125,15 +125,6 @@ class Context:
     notices: list[str] = field(default_factory=list)
 
 
-def number(name: str, value, low: float, high: float, *, integer: bool = False,
-           high_inclusive: bool = True) -> float | int:
-    """``value`` as a finite number in range, or InvalidInput naming ``name`` and the allowed range."""
-    try:
-        return check_number(name, value, low, high, integer=integer, high_inclusive=high_inclusive)
-    except ValueError as e:
-        raise InvalidInput(str(e)) from None
-
-
 def clean_text(name: str, value, max_chars: int) -> tuple[str, list[str]]:
     """Text without control characters (tabs and newlines become spaces), stripped; with notices."""
     if not isinstance(value, str):
@@ -200,24 +191,23 @@ def _concepts(value, ctx: Context) -> tuple[EditConcept, ...]:
     return tuple(parse_concept(i, item, ctx) for i, item in enumerate(value))
 
 
-def _steps(value, ctx: Context) -> int:
+def _steps(model: LoadedModel | ModelFacts, limits: Limits) -> Range:
     # More steps than the scheduler has training timesteps cannot be sampled; say so here, not in the worker.
-    trained = int(ctx.loaded.pipe.scheduler.config.num_train_timesteps)
-    return number("steps", value, 1, min(ctx.limits.max_steps, trained), integer=True)
+    return Range(1, min(limits.max_steps, model.train_timesteps), integer=True)
 
 
-def _size(name: str) -> Callable[[Any, Context], int]:
-    def check(value, ctx: Context) -> int:
-        low, high = ctx.loaded.min_size, ctx.limits.max_size
-        value = number(name, value, low, high, integer=True)
-        if value % 8:
-            raise InvalidInput(f"{name} must be a multiple of 8 in [{low}, {high}], got {value}")
-        return value
-    return check
+def _size(model: LoadedModel | ModelFacts, limits: Limits) -> Range:
+    return Range(model.min_size, limits.max_size, integer=True, multiple_of=8)
+
+
+def _fixed(bounds: Range) -> Callable[[Any, Limits], Range]:
+    """Bounds that depend on neither the model nor the limits."""
+    return lambda _model, _limits: bounds
 
 
 def _scheduler(value, ctx: Context) -> str:
-    if value not in SCHEDULERS:
+    # isinstance first: an unhashable value (a list, an object) cannot be looked up in the table
+    if not isinstance(value, str) or value not in SCHEDULERS:
         raise InvalidInput(f"scheduler must be one of {', '.join(SCHEDULERS)}; got {show_value(value)}")
     return value
 
@@ -292,23 +282,36 @@ class Param:
         name: its name in the API, the JSON of the parameters used and the UI's request.
         kind: the API's input type: "text", "json", "int" or "float".
         doc: one line for the API docs.
-        check: ``check(raw value, ctx)`` -> the validated value, or raise :class:`InvalidInput`.
+        check: ``check(raw value, ctx)`` -> the validated value, or raise :class:`InvalidInput`; None for a
+            number checked against ``bounds``.
         default: ``default(loaded)`` for a missing value; None makes the parameter required (unless
             ``default_from`` names an earlier parameter whose value is the default).
         keywords: the library keywords it becomes, ``keywords(value) -> [Keyword, ...]``.
         to_json: the value as JSON (default: unchanged).
         client_source: how the gradio_client snippet writes the JSON value (default: as a literal).
+        bounds: a number's allowed values, ``bounds(model, limits)`` -> :class:`~sega.concepts.Range`; the
+            check and the app's form (:mod:`server.form`) both read it.
     """
 
     name: str
     kind: str
     doc: str
-    check: Callable[[Any, Context], Any]
+    check: Callable[[Any, Context], Any] | None
     default: Callable[[LoadedModel], Any] | None
     keywords: Callable[[Any], list[Keyword]]
     to_json: Callable[[Any], Any] = lambda v: v
     client_source: Callable[[Any], str] | None = None  # the value in the gradio_client snippet, from its JSON
     default_from: str | None = None  # take the default from this earlier parameter's value instead
+    bounds: Callable[[LoadedModel | ModelFacts, Limits], Range] | None = None
+
+    def validate(self, value, ctx: Context) -> Any:
+        """The checked value, or :class:`InvalidInput` naming this parameter."""
+        if self.check is not None:
+            return self.check(value, ctx)
+        try:
+            return self.bounds(ctx.loaded, ctx.limits).check(self.name, value)
+        except ValueError as e:
+            raise InvalidInput(str(e)) from None
 
 
 def _profile_default(key: str) -> Callable[[LoadedModel], Any]:
@@ -336,33 +339,34 @@ GENERATE_PARAMS: tuple[Param, ...] = (
           check=_concepts, default=lambda _loaded: [], keywords=_concepts_keyword,
           to_json=lambda concepts: [dataclasses.asdict(c) for c in concepts]),
     Param("seed", "int", f"random seed in [0, {MAX_SEED}] (default: random, returned in the JSON)",
-          check=lambda v, ctx: number("seed", v, 0, MAX_SEED, integer=True), default=_random_seed,
+          check=None, bounds=_fixed(Range(0, MAX_SEED, integer=True)), default=_random_seed,
           keywords=_generator_keyword),
-    Param("steps", "int", "denoising steps", check=_steps, default=_profile_default("steps"),
+    Param("steps", "int", "denoising steps", check=None, bounds=_steps, default=_profile_default("steps"),
           keywords=_as("num_inference_steps")),
     Param("guidance_scale", "float", f"classifier-free guidance in [0, {MAX_GUIDANCE_SCALE:g}]",
-          check=lambda v, ctx: number("guidance_scale", v, 0, MAX_GUIDANCE_SCALE),
+          check=None, bounds=_fixed(Range(0, MAX_GUIDANCE_SCALE)),
           default=_profile_default("guidance_scale"), keywords=_as("guidance_scale")),
     Param("negative_prompt", "text", "what the image should not show",
           check=lambda v, ctx: text("negative_prompt", v, ctx), default=_empty_text,
           keywords=_as("negative_prompt", convert=lambda v: v or None)),
-    Param("width", "int", "width in pixels, a multiple of 8", check=_size("width"), default=_native_size,
+    Param("width", "int", "width in pixels, a multiple of 8", check=None, bounds=_size, default=_native_size,
           keywords=_as("width")),
-    Param("height", "int", "height in pixels, a multiple of 8", check=_size("height"), default=_native_size,
+    Param("height", "int", "height in pixels, a multiple of 8", check=None, bounds=_size, default=_native_size,
           keywords=_as("height")),
     Param("momentum_scale", "float", f"SEGA momentum scale in [0, {MAX_MOMENTUM_SCALE:g}]",
-          check=lambda v, ctx: number("momentum_scale", v, 0, MAX_MOMENTUM_SCALE),
+          check=None, bounds=_fixed(Range(0, MAX_MOMENTUM_SCALE)),
           default=_profile_default("momentum_scale"), keywords=_as("edit_momentum_scale")),
     Param("momentum_beta", "float", "SEGA momentum beta in [0, 1)",
-          check=lambda v, ctx: number("momentum_beta", v, 0, 1, high_inclusive=False),
+          check=None, bounds=_fixed(Range(0, 1, high_inclusive=False)),
           default=_profile_default("momentum_beta"), keywords=_as("edit_mom_beta")),
     Param("scheduler", "text", f"sampler: {', '.join(SCHEDULERS)}", check=_scheduler,
           default=lambda _loaded: DEFAULT_SCHEDULER, keywords=_scheduler_keyword),
 )
 API_PARAMS: tuple[str, ...] = tuple(p.name for p in GENERATE_PARAMS)
-# Fixed keywords of every app call: both images, the plain run computed on its own first so that an answer never
-# depends on what earlier visitors left in the re-edit cache.
-APP_KEYWORDS = [Keyword.literal("return_original", True), Keyword.literal("original_first", True)]
+# Fixed keywords of every app call: both images, in one pass (one UNet call per step for both) without the re-edit
+# cache, so that every UNet batch depends on the request alone and an answer never depends on what earlier
+# visitors left in the cache.
+APP_KEYWORDS = [Keyword.literal("return_original", True), Keyword.literal("use_reedit_cache", False)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,12 +420,12 @@ EDIT_PARAMS: tuple[Param, ...] = (
     dataclasses.replace(_BY_NAME["steps"], default=_edit_default("steps"), keywords=_as("invert.num_inference_steps")),
     Param("skip", "float", "how much of the image to keep, in [0, 1): the share of the first denoising steps "
           "skipped; more keeps more of the original",
-          check=lambda v, ctx: number("skip", v, 0, 1, high_inclusive=False), default=_edit_default("skip"),
+          check=None, bounds=_fixed(Range(0, 1, high_inclusive=False)), default=_edit_default("skip"),
           keywords=_as("invert.skip")),
     Param("source_guidance_scale", "float",
           f"classifier-free guidance of the source prompt, in the inversion and (by default) the edit, in "
           f"[0, {MAX_GUIDANCE_SCALE:g}]",
-          check=lambda v, ctx: number("source_guidance_scale", v, 0, MAX_GUIDANCE_SCALE),
+          check=None, bounds=_fixed(Range(0, MAX_GUIDANCE_SCALE)),
           default=_edit_default("source_guidance_scale"), keywords=_as("invert.source_guidance_scale")),
     # The edit's guidance defaults to the inversion's: only then is the image without edits the input itself.
     dataclasses.replace(_BY_NAME["guidance_scale"], default=None, default_from="source_guidance_scale",
@@ -495,8 +499,9 @@ def _notices_across_fields(values: Mapping[str, Any]) -> list[str]:
             notices.append(f"concepts[{i}] ({concept.prompt!r}) is never applied: its warmup {concept.warmup} "
                            f"is not below the {steps} steps{' that skip leaves' if 'skip' in values else ''}.")
     if values.get("concepts") and values["guidance_scale"] <= 1:
-        notices.append(f"guidance_scale {values['guidance_scale']:g} <= 1 turns classifier-free guidance off; the "
-                       "edits are applied to the unconditional estimate.")
+        notices.append(f"guidance_scale {values['guidance_scale']:g} <= 1 turns classifier-free guidance off: both "
+                       "images follow the prompt alone (any value from 0 to 1 gives the same pair), and the edits "
+                       "are added to the image with edits.")
     return notices
 
 
@@ -518,7 +523,7 @@ def parse_request(loaded: LoadedModel, raw: Mapping, limits: Limits | None = Non
             if p.default is None:
                 raise InvalidInput(f"{p.name} is required")
             value = p.default(loaded)
-        values[p.name] = p.check(value, ctx)
+        values[p.name] = p.validate(value, ctx)
     ctx.notices += _notices_across_fields(values)
     return GenerationParams(values=values, model=loaded.model_id, notices=tuple(ctx.notices), endpoint=endpoint)
 

@@ -41,6 +41,8 @@ class ModelProfile:
     edit_presets: dict[str, dict] | None = None  # presets for uploaded images (None: the same as ``presets``)
     # The "Edit an image" tab's examples: (label, image path, source prompt, concepts, seed); none for SD.
     edit_examples: list = field(default_factory=list)
+    # Live previews through the model's VAE (cheap for a small model) instead of a linear map of the latents.
+    preview_with_vae: bool = False
 
     @property
     def default_preset(self) -> str:
@@ -70,6 +72,7 @@ DEMO_PROFILE = ModelProfile(
     edit_defaults=DEMO_EDIT_DEFAULTS,
     edit_presets=DEMO_EDIT_PRESETS,
     edit_examples=DEMO_EDIT_EXAMPLES,
+    preview_with_vae=True,
 )
 
 SD_PROFILE = ModelProfile(

@@ -19,6 +19,7 @@ import PIL.Image
 
 from sega.concepts import EditConcept
 from sega.inversion import performed_steps
+from sega.previews import preview_images
 
 from .loading import LoadedModel
 from .params import GenerationParams
@@ -95,27 +96,57 @@ def summarize(params: GenerationParams, seconds: float, cache_hit: bool, extra: 
     return line + ("  Note: " + " ".join(notes) if notes else "")
 
 
+def preview_interval(steps: int) -> int:
+    """How many denoising steps apart live previews are made: about ten per run."""
+    return max(1, math.ceil(steps / 10))
+
+
 def generate(loaded: LoadedModel, params: GenerationParams,
-             progress_callback: Callable[[int, int], None] | None = None) -> GenerationResult:
+             progress_callback: Callable[..., None] | None = None, previews: bool = False) -> GenerationResult:
     """Run the pipeline once: the image without edits and the image with edits for ``params.seed``.
 
-    ``progress_callback(done, total)`` is called after every step; it stops the run by raising (e.g.
-    :class:`GenerationStopped`), which this request's pipeline call passes on.
+    ``progress_callback(done, total)`` is called after every step that is run: the denoising steps, and for
+    /edit first the inversion's (``stage="inversion"`` is passed then); an edit counts n inversion steps plus
+    the n denoising steps that ``skip`` leaves (n when the inversion comes from the cache). With ``previews``,
+    every :func:`preview_interval` denoising steps but the last it also gets ``preview=``, a PIL image of what
+    the image with edits is becoming (:mod:`sega.previews`: the model's VAE when its profile says that is
+    cheap, else a linear map of the latents), made here, in the process that runs the loop. It stops the run
+    by raising (e.g. :class:`GenerationStopped`), which this request's pipeline call passes on.
     """
     pipe = loaded.pipe
+    n = performed_steps(params.steps, params.skip) if params.endpoint == "edit" else params.steps
+    every = preview_interval(n) if previews else 0
+    vae = pipe.vae if loaded.profile.preview_with_vae else None
+    counted = {"before": 0, "total": n}  # steps reported before the denoising, and the run's total
+
+    def report(done: int, **extra) -> None:
+        if progress_callback is not None:
+            progress_callback(done, counted["total"], **extra)
+
+    def on_inversion_step(_pipe, k: int, _t, _tensors: dict) -> None:
+        report(k + 1, stage="inversion")
 
     def on_step_end(_pipe, i: int, _t, tensors: dict) -> dict:
         # Stop per request by raising here, never with pipe._interrupt: that flag is shared by every request.
-        if progress_callback is not None:
-            progress_callback(i + 1, params.steps)
-        return tensors
+        extra = {}
+        if every and (i + 1) % every == 0 and i + 1 < n:
+            extra["preview"] = preview_images(tensors["pred_original_sample"][:1], vae)[0]
+        report(counted["before"] + i + 1, **extra)
+        return {}
 
     start = time.perf_counter()
     keywords = {name: keyword.build(pipe) for name, keyword in params.pipeline_keywords("pipe").items()}
     invert = {name: keyword.build(pipe) for name, keyword in params.pipeline_keywords("invert").items()}
     if invert:  # /edit: invert the uploaded image (or take its inversion from the cache), then edit it
-        keywords["inversion"] = pipe.invert(**invert)
-    out = pipe(**keywords, callback_on_step_end=on_step_end, output_type="pil")
+        counted["total"] = 2 * n
+        keywords["inversion"] = pipe.invert(**invert, callback_on_step_end=on_inversion_step)
+        if keywords["inversion"].cache_hit:
+            counted["total"] = n  # no inversion step was run
+        else:
+            counted["before"] = n
+    tensors = ["latents", "pred_original_sample"] if every else ["latents"]
+    out = pipe(**keywords, callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=tensors,
+               output_type="pil")
     seconds = time.perf_counter() - start
     original, edited = out.original_images[0], out.images[0]
     flagged = []

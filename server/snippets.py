@@ -7,6 +7,9 @@ library call from :meth:`~server.params.GenerationParams.pipeline_keywords`, the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
 from sega.demo.shapes import DEFAULT_MODEL_DIR
 
 from .params import GenerationParams, Keyword
@@ -23,7 +26,29 @@ def py_literal(value) -> str:
     return repr(value)
 
 
-def client_snippet(params: GenerationParams, url: str = "http://127.0.0.1:7860/") -> str:
+LOCAL_URL = "http://127.0.0.1:7860/"
+
+
+def app_address(space_id: str | None, headers: Mapping[str, str], url: str = "") -> str:
+    """What a ``gradio_client.Client`` should connect to: the Space's name (``"owner/space"``, from
+    ``$SPACE_ID``) on a Hugging Face Space, else the address the visitor used (a proxy's ``x-forwarded-host``
+    and ``x-forwarded-proto``, else the ``host`` header and the app's path in ``url``, the request's address,
+    of which ``/gradio_api/...`` is gradio's own part)."""
+    if space_id:
+        return space_id
+    headers = {k.lower(): v for k, v in headers.items()}
+    forwarded = headers.get("x-forwarded-host", "").split(",")[0].strip()
+    host = forwarded or headers.get("host", "").strip()
+    if not host:
+        return LOCAL_URL
+    parts = urlsplit(url)
+    scheme = headers.get("x-forwarded-proto", "").split(",")[0].strip() or parts.scheme or "http"
+    # Behind a proxy the request's own path is the proxy's business (as gradio's get_root_url reads it).
+    path = "" if forwarded else parts.path.split("/gradio_api/")[0].rstrip("/")
+    return f"{scheme}://{host}{path}/"
+
+
+def client_snippet(params: GenerationParams, url: str = LOCAL_URL) -> str:
     """A ``gradio_client`` call to this app that returns the same images."""
     values = params.api_kwargs()
     lines, needs_file = [], False
@@ -81,6 +106,6 @@ def library_snippet(params: GenerationParams) -> str:
     )
 
 
-def as_code(params: GenerationParams, url: str = "http://127.0.0.1:7860/") -> tuple[str, str]:
+def as_code(params: GenerationParams, url: str = LOCAL_URL) -> tuple[str, str]:
     """Both snippets: ``(gradio_client call, library call)``."""
     return client_snippet(params, url), library_snippet(params)

@@ -25,7 +25,12 @@ Every call to the fake device API, every denoising step the app's generation rep
 each time the app signals a run to stop, is appended as one JSON line to ``$ZEROGPU_EMULATION_LOG`` (time, pid, what), which the tests read. ``$ZEROGPU_EMULATION_CONTROL``
 names a JSON file the tests write to make the next schedule answer ``{"refuse": "quota"}`` (ZeroGPU's quota
 error) or ``{"refuse": "no_gpu"}`` (no GPU free), or to raise ``torch.OutOfMemoryError`` at a denoising step in
-the worker (``{"oom_at_step": 2}``).
+the worker (``{"oom_at_step": 2}``), or to hold the run of one seed at one step until the control file no
+longer says so (``{"hold": {"seed": 5, "step": 3}}``: a run still going, by construction), or to make runs wait
+for each other (``{"rendezvous": [51, 52]}``: the run of each of those seeds holds its first step until every
+other one has logged a step, then logs ``rendezvous`` with ``met`` true; after :data:`RENDEZVOUS_TIMEOUT` s it
+goes on and logs ``met`` false). Runs that met at a rendezvous provably ran at the same time, whatever the
+machine's load: neither could finish before the other started.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LOG_ENV = "ZEROGPU_EMULATION_LOG"
 CONTROL_ENV = "ZEROGPU_EMULATION_CONTROL"
 REFUSALS = ("quota", "no_gpu")
+RENDEZVOUS_TIMEOUT = 240  # seconds a run waits for the others at a rendezvous (a hang guard, not a timing)
 
 
 def record(event: str, **fields) -> None:
@@ -180,14 +186,24 @@ def recording_generate(real_generate):
     an out-of-memory at a step."""
 
     def generate(loaded, params, progress_callback=None, **kwargs):
-        def on_step(done: int, total: int) -> None:
-            record("step", done=done, total=total, seed=params.seed)
+        def on_step(done: int, total: int, **extra) -> None:
+            record("step", done=done, total=total, seed=params.seed, stage=extra.get("stage", "denoising"),
+                   preview=extra.get("preview") is not None)
+            hold = {"seed": params.seed, "step": done}
+            if control().get("hold") == hold:  # wait here (the run's loop with it) until the test lets go
+                record("held", **hold)
+                deadline = time.monotonic() + 300
+                while control().get("hold") == hold and time.monotonic() < deadline:
+                    time.sleep(0.02)
+            rendezvous = control().get("rendezvous") or ()
+            if done == 1 and params.seed in rendezvous:
+                wait_for_the_others(params.seed, set(rendezvous) - {params.seed})
             if control().get("oom_at_step") == done:
                 import torch
 
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (emulated)")
             if progress_callback is not None:
-                progress_callback(done, total)
+                progress_callback(done, total, **extra)
 
         outcome = "error"
         try:
@@ -202,6 +218,17 @@ def recording_generate(real_generate):
 
     generate.__wrapped__ = real_generate
     return generate
+
+
+def wait_for_the_others(seed: int, others: set[int]) -> None:
+    """Hold this run (at its first step) until a run of every seed in ``others`` has logged a step."""
+    deadline = time.monotonic() + RENDEZVOUS_TIMEOUT
+    while not others <= {e.get("seed") for e in read_log(os.environ[LOG_ENV]) if e["event"] == "step"}:
+        if time.monotonic() > deadline:
+            record("rendezvous", seed=seed, met=False)
+            return
+        time.sleep(0.02)
+    record("rendezvous", seed=seed, met=True)
 
 
 def install_recorder() -> None:

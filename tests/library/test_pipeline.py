@@ -215,6 +215,45 @@ def test_original_first_answers_do_not_depend_on_the_cache(scheduler):
     np.testing.assert_allclose(one_pass.images, cold.images, atol=1e-4)
 
 
+@pytest.mark.parametrize("scheduler", ["ddim", "euler"])
+def test_the_one_pass_pair_without_the_reedit_cache_does_not_depend_on_the_cache(scheduler):
+    """The app's call (``return_original=True, use_reedit_cache=False``): one UNet call per step for both images,
+    and the same call gives the very same pair, bit for bit, cold, after other requests filled the caches, and
+    after the same prompt and seed with other concepts (whose run without edits the re-edit cache then holds)."""
+    _, ours = pipes(scheduler)
+    base = dict(prompt="a red circle", num_inference_steps=STEPS, guidance_scale=7.0, output_type="np",
+                edit_momentum_scale=0.3)
+    app = dict(base, return_original=True, use_reedit_cache=False)
+    concepts = [EditConcept("blue", scale=6, warmup=2), EditConcept("red", reverse=True, warmup=3)]
+
+    cold = ours(**app, generator=gen(4), concepts=concepts)
+    assert not cold.cache_hit and len(ours.reedit_cache) == 0  # neither read nor filled
+    assert cold.unet_calls == STEPS  # one pass: both images in one UNet call per step
+    # [u, p] + both concepts while the edits warm up (momentum needs them), then the run without edits too.
+    assert cold.unet_samples == 2 * 4 + (STEPS - 2) * 6
+    assert np.abs(cold.images - cold.original_images).max() > 1e-3  # the edit really changed something
+
+    # Warm with another request's entries (another prompt and seed, through the caching library path).
+    ours(**{**base, "prompt": "a blue square"}, generator=gen(5), concepts=[EditConcept("large", warmup=1)],
+         return_original=True)
+    other = ours(**app, generator=gen(4), concepts=concepts)
+    # Warm with the same prompt and seed and other concepts: the re-edit cache holds this very run without edits
+    # (and an exact repeat through the caching path replays it).
+    ours(**base, generator=gen(4), concepts=[EditConcept("square", warmup=1)], return_original=True)
+    assert ours(**base, generator=gen(4), concepts=concepts, return_original=True).cache_hit
+    same_prompt = ours(**app, generator=gen(4), concepts=concepts)
+    for warm in (other, same_prompt):
+        assert not warm.cache_hit and warm.unet_calls == cold.unet_calls
+        np.testing.assert_array_equal(warm.images, cold.images)
+        np.testing.assert_array_equal(warm.original_images, cold.original_images)
+
+    # The same meaning as the edited image alone and the plain run (to float round-off: other batch sizes).
+    alone = ours(**base, generator=gen(4), concepts=concepts, use_cache=False)
+    plain = ours(**base, generator=gen(4), use_cache=False)
+    np.testing.assert_allclose(cold.images, alone.images, atol=TOL)
+    np.testing.assert_allclose(cold.original_images, plain.images, atol=TOL)
+
+
 def test_an_empty_concept_list_is_a_plain_run():
     _, ours = pipes("ddim")
     kw = dict(prompt="a red circle", num_inference_steps=STEPS, guidance_scale=7.0, output_type="latent")

@@ -4,8 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -54,18 +52,17 @@ def test_edit_differs_and_the_same_seed_gives_the_same_pair(client):
     assert used["concepts"][0]["prompt"] == "blue" and {"scale", "threshold", "warmup", "cooldown", "reverse",
                                                           "weight"} <= set(used["concepts"][0])
     original2, edited2, used2 = generate(client, concepts=concepts, seed=42)
+    # The app computes every pair in one pass without the re-edit cache: the same answer, pixel for pixel.
     assert np.array_equal(original, original2)
-    # The second run replays the plain run from the re-edit cache; the app computes it original-first, so the
-    # answer is the same pixel for pixel whether the cache held it or not.
     assert np.array_equal(edited, edited2)
-    volatile = ("summary", "cache_hit")
-    assert {k: v for k, v in used2.items() if k not in volatile} == {k: v for k, v in used.items() if k not in volatile}
-    assert used2["cache_hit"] and not used["cache_hit"]
+    assert {k: v for k, v in used2.items() if k != "summary"} == {k: v for k, v in used.items() if k != "summary"}
+    assert not used["cache_hit"] and not used2["cache_hit"]
 
-    # Only the concepts change: the image without edits stays exactly the same.
+    # Only the concepts change: the same image without edits (to float round-off in other batches: a PNG
+    # pixel may move by one level), another edit.
     original3, edited3, _ = generate(client, concepts=[{"prompt": "black background", "preset": "background"}],
                                      seed=42)
-    assert np.array_equal(original, original3)
+    assert np.abs(original.astype(int) - original3.astype(int)).max() <= 1
     assert not np.array_equal(edited, edited3)
 
 
@@ -128,39 +125,6 @@ def test_nan_over_raw_http_is_rejected_and_the_app_keeps_serving(server, client)
     assert original.shape == (32, 32, 3)
 
 
-class FakeRequest:
-    def __init__(self, session_hash: str):
-        self.session_hash = session_hash
-
-
-def test_stop_stops_only_that_session(app_module):
-    import gradio as gr
-
-    outcome = {}
-
-    def run():
-        try:
-            app_module.generate_api(FakeRequest("a"), prompt=PROMPT, steps=app_module.LIMITS.max_steps, seed=3)
-            outcome["result"] = "finished"
-        except gr.Error as exc:
-            outcome["result"] = exc.message
-
-    worker = threading.Thread(target=run)
-    start = time.monotonic()
-    worker.start()
-    while "a" not in app_module._stop_flags and worker.is_alive():
-        time.sleep(0.01)
-    app_module.stop(FakeRequest("b"))  # another visitor's Stop does nothing here
-    assert not app_module._stop_flags["a"].is_set()
-    app_module.stop(FakeRequest("a"))
-    worker.join(timeout=60)
-    assert outcome["result"].startswith("Stopped after")
-    steps_done = int(outcome["result"].split()[2])
-    assert steps_done < app_module.LIMITS.max_steps
-    assert "a" not in app_module._stop_flags  # the flag is cleaned up
-    assert time.monotonic() - start < 60
-
-
 def test_a_failure_inside_one_generation_reaches_only_that_request(client, app_module, monkeypatch):
     from gradio_client.exceptions import AppError
 
@@ -189,3 +153,35 @@ def test_a_model_that_cannot_load_falls_back_with_a_banner(tmp_path):
     assert f"Could not load the model '{missing}'" in done.stderr  # the log
     result = done.stdout.strip().splitlines()[-1]
     assert result.startswith("True [") and "Could not load the model" in result  # the UI banner
+
+
+def test_the_form_is_built_from_the_declarations(app_module):
+    """Every numeric widget of both tabs has the range, step and starting value server/form.py derives from the
+    API's declarations (tests/server/test_form.py checks those against every preset and example)."""
+    from server import form
+
+    a = app_module
+    specs = {
+        "generate": (form.settings(a.LOADED, a.LIMITS), {"seed": a.seed, "steps": a.steps, "guidance_scale": a.guidance,
+                                                          "width": a.width, "height": a.height,
+                                                          "momentum_scale": a.momentum_scale,
+                                                          "momentum_beta": a.momentum_beta}),
+        "edit": (form.settings(a.LOADED, a.LIMITS, "edit"), {"seed": a.edit_seed, "steps": a.edit_steps, "skip": a.skip,
+                                                              "source_guidance_scale": a.source_guidance,
+                                                              "guidance_scale": a.edit_guidance,
+                                                              "momentum_scale": a.edit_momentum_scale,
+                                                              "momentum_beta": a.edit_momentum_beta}),
+    }
+    pairs = []
+    for widgets, components in specs.values():
+        assert set(components) == set(widgets)  # every numeric parameter of the endpoint is on the form
+        pairs += [(components[name], widgets[name]) for name in widgets]
+    for rows, endpoint in ((a.concept_rows, "generate"), (a.edit_rows, "edit")):
+        widgets = form.concept_widgets(a.LOADED, a.LIMITS, endpoint)
+        for row in rows.rows:
+            pairs += [(getattr(row, name), widget) for name, widget in widgets.items()]
+    assert len(pairs) == 14 + 5 * 2 * a.MAX_ROWS
+    for component, spec in pairs:
+        assert (component.minimum, component.maximum, component.step) == (spec.low, spec.high, spec.step), spec
+        assert component.value == spec.default and component.label == spec.label and component.info == spec.info
+    assert "LESS" in a.concept_rows.rows[0].threshold.info  # the direction of the threshold is explained

@@ -4,20 +4,111 @@ The README's screenshot is refreshed only on request:
 ``SEGA_SCREENSHOT=assets/screenshot.png python -m pytest tests/server/test_browser.py``.
 """
 
+import dataclasses
+import io
 import os
+import struct
+import zlib
 from pathlib import Path
+from urllib.parse import urljoin
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from server.profiles import DEMO_PROFILE
-from tests.served import browser_page, import_app, serve
+from tests.served import browser_page, import_app, pixels, serve
 
 pytestmark = pytest.mark.slow
 
+# Small upload limits for this module's server, so that the refusals can be tried with small files.
+IMAGE_MB, IMAGE_PIXELS = 1, 500_000
+ERROR_TOAST = "[data-testid=toast-body].error"
+RUN_TIMEOUT = 120_000  # ms
+
+
 @pytest.fixture(scope="module")
-def server():
-    with serve(import_app()) as url:
-        yield url
+def app_module():
+    return import_app()
+
+
+@pytest.fixture(scope="module")
+def server(app_module):
+    small = dataclasses.replace(app_module.LIMITS, max_image_mb=IMAGE_MB, max_image_pixels=IMAGE_PIXELS)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(app_module, "LIMITS", small)  # read per request, and by launch() for max_file_size
+        with serve(app_module) as url:
+            yield url
+
+
+def text_field(page, elem_id: str):
+    return page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+
+
+def number_of(page, elem_id: str):
+    """The number box of a slider or number widget."""
+    return page.locator(f"#{elem_id} input[type=number]").first
+
+
+def set_number(page, elem_id: str, value) -> None:
+    box = number_of(page, elem_id)
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def no_error(page) -> None:
+    from playwright.sync_api import expect
+
+    expect(page.locator(ERROR_TOAST)).to_have_count(0)
+
+
+def run(page, button: str, prefix: str = "") -> str:
+    """Press Generate or Edit with Random seed on; wait for the new seed, both images and no error.
+
+    Returns the seed used."""
+    from playwright.sync_api import expect
+
+    randomize = page.locator(f"#{prefix}randomize input")
+    randomize.check()
+    before = page.locator(f"#{prefix}seed-used input").input_value()
+    page.locator(button).click()
+    seed_used = page.locator(f"#{prefix}seed-used input")
+    expect(seed_used).not_to_have_value(before, timeout=RUN_TIMEOUT)
+    for image in (f"#{prefix}original img", f"#{prefix}edited img"):
+        expect(page.locator(image).first).to_be_visible(timeout=30_000)
+    no_error(page)
+    used = seed_used.input_value()
+    # The seed used is back in the Seed box, and Random seed stays on.
+    expect(page.locator(f"#{prefix}seed input")).to_have_value(used)
+    assert randomize.is_checked()
+    return used
+
+
+def shown(page, server: str, selector: str) -> np.ndarray:
+    """The RGB pixels of the image an <img> shows, as served to the browser."""
+    src = page.locator(selector).first.get_attribute("src")
+    body = page.request.get(urljoin(server, src)).body()
+    return np.asarray(Image.open(io.BytesIO(body)).convert("RGB"))
+
+
+def expect_row(page, row: str, concept: dict, endpoint: str) -> None:
+    """The row shows ``concept`` with the keys it leaves out filled from its preset (as the API fills them)."""
+    from playwright.sync_api import expect
+
+    full = DEMO_PROFILE.concept_defaults(concept.get("preset"), endpoint) | concept
+    expect(text_field(page, f"{row}-text")).to_have_value(full["prompt"])
+    for key in ("scale", "threshold", "warmup"):
+        expect(number_of(page, f"{row}-{key}")).to_have_value(f"{full[key]:g}")
+    expect(page.locator(f"#{row}-direction input[value={'remove' if full['reverse'] else 'add'}]")).to_be_checked()
+
+
+def fake_png(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` pixels, with no pixel data at all."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IEND", b""))
 
 
 def test_two_concepts_one_removed_shows_both_images(server, tmp_path):
@@ -81,3 +172,189 @@ def test_an_uploaded_image_is_edited_in_the_second_tab(server, tmp_path):
         expect(summary).to_contain_text("your image 32×32 px", timeout=30_000)
         assert "+'blue'" in summary.inner_text() and "−'red'" in summary.inner_text()
         page.screenshot(path=str(tmp_path / "edit.png"), full_page=True)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The paths visitors take: examples, presets, uploads, "Edit this image", "As code"
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_every_generate_example_fills_the_form_and_generates(server):
+    from playwright.sync_api import expect
+
+    with browser_page() as page:
+        page.goto(server)
+        for label, prompt, concepts, seed in DEMO_PROFILE.examples:
+            page.locator("button.gallery-item:visible", has_text=label).click()
+            expect(text_field(page, "prompt")).to_have_value(prompt)
+            for i, concept in enumerate(concepts):
+                expect_row(page, f"concept-{i}", concept, "generate")
+            expect(page.locator(f"#concept-{len(concepts) - 1}").first).to_be_visible()
+            # the example's own (cached) result, with its seed
+            expect(page.locator("#seed-used input")).to_have_value(str(seed), timeout=RUN_TIMEOUT)
+            no_error(page)
+            run(page, "#generate")
+
+
+def test_every_edit_example_fills_the_form_and_edits(server):
+    from playwright.sync_api import expect
+
+    with browser_page(height=1000) as page:
+        page.goto(server)
+        page.get_by_role("tab", name="Edit an image").click()
+        for label, _, source, concepts, seed in DEMO_PROFILE.edit_examples:
+            page.locator("button.gallery-item:visible", has_text=label).click()
+            expect(number_of(page, "edit-seed")).to_have_value(str(seed))
+            expect(text_field(page, "edit-source-prompt")).to_have_value(source)
+            expect(page.locator("#edit-image img").first).to_be_visible()
+            for i, concept in enumerate(concepts):
+                expect_row(page, f"edit-concept-{i}", concept, "edit")
+            run(page, "#edit", "edit-")
+
+
+def test_clicking_an_example_again_resets_a_changed_row(server):
+    from playwright.sync_api import expect
+
+    label, _, concepts, _ = DEMO_PROFILE.examples[0]
+    with browser_page() as page:
+        page.goto(server)
+        example = page.locator("button.gallery-item:visible", has_text=label)
+        example.click()
+        expect_row(page, "concept-0", concepts[0], "generate")
+        text_field(page, "concept-0-text").fill("green")
+        set_number(page, "concept-0-scale", 3)
+        page.locator("#concept-0-direction").get_by_text("remove").click()
+        expect(number_of(page, "concept-0-scale")).to_have_value("3")
+        example.click()
+        expect_row(page, "concept-0", concepts[0], "generate")
+        no_error(page)
+
+
+def pick_preset(page, row: str, name: str) -> None:
+    page.locator(f"#{row}-preset input").click()
+    page.get_by_role("option", name=name, exact=True).click()
+
+
+def test_each_preset_of_a_row_generates(server):
+    from playwright.sync_api import expect
+
+    with browser_page() as page:
+        page.goto(server)
+        # the help texts are shown with the sliders
+        expect(page.get_by_text("Higher edits LESS of the image").first).to_be_visible()
+        text_field(page, "prompt").fill("a large red circle on a white background")
+        text_field(page, "concept-0-text").fill("blue")
+        for name, values in DEMO_PROFILE.presets.items():
+            pick_preset(page, "concept-0", name)
+            expect_row(page, "concept-0", {"prompt": "blue", "preset": name}, "generate")
+            run(page, "#generate")
+            assert f"+'blue' (scale {values['scale']:g}, threshold {values['threshold']:g}, from step " \
+                   f"{values['warmup']})" in page.locator("#summary").inner_text()
+
+
+def test_each_preset_of_an_edit_row_edits(server):
+    from playwright.sync_api import expect
+
+    from sega.demo.editing import EXAMPLES_DIR
+
+    with browser_page(height=1000) as page:
+        page.goto(server)
+        page.get_by_role("tab", name="Edit an image").click()
+        page.locator("#edit-image input[type=file]").set_input_files(str(EXAMPLES_DIR / "red-circle.png"))
+        expect(page.locator("#edit-image img").first).to_be_visible(timeout=30_000)
+        text_field(page, "edit-concept-0-text").fill("blue")
+        for name, values in DEMO_PROFILE.edit_presets.items():
+            pick_preset(page, "edit-concept-0", name)
+            expect_row(page, "edit-concept-0", {"prompt": "blue", "preset": name}, "edit")
+            run(page, "#edit", "edit-")
+            assert f"+'blue' (scale {values['scale']:g}, threshold {values['threshold']:g}, from step " \
+                   f"{values['warmup']})" in page.locator("#edit-summary").inner_text()
+
+
+def test_a_transparent_upload_is_edited_on_white_as_over_the_api(server, tmp_path):
+    from gradio_client import Client, handle_file
+    from playwright.sync_api import expect
+
+    rgba = np.zeros((64, 64, 4), np.uint8)  # left half: transparent black; right half: opaque blue
+    rgba[:, 32:] = (30, 60, 220, 255)
+    path = tmp_path / "transparent.png"
+    Image.fromarray(rgba, "RGBA").save(path)
+    with browser_page(height=1000) as page:
+        page.goto(server)
+        page.get_by_role("tab", name="Edit an image").click()
+        page.locator("#edit-image input[type=file]").set_input_files(str(path))
+        expect(page.locator("#edit-image img").first).to_be_visible(timeout=30_000)
+        page.locator("#edit-randomize input").uncheck()
+        set_number(page, "edit-seed", 5)
+        page.locator("#edit").click()
+        expect(page.locator("#edit-seed-used input")).to_have_value("5", timeout=RUN_TIMEOUT)
+        expect(page.get_by_text("transparent areas were filled with white").first).to_be_visible()
+        no_error(page)
+        reconstruction = shown(page, server, "#edit-original img")
+    # The transparent half comes out white (not black), and the same file edits the same over the API.
+    assert reconstruction[:, :12].mean() > 200 and reconstruction[:, -12:, 2].mean() > reconstruction[:, -12:, 0].mean()
+    api_reconstruction, _, _ = Client(server, verbose=False).predict(image=handle_file(str(path)), seed=5,
+                                                                     api_name="/edit")
+    assert np.array_equal(reconstruction, pixels(api_reconstruction))
+
+
+def test_uploads_over_the_pixel_or_file_size_limit_are_refused(server, tmp_path, monkeypatch):
+    import PIL.ImageFile
+    from playwright.sync_api import expect
+
+    # Headers that claim more pixels than SEGA_MAX_IMAGE_PIXELS, one of them more than PIL itself opens.
+    claims = {"claims-4mp.png": (2000, 2000), "claims-900mp.png": (30_000, 30_000)}
+    for name, size in claims.items():
+        (tmp_path / name).write_bytes(fake_png(*size))
+    decoded = []
+    real_load = PIL.ImageFile.ImageFile.load
+    monkeypatch.setattr(PIL.ImageFile.ImageFile, "load",
+                        lambda self: decoded.append(os.path.basename(str(getattr(self, "filename", "")))) or
+                        real_load(self))
+    big = tmp_path / "big.png"  # random pixels do not compress: about 1.5 MB
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (720, 720, 3), dtype=np.uint8)).save(big)
+    assert big.stat().st_size > IMAGE_MB * 1024 * 1024
+    with browser_page(height=1000) as page:
+        page.goto(server)
+        page.get_by_role("tab", name="Edit an image").click()
+        for name in claims:
+            page.locator("#edit-image input[type=file]").set_input_files(str(tmp_path / name))
+            page.locator("#edit").click()
+            toast = page.locator(ERROR_TOAST).last
+            expect(toast).to_be_visible(timeout=30_000)
+            expect(toast).to_contain_text("image has")
+            expect(toast).to_contain_text(f"at most {IMAGE_PIXELS}")
+            page.locator("[data-testid=toast-close]").last.click()
+            expect(page.locator(ERROR_TOAST)).to_have_count(0)
+        assert not set(decoded) & set(claims)  # refused from the header, never decoded
+        # A file above SEGA_MAX_IMAGE_MB is refused by gradio as it is uploaded.
+        page.locator("#edit-image input[type=file]").set_input_files(str(big))
+        expect(page.locator(ERROR_TOAST).last).to_contain_text(f"maximum allowed size of {IMAGE_MB}", timeout=30_000)
+        expect(page.locator("#edit-image img")).to_have_count(0)
+
+
+def test_edit_this_image_sends_the_result_and_its_prompt_to_the_edit_tab(server, monkeypatch):
+    from playwright.sync_api import expect
+
+    prompt = "a large red circle on a white background"
+    with browser_page(height=1000) as page:
+        page.goto(server)
+        text_field(page, "prompt").fill(prompt)
+        text_field(page, "concept-0-text").fill("blue")
+        run(page, "#generate")
+        generated = shown(page, server, "#edited img")
+        # "As code" calls the address the visitor used
+        page.get_by_text("As code").first.click()
+        expect(page.locator("#client-code")).to_contain_text(f"Client('{server}')")
+
+        page.locator("#edit-this").click()
+        expect(page.get_by_role("tab", name="Edit an image")).to_have_attribute("aria-selected", "true")
+        expect(page.locator("#edit-image img").first).to_be_visible(timeout=30_000)
+        expect(text_field(page, "edit-source-prompt")).to_have_value(prompt)
+        assert np.array_equal(shown(page, server, "#edit-image img"), generated)
+        # On a Space, "As code" names the Space instead.
+        monkeypatch.setenv("SPACE_ID", "someone/sega")
+        run(page, "#edit", "edit-")
+        page.get_by_text("As code").last.click()
+        expect(page.locator("#edit-client-code")).to_contain_text("Client('someone/sega')")
+        assert "your image 32×32 px" in page.locator("#edit-summary").inner_text()

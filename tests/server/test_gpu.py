@@ -40,11 +40,11 @@ def counting_generate(monkeypatch) -> list[int]:
     """``service.generate`` that notes every step it finishes (in the thread that runs the loop)."""
     done, real = [], service.generate
 
-    def generate(loaded, params, progress_callback=None):
-        def on_step(i, total):
+    def generate(loaded, params, progress_callback=None, **kwargs):
+        def on_step(i, total, **extra):
             done.append(i)
-            progress_callback(i, total)
-        return real(loaded, params, progress_callback=on_step)
+            progress_callback(i, total, **extra)
+        return real(loaded, params, progress_callback=on_step, **kwargs)
 
     monkeypatch.setattr(service, "generate", generate)
     return done
@@ -100,7 +100,7 @@ def test_drive_stops_when_the_request_is_no_longer_wanted(tiny, monkeypatch):
     (gr.Error("our own words"), "our own words"),
 ])
 def test_failures_leave_the_gpu_function_as_gradio_errors_in_our_words(tiny, monkeypatch, fault, message):
-    def failing(loaded, params, progress_callback=None):
+    def failing(loaded, params, progress_callback=None, **kwargs):
         raise fault
 
     monkeypatch.setattr(service, "generate", failing)

@@ -43,8 +43,8 @@ def serial_reference(app_module, load_plan) -> dict[int, loadbench.Outcome]:
 
 
 def without_summary(used: dict) -> dict:
-    # The summary holds the seconds taken; whether the re-edit cache was hit depends on the order of arrival.
-    return {k: v for k, v in used.items() if k not in ("summary", "cache_hit")}
+    # The summary holds the seconds taken.
+    return {k: v for k, v in used.items() if k != "summary"}
 
 
 def test_the_plan_mixes_valid_and_invalid_and_shares_prompt_and_seed_across_clients(load_plan):
@@ -70,12 +70,18 @@ def test_concurrent_clients_get_exactly_what_a_serial_run_gives(app_module, load
     from gradio_client import Client
 
     real, lock, active = app_module.run_on_gpu, threading.Lock(), [0, 0]  # running now, most at once
+    all_running = threading.Event()
 
     def counted(params, stop=None):  # the GPU function is a generator: count while it runs
         with lock:
             active[0] += 1
             active[1] = max(active)
+            if active[0] == concurrency:
+                all_running.set()
         try:
+            # Concurrency by construction, not by timing: the first generations wait (a hang guard of 120 s)
+            # until `concurrency` of them run at once; later ones find the event set.
+            all_running.wait(120)
             yield from real(params, stop)
         finally:
             with lock:
@@ -83,9 +89,9 @@ def test_concurrent_clients_get_exactly_what_a_serial_run_gives(app_module, load
 
     monkeypatch.setattr(app_module, "run_on_gpu", counted)
     pipe = app_module.LOADED.pipe
-    pipe.reedit_cache.clear()  # the first request of each group misses the cache, later ones hit it
+    pipe.reedit_cache.clear()
     with serve(app_module, concurrency=concurrency) as url:
-        results, seconds = loadbench.run_concurrent(url, load_plan)
+        results, _ = loadbench.run_concurrent(url, load_plan)
         # The server keeps serving after the load.
         _, _, used = Client(url, verbose=False).predict(prompt=PROMPT, steps=2, seed=1, api_name="/generate")
         assert used["seed"] == 1
@@ -101,14 +107,13 @@ def test_concurrent_clients_get_exactly_what_a_serial_run_gives(app_module, load
         assert np.array_equal(o.original, ref.original), o.request.kwargs
         assert np.array_equal(o.edited, ref.edited), o.request.kwargs
         assert without_summary(o.used) == without_summary(ref.used)
-    hits = sum(o.cache_hit for o in valid)
-    assert 0 < hits < len(valid)  # both cache hits and misses happened under concurrency
+    # Requests with the same prompt and seed and other concepts ran at the same time; the app computes each pair
+    # in one pass without the re-edit cache, so none was replayed and every answer equals the serial one.
+    assert not any(o.cache_hit for o in valid) and len(pipe.reedit_cache) == 0
 
     for o in (o for o in outcomes if not o.request.valid):
         assert o.names_the_field, (o.request.kwargs, o.error)
 
-    assert len(pipe.reedit_cache) <= pipe.reedit_cache.max_entries
-    assert seconds < 120
 
 
 def test_a_full_queue_answers_busy_at_once_and_the_held_jobs_still_finish(app_module, monkeypatch):
@@ -135,14 +140,14 @@ def test_a_full_queue_answers_busy_at_once_and_the_held_jobs_still_finish(app_mo
                 assert time.monotonic() < deadline, waiting.status()
                 time.sleep(0.05)
 
-            # gradio_client: an error at once, not a hang.
-            start = time.monotonic()
+            # gradio_client: an error at once, not a hang. "At once" by construction: the one running job is
+            # held until `release` is set below, so an answer that came waited for no slot.
             with pytest.raises(QueueError, match="Please try again"):
                 Client(url, verbose=False).predict(prompt=PROMPT, steps=2, seed=3, api_name="/generate")
             # Plain HTTP: 503 with the app's message and a Retry-After header.
             body = {"data": [PROMPT, [], 3, 2, None, "", None, None, None, None]}
-            r = httpx.post(f"{url}gradio_api/call/generate", json=body, timeout=10)
-            assert time.monotonic() - start < 10
+            r = httpx.post(f"{url}gradio_api/call/generate", json=body, timeout=60)
+            assert not release.is_set()
             assert r.status_code == 503 and r.headers["retry-after"] == "30"
             assert r.json()["detail"] == app_module.BUSY_MESSAGE
             assert "busy" in app_module.BUSY_MESSAGE and "try again" in app_module.BUSY_MESSAGE

@@ -3,6 +3,7 @@
 
 import ast
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -221,23 +222,66 @@ json_values = st.recursive(
     max_leaves=8,
 )
 concept_strategy = st.dictionaries(st.sampled_from(api.CONCEPT_KEYS + ("bogus",)), json_values, max_size=5)
-request_strategy = st.fixed_dictionaries({}, optional={
-    "prompt": st.text(max_size=30) | json_values,
-    "concepts": st.lists(concept_strategy, max_size=4) | json_values,
-    **{k: json_values | st.integers(0, 64) | st.floats(0, 64) for k in
-       ("seed", "steps", "guidance_scale", "width", "height", "momentum_scale", "momentum_beta")},
-})
+
+def field_strategy(p: api.Param, image: str) -> st.SearchStrategy:
+    """Any JSON for one field, plus values of its own kind (so that valid requests are drawn too)."""
+    own = {
+        "text": st.text(max_size=30) | st.sampled_from(list(api.SCHEDULERS)),
+        "json": st.lists(concept_strategy, max_size=4),
+        "int": st.integers(0, 64),
+        "float": st.floats(0, 64),
+        # the uploaded file, by path or as gradio's file data, or somewhere it may not be read from
+        "file": st.sampled_from([image, {"path": image}, {"path": image, "orig_name": "a.png"}, "/etc/passwd"]),
+    }[p.kind]
+    return own | json_values
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(raw=request_strategy)
-def test_any_payload_is_accepted_or_gets_the_documented_error(tiny, raw):
-    try:
-        p = api.parse_request(tiny, raw, LIMITS)
-    except api.InvalidInput as exc:
-        assert str(exc)  # a message, never a crash of another kind
-        return
-    assert p.prompt.strip() and 1 <= p.steps <= LIMITS.max_steps and len(p.concepts) <= LIMITS.max_concepts
+@pytest.fixture(scope="module")
+def upload(tmp_path_factory) -> str:
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("uploads")
+    Image.new("RGBA", (24, 20), (200, 30, 30, 128)).save(folder / "a.png")
+    return str(folder / "a.png")
+
+
+def request_strategy(endpoint: str, image: str) -> st.SearchStrategy:
+    """Requests with any subset of the endpoint's fields, each any JSON value or one of its own kind."""
+    return st.fixed_dictionaries({}, optional={p.name: field_strategy(p, image) for p in api.ENDPOINTS[endpoint]})
+
+
+@pytest.mark.parametrize("endpoint", ["generate", "edit"])
+def test_any_payload_is_accepted_or_gets_the_documented_error(tiny, upload, endpoint):
+    # Every field of the endpoint is drawn (request_strategy reads them from the declarations).
+    names = tuple(p.name for p in api.ENDPOINTS[endpoint])
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(raw=request_strategy(endpoint, upload))
+    def check(raw):
+        try:
+            p = api.parse_request(tiny, raw, LIMITS, endpoint, upload_roots=(str(Path(upload).parent),))
+        except api.InvalidInput as exc:
+            # a message that names a field of the request (or says what is required), never another crash
+            assert str(exc).startswith(names), str(exc)
+            return
+        assert 1 <= p.steps <= LIMITS.max_steps and len(p.concepts) <= LIMITS.max_concepts
+        assert p.prompt.strip() if endpoint == "generate" else max(p.image.image.size) == tiny.native_size
+
+    check()
+
+
+ODD_VALUES = [[1], {}, [[1, [2]], {}], {"a": [1], "path": {}}, True, False]
+
+
+@pytest.mark.parametrize("endpoint", ["generate", "edit"])
+@pytest.mark.parametrize("odd", ODD_VALUES, ids=repr)
+def test_odd_types_in_any_field_get_an_error_naming_it(tiny, upload, endpoint, odd):
+    # Unhashable values (lists, objects), nested lists and bools where numbers or names go.
+    valid = {"generate": {"prompt": "a red circle"}, "edit": {"image": upload}}[endpoint]
+    for p in api.ENDPOINTS[endpoint]:
+        with pytest.raises(api.InvalidInput) as info:
+            api.parse_request(tiny, {**valid, p.name: odd}, LIMITS, endpoint, upload_roots=(str(Path(upload).parent),))
+        assert str(info.value).startswith(p.name), (p.name, str(info.value))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,11 +297,48 @@ def test_generate_returns_both_images_and_the_used_parameters(tiny):
     assert r.used == {**p.to_json(), "notices": [], "summary": r.summary, "cache_hit": False} and r.used["seed"] == 3
     assert api.params_from_json(tiny, r.used, LIMITS) == p
     assert "+'blue'" in r.summary and "seed 3" in r.summary
-    # The same request again: the same pair; the plain run comes from the re-edit cache.
+    # The same request again: the same pair, computed again in one pass (the app does not use the re-edit cache).
     r2 = service.generate(tiny, p)
-    assert r2.cache_hit
+    assert not r2.cache_hit
     assert np.array_equal(np.asarray(r.original), np.asarray(r2.original))
     assert np.array_equal(np.asarray(r.edited), np.asarray(r2.edited))
+
+
+def test_the_same_request_gives_the_same_pair_whatever_the_caches_hold(tiny):
+    """Cold, warm with another request's entries, warm with the same prompt and seed and other concepts: the
+    very same images, bit for bit (as PNG pixels, and as the floats the service's library call returns)."""
+    pipe = tiny.pipe
+    p = parse(tiny, seed=7, steps=5, momentum_scale=0.3,
+              concepts=[{"prompt": "blue", "warmup": 1, "scale": 8, "threshold": 0.5},
+                        {"prompt": "square", "warmup": 2, "reverse": True}])
+    keywords = p.pipeline_keywords("pipe")
+
+    def answer():
+        r = service.generate(tiny, p)
+        out = pipe(**{name: k.build(pipe) for name, k in keywords.items()}, output_type="np")
+        assert not r.cache_hit and not out.cache_hit
+        return np.asarray(r.original), np.asarray(r.edited), out.original_images, out.images
+
+    def library_call(request):  # a library user's caching call on the same pipeline
+        return pipe(**{name: k.build(pipe) for name, k in request.pipeline_keywords("pipe").items()
+                       if name != "use_reedit_cache"})
+
+    pipe.reedit_cache.clear()
+    pipe.embedding_cache.clear()
+    cold = answer()
+    assert len(pipe.reedit_cache) == 0  # the app's calls neither read nor fill it
+    assert not np.array_equal(cold[2], cold[3])
+    service.generate(tiny, parse(tiny, prompt="a blue square", seed=8, steps=5, concepts=[{"prompt": "red"}]))
+    library_call(parse(tiny, prompt="a green circle", seed=9, steps=5, concepts=[{"prompt": "large", "warmup": 1}]))
+    after_others = answer()
+    other_concepts = parse(tiny, seed=7, steps=5, momentum_scale=0.3, concepts=[{"prompt": "red", "warmup": 3}])
+    service.generate(tiny, other_concepts)
+    library_call(other_concepts)  # the re-edit cache now holds this prompt and seed's run without edits
+    assert library_call(p).cache_hit
+    after_same_prompt = answer()
+    for warm in (after_others, after_same_prompt):
+        for a, b in zip(cold, warm):
+            assert np.array_equal(a, b)
 
 
 def test_generate_without_concepts_gives_the_same_image_twice(tiny):
@@ -306,6 +387,20 @@ def test_client_snippet_is_python_with_every_api_parameter(tiny):
     assert kwargs == p.api_kwargs()
     assert "Client('http://127.0.0.1:9999/')" in client
     assert kwargs["scheduler"] == "Euler"
+
+
+def test_as_code_calls_the_space_or_the_address_the_visitor_used(tiny):
+    assert snippets.app_address("someone/sega", {"host": "10.0.0.1"}, "http://10.0.0.1/") == "someone/sega"
+    join = "gradio_api/queue/join?__theme=dark"
+    assert snippets.app_address(None, {"host": "example.org:8080"}, f"http://example.org:8080/{join}") == \
+        "http://example.org:8080/"
+    assert snippets.app_address(None, {"host": "example.org"}, f"http://example.org/sega/{join}") == \
+        "http://example.org/sega/"
+    proxied = {"Host": "10.0.0.1:7860", "X-Forwarded-Host": "sega.example.com, proxy", "X-Forwarded-Proto": "https"}
+    assert snippets.app_address(None, proxied, f"http://10.0.0.1:7860/{join}") == "https://sega.example.com/"
+    assert snippets.app_address(None, {}, "") == snippets.LOCAL_URL
+    client, _ = snippets.as_code(parse(tiny, seed=1), "someone/sega")
+    assert "client = Client('someone/sega')\n" in client
 
 
 def test_library_snippet_reproduces_the_app_result(tiny_dir, tmp_path, monkeypatch):

@@ -1,0 +1,73 @@
+"""Cheap previews of a run in progress: the clean image that a step's estimate predicts, as RGB.
+
+At step t the model input is z_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps (a_t the scheduler's cumulative alpha; the
+schedulers that keep their latents in sigma units, such as Euler, divide them by sqrt(sigma^2 + 1) for the
+model, which gives the same form), so an estimate predicts the clean latents
+
+    eps-prediction:  x0 = (z_t - sqrt(1 - a_t) eps) / sqrt(a_t)
+    v-prediction:    x0 = sqrt(a_t) z_t - sqrt(1 - a_t) v
+
+and a preview shows x0 either through the model's VAE (exact, costs a decoder call) or through a linear map of
+the latent channels to R, G, B (no network at all), as ComfyUI's latent previews do for Stable Diffusion 1.x:
+the factors are ComfyUI's ``latent_rgb_factors`` of ``SD15`` in ``comfy/latent_formats.py``
+(https://github.com/comfyanonymous/ComfyUI), one row per latent channel, one column per R, G, B, applied to the
+scaled latents (the pipeline's own), the result clamped to [-1, 1].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import PIL.Image
+import torch
+
+# ComfyUI comfy/latent_formats.py, class SD15: latent_rgb_factors (rows: latent channels; columns: R, G, B).
+SD15_LATENT_RGB_FACTORS: tuple[tuple[float, float, float], ...] = (
+    (0.3512, 0.2297, 0.3227),
+    (0.3250, 0.4974, 0.2350),
+    (-0.2829, 0.1762, 0.2721),
+    (-0.2120, -0.2616, -0.7177),
+)
+
+
+def predicted_original(model_input: torch.Tensor, estimate: torch.Tensor, alpha_prod,
+                       prediction_type: str = "epsilon") -> torch.Tensor:
+    """The clean latents x0 that ``estimate`` predicts from ``model_input`` at cumulative alpha ``alpha_prod``.
+
+    Args:
+        model_input: (B, ch, h, w) the UNet's input z_t (after the scheduler's ``scale_model_input``).
+        estimate: (B, ch, h, w) the (guided) estimate: noise for "epsilon", velocity for "v_prediction".
+        alpha_prod: a_t in (0, 1], a float or a 0-d tensor.
+        prediction_type: "epsilon" or "v_prediction" (the scheduler config's ``prediction_type``).
+    """
+    a = torch.as_tensor(alpha_prod, dtype=torch.float32).to(model_input.device)
+    z, e = model_input.float(), estimate.float()
+    if prediction_type == "v_prediction":
+        return a.sqrt() * z - (1 - a).sqrt() * e
+    if prediction_type != "epsilon":
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    return (z - (1 - a).sqrt() * e) / a.sqrt()
+
+
+def latent_rgb(latents: torch.Tensor, factors=SD15_LATENT_RGB_FACTORS) -> torch.Tensor:
+    """(B, 3, h, w) in [-1, 1]: each pixel's latent channels times ``factors`` (channels x RGB), clamped."""
+    weights = torch.as_tensor(factors, dtype=torch.float32, device=latents.device)
+    if weights.shape != (latents.shape[1], 3):
+        raise ValueError(f"factors must be ({latents.shape[1]}, 3) for {latents.shape[1]} latent channels, "
+                         f"got {tuple(weights.shape)}")
+    return torch.einsum("bchw,cr->brhw", latents.float(), weights).clamp(-1, 1)
+
+
+def to_pil(images: torch.Tensor) -> list[PIL.Image.Image]:
+    """RGB images (B, 3, h, w) in [-1, 1] as PIL images."""
+    array = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [PIL.Image.fromarray(np.ascontiguousarray(a)) for a in array]
+
+
+@torch.no_grad()
+def preview_images(latents: torch.Tensor, vae=None) -> list[PIL.Image.Image]:
+    """Previews of clean latents x0: through ``vae`` (an AutoencoderKL: exact, for small models) or, without
+    one, through :data:`SD15_LATENT_RGB_FACTORS` (a picture at latent resolution, 1/8 of the image's side)."""
+    if vae is None:
+        return to_pil(latent_rgb(latents))
+    decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    return to_pil(decoded)
