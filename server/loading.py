@@ -92,6 +92,14 @@ def pipeline_class(model: str) -> type[SegaPipeline]:
     return SegaXLPipeline if "text_encoder_2" in config else SegaPipeline
 
 
+def pipeline_class_name(model: str) -> str:
+    """The name of :func:`pipeline_class` for ``model`` ("SegaPipeline" when its config cannot be read)."""
+    try:
+        return pipeline_class(model).__name__
+    except Exception:  # e.g. a hub id that is not cached on an offline machine
+        return SegaPipeline.__name__
+
+
 def _load(model: str, device: str, dtype: torch.dtype, safety_checker: bool) -> SegaPipeline:
     cls = pipeline_class(model)
     kwargs: dict = {"dtype": dtype}

@@ -43,6 +43,13 @@ class ModelProfile:
     edit_examples: list = field(default_factory=list)
     # Live previews through the model's VAE (cheap for a small model) instead of a linear map of the latents.
     preview_with_vae: bool = False
+    # GPU time (server.service.gpu_duration): seconds per UNet sample of 512x512 px (scaled by area), headroom
+    # included, and a fixed allowance per request (text encoding, decoding, start-up).
+    gpu_seconds_per_sample: float = 0.04
+    gpu_fixed_seconds: float = 10.0
+    # Limits on a ZeroGPU Space (None: server.params.ZERO_GPU_LIMITS), so that the largest request's
+    # reservation stays within an anonymous visitor's daily quota.
+    zero_gpu_limits: dict | None = None
 
     @property
     def default_preset(self) -> str:
@@ -113,6 +120,15 @@ SDXL_PROFILE = ModelProfile(
     concept_placeholder=SD_PROFILE.concept_placeholder,
     edit_defaults=SDXL_EDIT_DEFAULTS,
     edit_presets=SDXL_EDIT_PRESETS,
+    # An estimate, not a measurement (no GPU has been lent to this project yet; `python -m benchmarks.sdxl
+    # --device cuda` prints the measured figure): an SDXL UNet sample at 1024 px costs about 3.5 times an
+    # SD 1.5 sample at 512 px, i.e. 70 ms for SD's 20 ms, doubled like SD's: 0.14 s per 1024 px sample,
+    # 0.035 per 512 px of area. The fixed part covers two text encoders and float32 VAE decodes at 1024 px.
+    gpu_seconds_per_sample=0.035,
+    gpu_fixed_seconds=15.0,
+    # Largest request on ZeroGPU: /edit, 50 steps, 4 concepts, 1024 px -> 15 + 50 * 10 * 0.14 = 85 s, within
+    # an anonymous visitor's 120 s a day.
+    zero_gpu_limits={"max_steps": 50, "max_size": 1024, "max_concepts": 4},
 )
 
 
