@@ -59,10 +59,14 @@ def test_an_sdxl_folder_loads_with_its_profile_code_and_gpu_time(sdxl_folder):
     assert params.guidance_scale == SDXL_PROFILE.defaults["guidance_scale"] == 5.0
     code = snippets.library_snippet(params)
     assert "from sega import EditConcept, SegaXLPipeline" in code and "SegaXLPipeline.from_pretrained(" in code
-    # GPU time follows the model: an SDXL request reserves more than the same request on SD 1.5.
-    big = api.parse_request(loaded, {"prompt": "a red circle", "steps": 50, "width": 1024, "height": 1024,
-                                     "concepts": [{"prompt": "blue"}]}, limits)
-    assert service.gpu_seconds(big, SDXL_PROFILE) > service.gpu_seconds(big, SD_PROFILE)
+    # GPU time follows the model's costs: its profile's constants, and at native sizes SDXL (1024 px) reserves
+    # more than SD 1.5 (512 px) for the same steps and concepts.
+    request = {"prompt": "a red circle", "steps": 50, "concepts": [{"prompt": "blue"}]}
+    xl = api.parse_request(loaded, {**request, "width": 1024, "height": 1024}, limits)
+    sd = api.parse_request(loaded, {**request, "width": 512, "height": 512}, limits)
+    assert service.gpu_seconds(xl, SDXL_PROFILE) == service.gpu_duration(
+        50, 1, 1024, 1024, per_sample=SDXL_PROFILE.gpu_seconds_per_sample, fixed=SDXL_PROFILE.gpu_fixed_seconds)
+    assert service.gpu_seconds(xl, SDXL_PROFILE) > service.gpu_seconds(sd, SD_PROFILE)
     # On ZeroGPU the SDXL limits allow its native 1024 px, and the largest request stays within an anonymous
     # visitor's daily 120 s.
     zero = api.Limits.from_env({"SPACES_ZERO_GPU": "true"}, SDXL_PROFILE.zero_gpu_limits)
