@@ -21,6 +21,7 @@ from sega.presets import (
     SDXL_EDIT_PRESETS,
     SDXL_PRESETS,
 )
+from sega.previews import SD15_LATENT_RGB_FACTORS, SDXL_LATENT_RGB_BIAS, SDXL_LATENT_RGB_FACTORS
 
 # (label, prompt, concepts as the API takes them, seed)
 Example = tuple[str, str, list[dict], int]
@@ -50,6 +51,9 @@ class ModelProfile:
     # Limits on a ZeroGPU Space (None: server.params.ZERO_GPU_LIMITS), so that the largest request's
     # reservation stays within an anonymous visitor's daily quota.
     zero_gpu_limits: dict | None = None
+    # Latent previews without the VAE: ComfyUI's latent-to-RGB factors for this family (sega.previews).
+    preview_factors: tuple = SD15_LATENT_RGB_FACTORS
+    preview_bias: tuple | None = None
 
     @property
     def default_preset(self) -> str:
@@ -129,6 +133,8 @@ SDXL_PROFILE = ModelProfile(
     # Largest request on ZeroGPU: /edit, 50 steps, 4 concepts, 1024 px -> 15 + 50 * 10 * 0.14 = 85 s, within
     # an anonymous visitor's 120 s a day.
     zero_gpu_limits={"max_steps": 50, "max_size": 1024, "max_concepts": 4},
+    preview_factors=SDXL_LATENT_RGB_FACTORS,
+    preview_bias=SDXL_LATENT_RGB_BIAS,
 )
 
 

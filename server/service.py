@@ -131,7 +131,8 @@ def generate(loaded: LoadedModel, params: GenerationParams,
         # Stop per request by raising here, never with pipe._interrupt: that flag is shared by every request.
         extra = {}
         if every and (i + 1) % every == 0 and i + 1 < n:
-            extra["preview"] = preview_images(tensors["pred_original_sample"][:1], vae)[0]
+            extra["preview"] = preview_images(tensors["pred_original_sample"][:1], vae,
+                                               loaded.profile.preview_factors, loaded.profile.preview_bias)[0]
         report(counted["before"] + i + 1, **extra)
         return {}
 
