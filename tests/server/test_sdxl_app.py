@@ -119,7 +119,9 @@ def test_the_browser_generates_and_edits(sdxl_server, tmp_path):
         page.locator("#edit-image input[type=file]").set_input_files(upload(tmp_path))
         expect(page.locator("#edit-image img").first).to_be_visible(timeout=30_000)
         page.locator("#edit-concept-0-text textarea, #edit-concept-0-text input").first.fill("blue")
+        page.locator("#edit-steps input[type=number]").fill("5")
+        page.locator("#edit-steps input[type=number]").press("Enter")
         page.locator("#edit").click()
         for image in ("#edit-original img", "#edit-edited img"):
-            expect(page.locator(image).first).to_be_visible(timeout=480_000)
+            expect(page.locator(image).first).to_be_visible(timeout=240_000)
         expect(page.locator("#edit-summary")).to_contain_text("+'blue'", timeout=30_000)
