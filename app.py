@@ -38,9 +38,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 # Command-line options only when run as a script: under pytest, sys.argv belongs to pytest.
 ARGS = parse_args(sys.argv[1:] if __name__ == "__main__" else [])
-LIMITS = api.Limits.from_env()
 LOADED = load_pipeline(ARGS.model, safety_checker=not ARGS.no_safety_checker)  # logs a fallback itself
 PROFILE = LOADED.profile
+LIMITS = api.Limits.from_env(zero_gpu_limits=PROFILE.zero_gpu_limits)
 DEFAULTS = api.defaults(LOADED)
 EDIT_DEFAULTS = api.defaults(LOADED, "edit")
 # Every numeric widget's range, step and starting value, from the API's declarations (server/form.py).
@@ -68,7 +68,7 @@ CSS = """
 
 
 def _gpu_seconds(params: api.GenerationParams, stop: gpu.StopSignal | None = None, previews: bool = False) -> int:
-    return service.gpu_seconds(params)
+    return service.gpu_seconds(params, PROFILE)
 
 
 @spaces.GPU(duration=_gpu_seconds)

@@ -9,5 +9,6 @@
 from .concepts import EditConcept
 from .inversion import SegaInversion
 from .pipeline import SegaPipeline, SegaPipelineOutput
+from .pipeline_xl import SegaXLPipeline
 
-__all__ = ["EditConcept", "SegaInversion", "SegaPipeline", "SegaPipelineOutput"]
+__all__ = ["EditConcept", "SegaInversion", "SegaPipeline", "SegaPipelineOutput", "SegaXLPipeline"]

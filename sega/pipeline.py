@@ -138,13 +138,27 @@ class _Denoising:
             self.device_tensors[values] = torch.tensor(values, device=self.momentum.device, dtype=self.momentum.dtype)
         return self.device_tensors[values]
 
-    def layout(self, segments: tuple) -> torch.Tensor:
-        """Embeddings for a UNet batch of segments: "u" unconditional, "p" prompt, int c concept c."""
+    def layout(self, segments: tuple) -> torch.Tensor | dict:
+        """Conditioning for a UNet batch of segments: "u" unconditional, "p" prompt, int c concept c.
+
+        A tensor (the text embeddings), or, where the model takes more conditioning (SDXL), a dict of UNet
+        keyword arguments with a tensor per segment at every leaf, concatenated leaf by leaf."""
         key = ("embeddings", *segments)
         if key not in self.device_tensors:
             emb = self.embeddings
-            self.device_tensors[key] = torch.cat([emb[s] if isinstance(s, str) else emb["c"][s] for s in segments])
+            self.device_tensors[key] = _concat([emb[s] if isinstance(s, str) else _index(emb["c"], s)
+                                                for s in segments])
         return self.device_tensors[key]
+
+
+def _index(value: torch.Tensor | dict, i: int) -> torch.Tensor | dict:
+    return {k: _index(v, i) for k, v in value.items()} if isinstance(value, dict) else value[i]
+
+
+def _concat(values: list) -> torch.Tensor | dict:
+    if isinstance(values[0], dict):
+        return {k: _concat([v[k] for v in values]) for k in values[0]}
+    return torch.cat(values)
 
 
 def _per_concept(value, n: int, name: str) -> list:
@@ -179,6 +193,7 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
     _optional_components = ["safety_checker", "feature_extractor"]
     _exclude_from_cpu_offload = ["safety_checker"]
     _callback_tensor_inputs = ["latents", "pred_original_sample"]
+    default_guidance_scale = 7.5  # StableDiffusionPipeline's
 
     def __init__(
         self,
@@ -319,6 +334,11 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
             weights=[float(w) for w in edit_weights] if edit_weights else [1.0] * n,
         )
 
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Scaled VAE latents (the distribution's mode) of images in [-1, 1]."""
+        x0 = self.vae.encode(pixels.to(device=self._execution_device, dtype=self.vae.dtype)).latent_dist.mode()
+        return x0 * self.vae.config.scaling_factor
+
     def _decode(self, latents: torch.Tensor, dtype):
         image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
         return self.run_safety_checker(image, self._execution_device, dtype)
@@ -376,8 +396,11 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         return prompts, list(negative_prompt)
 
     def encode_prompts(self, prompts: list[str], negative_prompts: list[str], num_images_per_prompt: int,
-                       concepts: _Concepts, use_cache: bool) -> dict[str, torch.Tensor]:
-        """Embeddings in latent batch order: "p" and "u" (batch, seq, dim), "c" concepts (C, batch, seq, dim)."""
+                       concepts: _Concepts, use_cache: bool, height: int | None = None,
+                       width: int | None = None) -> dict[str, torch.Tensor]:
+        """Embeddings in latent batch order: "p" and "u" (batch, seq, dim), "c" concepts (C, batch, seq, dim).
+
+        ``height`` and ``width`` (the image size) are unused here; SDXL's micro-conditioning depends on them."""
         text = self.encode_text(prompts, use_cache).repeat_interleave(num_images_per_prompt, dim=0)
         uncond = self.encode_text(negative_prompts, use_cache).repeat_interleave(num_images_per_prompt, dim=0)
         if concepts.prompts is not None:
@@ -515,7 +538,8 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         if state.masks is not None:
             state.masks.expect(segments, state.batch)
         inputs = torch.cat([z for z, names in parts for _ in names])
-        out = self.unet(inputs, t, encoder_hidden_states=state.layout(segments)).sample
+        cond = state.layout(segments)
+        out = self.unet(inputs, t, **(cond if isinstance(cond, dict) else {"encoder_hidden_states": cond})).sample
         state.unet_calls, state.unet_samples = state.unet_calls + 1, state.unet_samples + out.shape[0]
         return list(out.split(state.batch))
 
@@ -589,7 +613,7 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         if inversion is None:
             native = self.unet.config.sample_size * self.vae_scale_factor
             return (height or native, width or native, 50 if num_inference_steps is None else num_inference_steps,
-                    7.5 if guidance_scale is None else guidance_scale)
+                    self.default_guidance_scale if guidance_scale is None else guidance_scale)
         if not isinstance(inversion, SegaInversion):
             raise ValueError(f"inversion must come from SegaPipeline.invert, got {type(inversion).__name__}")
         for name, value in (("latents", latents), ("scheduler", scheduler)):
@@ -688,13 +712,14 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         if cached is not None:
             return dataclasses.replace(cached, cache_hit=True, unet_calls=0, unet_samples=0)
 
-        # 3. Encode the image and the prompts
-        x0 = self.vae.encode(pixels.to(device=device, dtype=self.vae.dtype)).latent_dist.mode()
-        x0 = (x0 * self.vae.config.scaling_factor).to(dtype)
+        # 3. Encode the image and the prompts (the unconditional one as a call without negative prompt has it)
+        x0 = self.encode_pixels(pixels).to(dtype)
         batch = x0.shape[0]
         do_cfg = source_guidance_scale > 1.0
-        embeddings = {"u": self.encode_text([""], use_cache).expand(batch, -1, -1),
-                      "p": self.encode_text([source_prompt], use_cache).expand(batch, -1, -1)}
+        height, width = pixels.shape[-2:]
+        prompts, negatives = self.check_inputs(source_prompt, None, height, width, num_inference_steps, None, ())
+        embeddings = self.encode_prompts(prompts, negatives, batch, _Concepts(None, None, [], [], [], [], []),
+                                         use_cache, height=height, width=width)
         state = _Denoising(scheduler=scheduler, timesteps=scheduler.timesteps, step_kwargs={}, generator=generator,
                            batch=batch, guidance_scale=source_guidance_scale, edit_cfg=do_cfg, embeddings=embeddings,
                            momentum=torch.zeros_like(x0))
@@ -725,7 +750,6 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
                 tensors = {"latents": xts[k + 1]}
                 callback_on_step_end(self, k, t, {name: tensors[name] for name in callback_on_step_end_tensor_inputs})
 
-        height, width = pixels.shape[-2:]
         inversion = SegaInversion(
             latents=xts[0], noise_maps=torch.stack(zs), image_latents=x0, timesteps=timesteps, scheduler=scheduler,
             source_prompt=source_prompt, source_guidance_scale=float(source_guidance_scale),
@@ -893,8 +917,9 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         self._interrupt = False
 
         # 2. Encode the prompt, the negative prompt and the concepts
-        embeddings = self.encode_prompts(prompts, negative_prompts, num_images_per_prompt, cc, use_cache)
-        dtype = embeddings["p"].dtype
+        embeddings = self.encode_prompts(prompts, negative_prompts, num_images_per_prompt, cc, use_cache,
+                                         height=height, width=width)
+        dtype = self.unet.dtype  # the embeddings' dtype
 
         # 3. Timesteps on a copy of the scheduler (never shared between calls or threads), initial latents
         if inversion is not None and inversion.batch_size != batch:

@@ -27,6 +27,14 @@ SD15_LATENT_RGB_FACTORS: tuple[tuple[float, float, float], ...] = (
     (-0.2829, 0.1762, 0.2721),
     (-0.2120, -0.2616, -0.7177),
 )
+# ComfyUI comfy/latent_formats.py, class SDXL: latent_rgb_factors and latent_rgb_factors_bias.
+SDXL_LATENT_RGB_FACTORS: tuple[tuple[float, float, float], ...] = (
+    (0.3651, 0.4232, 0.4341),
+    (-0.2533, -0.0042, 0.1068),
+    (0.1076, 0.1111, -0.0362),
+    (-0.3165, -0.2492, -0.2188),
+)
+SDXL_LATENT_RGB_BIAS: tuple[float, float, float] = (0.1084, -0.0175, -0.0011)
 
 
 def predicted_original(model_input: torch.Tensor, estimate: torch.Tensor, alpha_prod,
@@ -48,13 +56,17 @@ def predicted_original(model_input: torch.Tensor, estimate: torch.Tensor, alpha_
     return (z - (1 - a).sqrt() * e) / a.sqrt()
 
 
-def latent_rgb(latents: torch.Tensor, factors=SD15_LATENT_RGB_FACTORS) -> torch.Tensor:
-    """(B, 3, h, w) in [-1, 1]: each pixel's latent channels times ``factors`` (channels x RGB), clamped."""
+def latent_rgb(latents: torch.Tensor, factors=SD15_LATENT_RGB_FACTORS, bias=None) -> torch.Tensor:
+    """(B, 3, h, w) in [-1, 1]: each pixel's latent channels times ``factors`` (channels x RGB), plus ``bias``
+    (RGB) if given, clamped."""
     weights = torch.as_tensor(factors, dtype=torch.float32, device=latents.device)
     if weights.shape != (latents.shape[1], 3):
         raise ValueError(f"factors must be ({latents.shape[1]}, 3) for {latents.shape[1]} latent channels, "
                          f"got {tuple(weights.shape)}")
-    return torch.einsum("bchw,cr->brhw", latents.float(), weights).clamp(-1, 1)
+    rgb = torch.einsum("bchw,cr->brhw", latents.float(), weights)
+    if bias is not None:
+        rgb = rgb + torch.as_tensor(bias, dtype=torch.float32, device=latents.device)[None, :, None, None]
+    return rgb.clamp(-1, 1)
 
 
 def to_pil(images: torch.Tensor) -> list[PIL.Image.Image]:
@@ -64,10 +76,12 @@ def to_pil(images: torch.Tensor) -> list[PIL.Image.Image]:
 
 
 @torch.no_grad()
-def preview_images(latents: torch.Tensor, vae=None) -> list[PIL.Image.Image]:
+def preview_images(latents: torch.Tensor, vae=None, factors=SD15_LATENT_RGB_FACTORS,
+                   bias=None) -> list[PIL.Image.Image]:
     """Previews of clean latents x0: through ``vae`` (an AutoencoderKL: exact, for small models) or, without
-    one, through :data:`SD15_LATENT_RGB_FACTORS` (a picture at latent resolution, 1/8 of the image's side)."""
+    one, through ``factors`` and ``bias`` (default SD 1.5's; SDXL: :data:`SDXL_LATENT_RGB_FACTORS` and
+    :data:`SDXL_LATENT_RGB_BIAS`), a picture at latent resolution, 1/8 of the image's side."""
     if vae is None:
-        return to_pil(latent_rgb(latents))
+        return to_pil(latent_rgb(latents, factors, bias))
     decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
     return to_pil(decoded)

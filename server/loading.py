@@ -12,6 +12,7 @@ import torch
 
 from sega.demo.shapes import DEFAULT_MODEL_DIR
 from sega.pipeline import SegaPipeline
+from sega.pipeline_xl import SegaXLPipeline
 
 from .profiles import ModelProfile, min_size, native_size, profile_for
 
@@ -82,12 +83,30 @@ def default_model() -> str:
     return SD_MODEL_ID if gpu_present() else str(DEFAULT_MODEL_DIR)
 
 
+def pipeline_class(model: str) -> type[SegaPipeline]:
+    """:class:`SegaXLPipeline` for an SDXL checkpoint (its model_index.json lists a second text encoder),
+    :class:`SegaPipeline` for Stable Diffusion 1.x/2.x."""
+    from diffusers import DiffusionPipeline
+
+    config = DiffusionPipeline.load_config(model)
+    return SegaXLPipeline if "text_encoder_2" in config else SegaPipeline
+
+
+def pipeline_class_name(model: str) -> str:
+    """The name of :func:`pipeline_class` for ``model`` ("SegaPipeline" when its config cannot be read)."""
+    try:
+        return pipeline_class(model).__name__
+    except Exception:  # e.g. a hub id that is not cached on an offline machine
+        return SegaPipeline.__name__
+
+
 def _load(model: str, device: str, dtype: torch.dtype, safety_checker: bool) -> SegaPipeline:
+    cls = pipeline_class(model)
     kwargs: dict = {"dtype": dtype}
-    if not safety_checker:
+    if cls is SegaPipeline and not safety_checker:  # SDXL checkpoints have no safety checker
         kwargs["safety_checker"] = None
     # from_pretrained takes a hub id or a local folder; never trust_remote_code.
-    pipe = SegaPipeline.from_pretrained(model, **kwargs)
+    pipe = cls.from_pretrained(model, **kwargs)
     return pipe.to(device)
 
 

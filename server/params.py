@@ -89,9 +89,10 @@ class Limits:
     max_image_pixels: int = 50_000_000  # its decoded size (a 50-megapixel photo); bigger is refused unread
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Limits:
+    def from_env(cls, env: Mapping[str, str] | None = None, zero_gpu_limits: Mapping[str, int] | None = None) -> Limits:
+        """``zero_gpu_limits``: the served model's defaults on ZeroGPU (its profile's), else ZERO_GPU_LIMITS."""
         env = os.environ if env is None else env
-        base = cls(**ZERO_GPU_LIMITS) if on_zero_gpu(env) else cls()
+        base = cls(**(zero_gpu_limits or ZERO_GPU_LIMITS)) if on_zero_gpu(env) else cls()
         return cls(
             max_steps=_env_int(env, "SEGA_MAX_STEPS", base.max_steps),
             max_size=_env_int(env, "SEGA_MAX_SIZE", base.max_size),

@@ -12,7 +12,16 @@ from sega.demo.editing import DEMO_EDIT_DEFAULTS, DEMO_EDIT_EXAMPLES, DEMO_EDIT_
 from sega.demo.presets import DEMO_DEFAULTS, DEMO_EXAMPLES, DEMO_PRESETS
 from sega.demo.shapes import BACKGROUNDS, COLORS, SHAPES, SIZES, VOCAB_WORDS
 from sega.pipeline import SegaPipeline
-from sega.presets import SD_DEFAULTS, SD_PRESETS
+from sega.pipeline_xl import SegaXLPipeline
+from sega.presets import (
+    SD_DEFAULTS,
+    SD_PRESETS,
+    SDXL_DEFAULTS,
+    SDXL_EDIT_DEFAULTS,
+    SDXL_EDIT_PRESETS,
+    SDXL_PRESETS,
+)
+from sega.previews import SD15_LATENT_RGB_FACTORS, SDXL_LATENT_RGB_BIAS, SDXL_LATENT_RGB_FACTORS
 
 # (label, prompt, concepts as the API takes them, seed)
 Example = tuple[str, str, list[dict], int]
@@ -35,6 +44,16 @@ class ModelProfile:
     edit_examples: list = field(default_factory=list)
     # Live previews through the model's VAE (cheap for a small model) instead of a linear map of the latents.
     preview_with_vae: bool = False
+    # GPU time (server.service.gpu_duration): seconds per UNet sample of 512x512 px (scaled by area), headroom
+    # included, and a fixed allowance per request (text encoding, decoding, start-up).
+    gpu_seconds_per_sample: float = 0.04
+    gpu_fixed_seconds: float = 10.0
+    # Limits on a ZeroGPU Space (None: server.params.ZERO_GPU_LIMITS), so that the largest request's
+    # reservation stays within an anonymous visitor's daily quota.
+    zero_gpu_limits: dict | None = None
+    # Latent previews without the VAE: ComfyUI's latent-to-RGB factors for this family (sega.previews).
+    preview_factors: tuple = SD15_LATENT_RGB_FACTORS
+    preview_bias: tuple | None = None
 
     @property
     def default_preset(self) -> str:
@@ -95,6 +114,30 @@ SD_PROFILE = ModelProfile(
 )
 
 
+SDXL_PROFILE = ModelProfile(
+    name="stable-diffusion-xl",
+    presets=SDXL_PRESETS,
+    defaults=SDXL_DEFAULTS,
+    examples=SD_PROFILE.examples,
+    intro=SD_PROFILE.intro + " Stable Diffusion XL works best at {size}×{size} px.",
+    prompt_placeholder=SD_PROFILE.prompt_placeholder,
+    concept_placeholder=SD_PROFILE.concept_placeholder,
+    edit_defaults=SDXL_EDIT_DEFAULTS,
+    edit_presets=SDXL_EDIT_PRESETS,
+    # An estimate, not a measurement (no GPU has been lent to this project yet; `python -m benchmarks.sdxl
+    # --device cuda` prints the measured figure): an SDXL UNet sample at 1024 px costs about 3.5 times an
+    # SD 1.5 sample at 512 px, i.e. 70 ms for SD's 20 ms, doubled like SD's: 0.14 s per 1024 px sample,
+    # 0.035 per 512 px of area. The fixed part covers two text encoders and float32 VAE decodes at 1024 px.
+    gpu_seconds_per_sample=0.035,
+    gpu_fixed_seconds=15.0,
+    # Largest request on ZeroGPU: /edit, 50 steps, 4 concepts, 1024 px -> 15 + 50 * 10 * 0.14 = 85 s, within
+    # an anonymous visitor's 120 s a day.
+    zero_gpu_limits={"max_steps": 50, "max_size": 1024, "max_concepts": 4},
+    preview_factors=SDXL_LATENT_RGB_FACTORS,
+    preview_bias=SDXL_LATENT_RGB_BIAS,
+)
+
+
 def is_demo_model(pipe: SegaPipeline) -> bool:
     """The bundled shapes model (or a copy of it, e.g. a training checkpoint) has its own tiny vocabulary."""
     vocab = pipe.tokenizer.get_vocab()
@@ -102,7 +145,9 @@ def is_demo_model(pipe: SegaPipeline) -> bool:
 
 
 def profile_for(pipe: SegaPipeline) -> ModelProfile:
-    """The demo model's profile for the bundled model, Stable Diffusion's for every other checkpoint."""
+    """The demo model's profile for the bundled model, SDXL's for SDXL, Stable Diffusion's for the others."""
+    if isinstance(pipe, SegaXLPipeline):
+        return SDXL_PROFILE
     return DEMO_PROFILE if is_demo_model(pipe) else SD_PROFILE
 
 

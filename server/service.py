@@ -25,6 +25,7 @@ from sega.previews import preview_images
 from .images import mask_to_data_url
 from .loading import LoadedModel
 from .params import GenerationParams
+from .profiles import ModelProfile
 
 
 class GenerationStopped(Exception):
@@ -132,7 +133,8 @@ def generate(loaded: LoadedModel, params: GenerationParams,
         # Stop per request by raising here, never with pipe._interrupt: that flag is shared by every request.
         extra = {}
         if every and (i + 1) % every == 0 and i + 1 < n:
-            extra["preview"] = preview_images(tensors["pred_original_sample"][:1], vae)[0]
+            extra["preview"] = preview_images(tensors["pred_original_sample"][:1], vae,
+                                               loaded.profile.preview_factors, loaded.profile.preview_bias)[0]
         report(counted["before"] + i + 1, **extra)
         return {}
 
@@ -179,24 +181,29 @@ def concept_masks(concepts, edit_masks) -> list[dict]:
             for i, c in enumerate(concepts)]
 
 
-def gpu_duration(steps: int, n_concepts: int, width: int, height: int, inversion: bool = False) -> int:
+def gpu_duration(steps: int, n_concepts: int, width: int, height: int, inversion: bool = False,
+                 per_sample: float = 0.04, fixed: float = 10.0) -> int:
     """Seconds to reserve on a ZeroGPU Space for one request (``@spaces.GPU(duration=...)``).
 
     Per step the UNet sees 2 samples for the image without edits and 2 + n_concepts for the edited one
     (fewer before the first warmup ends), and an inversion 2 more (source prompt and unconditional); about
     20 ms per 512x512 sample on a ZeroGPU H200 in fp16, doubled for headroom, plus a fixed allowance for text
-    encoding, decoding, the safety checker and start-up.
+    encoding, decoding, the safety checker and start-up. ``per_sample`` and ``fixed`` are the model's
+    (:class:`server.profiles.ModelProfile`; SD 1.5's by default).
     """
     samples_per_step = 2 + (2 + n_concepts if n_concepts else 0) + (2 if inversion else 0)
     area = max(width * height / 512**2, 1 / 16)
-    estimate = 10 + steps * samples_per_step * 0.04 * area
+    estimate = fixed + steps * samples_per_step * per_sample * area
     return int(min(max(math.ceil(estimate), 15), 300))
 
 
-def gpu_seconds(params: GenerationParams) -> int:
-    """:func:`gpu_duration` for a request of either endpoint (an edit runs the steps that skip leaves)."""
+def gpu_seconds(params: GenerationParams, profile: ModelProfile | None = None) -> int:
+    """:func:`gpu_duration` for a request of either endpoint (an edit runs the steps that skip leaves), with
+    the served model's costs (``profile``; SD 1.5's when None)."""
+    cost = {} if profile is None else {"per_sample": profile.gpu_seconds_per_sample,
+                                       "fixed": profile.gpu_fixed_seconds}
     if params.endpoint == "edit":
         width, height = params.image.image.size
         steps = performed_steps(params.steps, params.skip)
-        return gpu_duration(steps, len(params.concepts), width, height, inversion=True)
-    return gpu_duration(params.steps, len(params.concepts), params.width, params.height)
+        return gpu_duration(steps, len(params.concepts), width, height, inversion=True, **cost)
+    return gpu_duration(params.steps, len(params.concepts), params.width, params.height, **cost)

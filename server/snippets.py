@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 from sega.demo.shapes import DEFAULT_MODEL_DIR
 
+from .loading import pipeline_class_name
 from .params import GenerationParams, Keyword
 
 
@@ -78,14 +79,15 @@ def library_snippet(params: GenerationParams) -> str:
     """The ``sega`` library call(s) that return the same images (on the same device and dtype)."""
     invert, pipe = params.pipeline_keywords("invert"), params.pipeline_keywords("pipe")
     bundled = params.model in ("", str(DEFAULT_MODEL_DIR))
-    imports = {"import torch", "from sega import SegaPipeline"}
+    cls = "SegaPipeline" if bundled else pipeline_class_name(params.model)
+    imports = {"import torch", f"from sega import {cls}"}
     for keyword in (*invert.values(), *pipe.values()):
         imports.update(keyword.imports)
     if bundled:
         imports.add("from sega.demo.shapes import DEFAULT_MODEL_DIR")
     if "from sega import EditConcept" in imports:
-        imports -= {"from sega import EditConcept", "from sega import SegaPipeline"}
-        imports.add("from sega import EditConcept, SegaPipeline")
+        imports -= {"from sega import EditConcept", f"from sega import {cls}"}
+        imports.add(f"from sega import EditConcept, {cls}")
     # isort order: plain imports before from-imports, third-party before ours
     third_party = sorted((i for i in imports if "sega" not in i), key=lambda i: (i.startswith("from"), i))
     ours = sorted(i for i in imports if "sega" in i)
@@ -99,7 +101,7 @@ def library_snippet(params: GenerationParams) -> str:
     return (
         "\n".join(third_party) + "\n\n" + "\n".join(ours) + "\n\n"
         "# float32 on the CPU; on a GPU use dtype=torch.float16 and pipe.to(\"cuda\") (as the app does there)\n"
-        f"pipe = SegaPipeline.from_pretrained({model_expr}, dtype=torch.float32)\n"
+        f"pipe = {cls}.from_pretrained({model_expr}, dtype=torch.float32)\n"
         f"{calls}"
         f'out.original_images[0].save("{first}.png")\n'
         'out.images[0].save("edited.png")\n'

@@ -62,3 +62,15 @@ def test_the_pipeline_hands_its_step_callback_the_predicted_clean_latents():
     side = 8 * pipe.vae_scale_factor  # the tiny VAE's images
     assert len(images) == 1 and images[0].size == (side, side)
     assert preview_images(seen[-1])[0].size == (8, 8)  # the linear map: latent resolution
+
+
+def test_sdxl_previews_add_comfyuis_bias():
+    from sega.previews import SDXL_LATENT_RGB_BIAS, SDXL_LATENT_RGB_FACTORS
+
+    zeros = torch.zeros(1, 4, 2, 2)
+    rgb = latent_rgb(zeros, SDXL_LATENT_RGB_FACTORS, SDXL_LATENT_RGB_BIAS)
+    torch.testing.assert_close(rgb[0, :, 0, 0], torch.tensor(SDXL_LATENT_RGB_BIAS))
+    one = torch.zeros(1, 4, 1, 1)
+    one[0, 0] = 1.0  # the first channel alone: its row of factors plus the bias
+    want = torch.tensor(SDXL_LATENT_RGB_FACTORS[0]) + torch.tensor(SDXL_LATENT_RGB_BIAS)
+    torch.testing.assert_close(latent_rgb(one, SDXL_LATENT_RGB_FACTORS, SDXL_LATENT_RGB_BIAS)[0, :, 0, 0], want)
