@@ -302,6 +302,20 @@ class Served:
         staging.write_text(json.dumps(values))
         os.replace(staging, self.control_file)  # whole: a run may be reading it (a hold) at any moment
 
+    def wait_until_every_gpu_is_released(self, timeout: float = 300) -> None:
+        """Until every GPU granted so far has been released: a run that an earlier test stopped or abandoned
+        may still hold one, and a call scheduled meanwhile gets another GPU, so another worker (spaces keeps
+        one worker per GPU index). Ordering by the log, not by time."""
+        deadline = time.monotonic() + timeout
+        while True:
+            events = self.events()
+            granted = sum(e["event"] == "schedule" and not e.get("refuse") for e in events)
+            if granted == sum(e["event"] == "release" for e in events):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{granted} GPUs granted, not all released after {timeout} s")
+            time.sleep(0.05)
+
 
 @contextmanager
 def serve_app(folder: Path, zero_gpu: bool, env: dict[str, str] | None = None,
