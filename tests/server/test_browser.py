@@ -293,9 +293,11 @@ def test_each_preset_of_a_row_generates(server):
         for name, values in DEMO_PROFILE.presets.items():
             pick_preset(page, "concept-0", name)
             expect_row(page, "concept-0", {"prompt": "blue", "preset": name}, "generate")
-            run(page, "#generate")
-            assert f"+'blue' (scale {values['scale']:g}, threshold {values['threshold']:g}, from step " \
-                   f"{values['warmup']})" in page.locator("#summary").inner_text()
+            seed = run(page, "#generate")
+            # the summary follows from the run's JSON (its own event): wait for this run's
+            expect(page.locator("#summary")).to_contain_text(f"seed {seed}", timeout=30_000)
+            expect(page.locator("#summary")).to_contain_text(
+                f"+'blue' (scale {values['scale']:g}, threshold {values['threshold']:g}, from step {values['warmup']})")
 
 
 def test_each_preset_of_an_edit_row_edits(server):
@@ -316,9 +318,10 @@ def test_each_preset_of_an_edit_row_edits(server):
         for name, values in DEMO_PROFILE.edit_presets.items():
             pick_preset(page, "edit-concept-0", name)
             expect_row(page, "edit-concept-0", {"prompt": "blue", "preset": name}, "edit")
-            run(page, "#edit", "edit-")
-            assert f"+'blue' (scale {values['scale']:g}, threshold {values['threshold']:g}, from step " \
-                   f"{values['warmup']})" in page.locator("#edit-summary").inner_text()
+            seed = run(page, "#edit", "edit-")
+            expect(page.locator("#edit-summary")).to_contain_text(f"seed {seed}", timeout=30_000)
+            expect(page.locator("#edit-summary")).to_contain_text(
+                f"+'blue' (scale {values['scale']:g}, threshold {values['threshold']:g}, from step {values['warmup']})")
 
 
 def test_a_transparent_upload_is_edited_on_white_as_over_the_api(server, tmp_path):
@@ -407,4 +410,4 @@ def test_edit_this_image_sends_the_result_and_its_prompt_to_the_edit_tab(server,
         run(page, "#edit", "edit-")
         page.get_by_text("As code").last.click()
         expect(page.locator("#edit-client-code")).to_contain_text("Client('someone/sega')")
-        assert "your image 32×32 px" in page.locator("#edit-summary").inner_text()
+        expect(page.locator("#edit-summary")).to_contain_text("your image 32×32 px")
