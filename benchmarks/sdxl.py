@@ -34,7 +34,7 @@ from sega.concepts import EditConcept
 from sega.demo.shapes import build_tokenizer
 from sega.pipeline_xl import SegaXLPipeline
 
-from .speed import DTYPES, Counters, measure
+from .speed import DTYPES, Counters, measure, measure_interleaved
 
 CONFIG_DIR = Path(__file__).resolve().parent / "sdxl_random"
 MODEL_NAME = "sdxl-random"
@@ -100,8 +100,8 @@ def compare(ours: SegaXLPipeline, device: torch.device, size: int, steps: int, c
     ours(**{**common, "num_inference_steps": 1}, generator=gen(), use_cache=False)
 
     results = {}
-    r = measure(lambda: ref(**common, generator=gen()), device, repeats, counters)
-    o = measure(lambda: ours(**common, generator=gen(), use_cache=False), device, repeats, counters)
+    r, o = measure_interleaved(lambda: ref(**common, generator=gen()),
+                               lambda: ours(**common, generator=gen(), use_cache=False), device, repeats, counters)
     results["plain"] = (r, o)
     print(f"  done: no concepts, reference {r['seconds']:.2f} s, ours {o['seconds']:.2f} s", flush=True)
     for k in concepts:
