@@ -1,6 +1,8 @@
 """The app as on a ZeroGPU Space: ``python app.py`` with the installed ``spaces`` package's real ZeroGPU code (a
 forked worker per GPU call), its scheduler and CUDA faked on this CPU (tests/zerogpu.py)."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -153,6 +155,15 @@ def test_progress_reaches_the_browser_from_the_worker(space):
         done = int(text.split("/")[0])
         assert done >= 1
         page.locator("#stop").click()
+        # The next test starts once this run has ended and its GPU is released (else ZeroGPU, emulated, hands
+        # the next call another GPU, hence another worker).
+        deadline = time.monotonic() + 300
+        while not any(e["event"] == "run_end" and e["seed"] == 21 for e in space.events(mark)):
+            assert time.monotonic() < deadline, "the stopped run did not end"
+            time.sleep(0.05)
+        while space.events(mark)[-1]["event"] != "release":
+            assert time.monotonic() < deadline, "the stopped run's GPU was not released"
+            time.sleep(0.05)
 
 
 def test_zerogpu_defaults_keep_the_largest_request_within_an_anonymous_visitors_quota():
