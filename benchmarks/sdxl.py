@@ -34,7 +34,7 @@ from sega.concepts import EditConcept
 from sega.demo.shapes import build_tokenizer
 from sega.pipeline_xl import SegaXLPipeline
 
-from .speed import DTYPES, Counters, measure, measure_interleaved
+from .speed import DTYPES, Counters, Timing, measure_interleaved
 
 CONFIG_DIR = Path(__file__).resolve().parent / "sdxl_random"
 MODEL_NAME = "sdxl-random"
@@ -100,15 +100,18 @@ def compare(ours: SegaXLPipeline, device: torch.device, size: int, steps: int, c
     ours(**{**common, "num_inference_steps": 1}, generator=gen(), use_cache=False)
 
     results = {}
+    # Interleaved (alternating which goes first), so that a slow spell of a shared machine hits both.
     r, o = measure_interleaved(lambda: ref(**common, generator=gen()),
                                lambda: ours(**common, generator=gen(), use_cache=False), device, repeats, counters)
     results["plain"] = (r, o)
     print(f"  done: no concepts, reference {r['seconds']:.2f} s, ours {o['seconds']:.2f} s", flush=True)
     for k in concepts:
         edits = [EditConcept(CONCEPTS[i % len(CONCEPTS)], scale=5.0, threshold=0.95, warmup=0) for i in range(k)]
-        results[k] = measure(lambda edits=edits: ours(**common, generator=gen(), concepts=edits, use_cache=False,
-                                                      edit_momentum_scale=0.3, edit_mom_beta=0.6),
-                             device, repeats, counters)
+        timing = Timing()
+        for _ in range(repeats):
+            timing.run(lambda edits=edits: ours(**common, generator=gen(), concepts=edits, use_cache=False,
+                                                edit_momentum_scale=0.3, edit_mom_beta=0.6), device, counters)
+        results[k] = timing.summary()
         print(f"  done: {k} concept(s), {results[k]['seconds']:.2f} s", flush=True)
 
     print()

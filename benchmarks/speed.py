@@ -171,14 +171,6 @@ class Timing:
                 "outside_share": statistics.median(self.shares), "all_seconds": list(self.times)}
 
 
-def measure(fn: Callable[[], object], device: torch.device, repeats: int, counters: Counters) -> dict:
-    """One side alone, ``repeats`` times (see :class:`Timing`); for a comparison, :func:`measure_interleaved`."""
-    timing = Timing()
-    for _ in range(repeats):
-        timing.run(fn, device, counters)
-    return timing.summary()
-
-
 def measure_interleaved(ref_fn: Callable[[], object], ours_fn: Callable[[], object], device: torch.device,
                         repeats: int, counters: Counters,
                         ours_before: Callable[[], None] | None = None) -> tuple[dict, dict]:
