@@ -14,6 +14,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+import torch
 
 from sega import SegaPipeline
 from server import loading, profiles, service
@@ -156,16 +157,27 @@ def test_the_reedit_and_embedding_caches_stay_within_their_bounds():
     pipe.set_progress_bar_config(disable=True)
     loaded = loading.LoadedModel(pipe=pipe, model_id="tiny", profile=profiles.DEMO_PROFILE, fallback_reason=None, device="cpu")
     words = ["red", "green", "blue", "yellow", "circle", "square", "triangle", "large", "small"]
-    sizes = []
+    embeddings = []
     for i, word in enumerate(words):
         params = api.parse_request(loaded, {"prompt": f"a {word} shape", "seed": i, "steps": 2,
                                                 "concepts": [{"prompt": words[-1 - i], "warmup": 1}]})
         service.generate(loaded, params)
-        sizes.append((len(pipe.reedit_cache), len(pipe.embedding_cache)))
-    assert max(s for s, _ in sizes) == 2 and max(e for _, e in sizes) == 5  # filled up, never beyond
-    # The last request's run is still cached: an eviction drops the oldest entries.
-    again = service.generate(loaded, params)
-    assert again.cache_hit
+        embeddings.append(len(pipe.embedding_cache))
+    assert max(embeddings) == 5  # filled up, never beyond
+    # The app computes the pair in one pass and never fills the re-edit cache (it would only hold memory).
+    assert len(pipe.reedit_cache) == 0
+    # Library callers do use it: it fills up to its bound, and an eviction drops the oldest entries.
+    def run(i: int, **kw):
+        return pipe(f"a {words[i]} shape", num_inference_steps=2, height=32, width=32, output_type="np",
+                    generator=torch.Generator().manual_seed(i), return_original=True, **kw)
+
+    sizes = []
+    for i in range(4):
+        run(i)
+        sizes.append(len(pipe.reedit_cache))
+    assert sizes == [1, 2, 2, 2]
+    assert run(3, concepts=[{"prompt": "small"}]).cache_hit
+    assert not run(0, concepts=[{"prompt": "small"}]).cache_hit
 
 
 def test_the_served_pipeline_has_bounded_caches(app_module):
