@@ -1,6 +1,9 @@
 """SEGA: semantic guidance for Stable Diffusion, as a Gradio app (UI and event wiring; the rest is in server/ and sega/).
 
-    python app.py [--model HUB_ID_OR_FOLDER] [--no-safety-checker] [--host 127.0.0.1] [--port 7860]
+    python app.py [--model HUB_ID_OR_FOLDER ...] [--no-safety-checker] [--host 127.0.0.1] [--port 7860]
+
+``--model`` repeated (or ``SEGA_MODELS``, comma-separated) serves several models: the first is the default, the
+page shows a model choice, and /generate and /edit take ``model``.
 """
 
 import spaces  # noqa: I001  first: on a ZeroGPU Space it must patch CUDA before torch initialises it
@@ -21,15 +24,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server import form, gpu, service, snippets
 from server.images import mask_overlays
 from server import params as api
-from server.loading import load_pipeline
+from server.loading import LoadedModel, load_models
 
 logger = logging.getLogger("sega.app")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="SEGA semantic guidance demo")
-    parser.add_argument("--model", default=None,
-                        help="hub id or local folder (default: $SEGA_MODEL, else SD 1.5 on a GPU, the demo model on CPU)")
+    parser.add_argument("--model", action="append", default=None,
+                        help="hub id or local folder; repeat it to serve several, the first being the default "
+                             "(default: $SEGA_MODELS, comma-separated, else $SEGA_MODEL, else SD 1.5 on a GPU, "
+                             "the demo model on a CPU)")
     parser.add_argument("--no-safety-checker", action="store_true", help="turn the safety checker off (local use)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
@@ -38,18 +43,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 # Command-line options only when run as a script: under pytest, sys.argv belongs to pytest.
 ARGS = parse_args(sys.argv[1:] if __name__ == "__main__" else [])
-LOADED = load_pipeline(ARGS.model, safety_checker=not ARGS.no_safety_checker)  # logs a fallback itself
+# The served models by the id requests name them with; the first is the default (each logs its own fallback).
+MODELS: dict[str, LoadedModel] = load_models(ARGS.model, safety_checker=not ARGS.no_safety_checker)
+LOADED = next(iter(MODELS.values()))  # the default model
 PROFILE = LOADED.profile
-LIMITS = api.Limits.from_env(zero_gpu_limits=PROFILE.zero_gpu_limits)
+# Each model's limits (on ZeroGPU its profile's defaults), read per request.
+LIMITS: dict[str, api.Limits] = {model_id: api.limits_for(loaded) for model_id, loaded in MODELS.items()}
 DEFAULTS = api.defaults(LOADED)
-EDIT_DEFAULTS = api.defaults(LOADED, "edit")
-# Every numeric widget's range, step and starting value, from the API's declarations (server/form.py).
-FORM = form.settings(LOADED, LIMITS)
-EDIT_FORM = form.settings(LOADED, LIMITS, "edit")
-MAX_ROWS = LIMITS.max_concepts
-# Cached example results belong to one set of weights: another model (or a retrained one) gets its own folder.
-os.environ.setdefault("GRADIO_EXAMPLES_CACHE", os.path.join(".gradio", "cached_examples",
-                                                            service.model_fingerprint(LOADED)))
+# Cached example results belong to one set of weights: other models (or a retrained one) get their own folder.
+os.environ.setdefault("GRADIO_EXAMPLES_CACHE", os.path.join(
+    ".gradio", "cached_examples", "-".join(service.model_fingerprint(loaded) for loaded in MODELS.values())))
 QUEUE_SIZE, CONCURRENCY = api.queue_settings()  # SEGA_QUEUE_SIZE, SEGA_CONCURRENCY
 # What an API caller gets when the queue is full (gradio's browser client says "This application is currently
 # busy. Please try again.", gradio_client "Queue is full! Please try again.").
@@ -68,7 +71,7 @@ CSS = """
 
 
 def _gpu_seconds(params: api.GenerationParams, stop: gpu.StopSignal | None = None, previews: bool = False) -> int:
-    return service.gpu_seconds(params, PROFILE)
+    return service.gpu_seconds(params, MODELS[params.model].profile)
 
 
 @spaces.GPU(duration=_gpu_seconds)
@@ -76,12 +79,12 @@ def run_on_gpu(params: api.GenerationParams, stop: gpu.StopSignal | None = None,
                previews: bool = False) -> Iterator[gpu.Step | gpu.Stopped | service.GenerationResult]:
     # A generator of steps (some with a preview image), then the result (server.gpu); on ZeroGPU it runs in a
     # worker process, which sees ``stop`` (a file) at the end of every step. Takes only picklable arguments.
-    yield from gpu.denoise(LOADED, params, stop, previews)
+    yield from gpu.denoise(MODELS[params.model], params, stop, previews)
 
 
 def _parse(raw: dict, endpoint: str) -> api.GenerationParams:
     try:
-        return api.parse_request(LOADED, raw, LIMITS, endpoint, upload_roots=_upload_roots())
+        return api.parse_request(MODELS, raw, LIMITS, endpoint, upload_roots=_upload_roots())
     except api.InvalidInput as exc:
         raise gr.Error(str(exc), title="Invalid input", print_exception=False) from None
 
@@ -113,7 +116,8 @@ def _run(raw: dict, request: gr.Request | None, endpoint: str = "generate",
 
 def _upload_roots() -> tuple[str, ...]:
     """Where an uploaded image may be read from: gradio's upload cache, and the examples' own folder."""
-    return (demo.GRADIO_CACHE, *{os.path.dirname(path) for _, path, *_ in PROFILE.edit_examples})
+    return (demo.GRADIO_CACHE, *{os.path.dirname(path) for loaded in MODELS.values()
+                                 for _, path, *_ in loaded.profile.edit_examples})
 
 
 def generate_api(request: gr.Request, **raw):
@@ -220,7 +224,7 @@ def show_details(used, request: gr.Request) -> tuple[str, str, str]:
         used = used.model_dump()
     if not used:
         return "", "", ""
-    client_code, library_code = snippets.as_code(api.params_from_json(LOADED, used, LIMITS), app_address(request))
+    client_code, library_code = snippets.as_code(api.params_from_json(MODELS, used, LIMITS), app_address(request))
     return used.get("summary", ""), client_code, library_code
 
 
@@ -232,9 +236,9 @@ def show_masks(used, edited: str | None):
     return gr.Gallery(value=items or None, visible=bool(items))
 
 
-def mask_choice(endpoint: str, elem_id: str) -> gr.Radio:
-    """The "mask" parameter's control, from its declaration (choices, default of the endpoint)."""
-    return gr.Radio(list(api.MASK_MODES), value=api.defaults(LOADED, endpoint)["mask"], elem_id=elem_id,
+def mask_choice(loaded: LoadedModel, endpoint: str, elem_id: str) -> gr.Radio:
+    """The "mask" parameter's control, from its declaration (choices, default of the model and endpoint)."""
+    return gr.Radio(list(api.MASK_MODES), value=api.defaults(loaded, endpoint)["mask"], elem_id=elem_id,
                     label="Masks (LEDITS++): where each concept may edit",
                     info="none: SEGA's threshold per latent channel; cross-attention: only where the concept's "
                          "words attend (the threshold is the share of that map left out); intersect: there and "
@@ -297,23 +301,25 @@ class ConceptRow:
 
 
 class ConceptRows:
-    """Up to MAX_ROWS concept rows with add/remove buttons, presets and a cooldown/weight switch.
+    """Up to the model's most concepts in rows, with add/remove buttons, presets and a cooldown/weight switch.
 
     ``prefix`` keeps element ids apart when several tabs each have their rows.
     """
 
-    def __init__(self, prefix: str = "concept", endpoint: str = "generate"):
-        self.endpoint = endpoint
-        presets = PROFILE.presets_for(endpoint)
+    def __init__(self, loaded: LoadedModel, prefix: str = "concept", endpoint: str = "generate"):
+        self.endpoint, self.profile = endpoint, loaded.profile
+        limits = LIMITS[loaded.model_id]
+        max_rows = limits.max_concepts
+        presets = self.profile.presets_for(endpoint)
         self.count = gr.State(1)
         self.rows: list[ConceptRow] = []
-        d = PROFILE.concept_defaults(endpoint=endpoint)
-        w = form.concept_widgets(LOADED, LIMITS, endpoint)
-        for i in range(MAX_ROWS):
+        d = self.profile.concept_defaults(endpoint=endpoint)
+        w = form.concept_widgets(loaded, limits, endpoint)
+        for i in range(max_rows):
             with gr.Group(visible=i == 0, elem_id=f"{prefix}-{i}") as group:
                 with gr.Row():
                     text = gr.Textbox(label=f"Concept {i + 1}", scale=3, elem_id=f"{prefix}-{i}-text",
-                                      placeholder=PROFILE.concept_placeholder)
+                                      placeholder=self.profile.concept_placeholder)
                     direction = gr.Radio(["add", "remove"], value="add", label="Direction", scale=2,
                                          elem_id=f"{prefix}-{i}-direction")
                     preset = gr.Dropdown(list(presets), value=d["preset"], label="Preset", scale=2,
@@ -331,7 +337,7 @@ class ConceptRows:
             add = gr.Button("Add concept", size="sm", elem_id=f"add-{prefix}")
             remove = gr.Button("Remove last concept", size="sm", elem_id=f"remove-{prefix}")
         groups = [r.group for r in self.rows]
-        add.click(lambda n: self.show(min(n + 1, MAX_ROWS)), self.count, [self.count, *groups],
+        add.click(lambda n: self.show(min(n + 1, max_rows)), self.count, [self.count, *groups],
                   api_visibility="private")
         remove.click(lambda n: self.show(max(n - 1, 0)), self.count, [self.count, *groups], api_visibility="private")
         for row in self.rows:
@@ -361,7 +367,7 @@ class ConceptRows:
         updates = self.show(len(concepts))
         for i, row in enumerate(self.rows):
             concept = concepts[i] if i < len(concepts) else {}
-            updates |= row.fill(PROFILE.concept_defaults(concept.get("preset"), self.endpoint) | concept)
+            updates |= row.fill(self.profile.concept_defaults(concept.get("preset"), self.endpoint) | concept)
         return updates
 
 
@@ -436,12 +442,18 @@ API_WIDGETS = {"text": gr.Textbox, "json": gr.JSON, "file": gr.File, "int": lamb
                "float": gr.Number}
 
 
+def api_default(endpoint: str, name: str):
+    """What an API input shows as its default: the value every served model defaults to, else None (then the
+    server fills in the chosen model's own default: a client must not send one model's default to another)."""
+    values = {repr(api.defaults(loaded, endpoint)[name]) for loaded in MODELS.values()}
+    return api.defaults(LOADED, endpoint)[name] if len(values) == 1 else None
+
+
 def api_endpoint(name: str, handler, first_label: str) -> None:
     """A public endpoint with named parameters: hidden inputs made from the declarations, three outputs."""
-    defaults = api.defaults(LOADED, name)
     with gr.Group(visible=False):
         # A parameter whose default follows another one shows no default of its own.
-        inputs = {p.name: API_WIDGETS[p.kind](None if p.default_from else defaults[p.name])
+        inputs = {p.name: API_WIDGETS[p.kind](None if p.default_from else api_default(name, p.name))
                   for p in api.ENDPOINTS[name]}
         outputs = [gr.Image(format="png", label=first_label), gr.Image(format="png", label="with edits"),
                    gr.JSON(label="parameters used")]
@@ -451,181 +463,226 @@ def api_endpoint(name: str, handler, first_label: str) -> None:
                  concurrency_id="gpu", concurrency_limit="default")
 
 
-def run_example(prompt_text, example_seed, concepts, request: gr.Request):
-    # Example caching hands gr.JSON values over as a pydantic model, not as plain lists.
-    if hasattr(concepts, "model_dump"):
-        concepts = concepts.model_dump()
-    # gr.Examples computes an example's first result outside the queue, inside the example's own queued event
-    # (which the Stop button cancels): the run follows that event. A stop raises, so that nothing is cached.
-    event = gpu.session_event(getattr(request, "session_hash", None), {generate_examples.cache_event["id"]})
-    try:
-        params, result = _run({"prompt": prompt_text, "seed": example_seed, "concepts": concepts}, request,
-                              wanted=functools.partial(gpu.event_alive, event))
-    except service.GenerationStopped as exc:
-        raise gr.Error(str(exc), title="Stopped", print_exception=False) from None
-    return _outputs(params, result, details=False)
-
-
 def example_index(evt: gr.SelectData) -> int:
     return evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
 
 
-def fill_generate_form(evt: gr.SelectData) -> dict:
-    """The clicked example's concepts in the rows, every other setting back to its default (each click: also
-    when the same example is clicked again after a row was changed)."""
-    _, _, concepts, _ = PROFILE.examples[example_index(evt)]
-    return {**concept_rows.fill(concepts), randomize: False,
-            **{widget: DEFAULTS[name] for name, widget in settings.items()}}
+class ModelPanel:
+    """One served model's page: its intro and both tabs (Generate, Edit an image), every widget from the
+    model's declarations, presets and limits, and their events. ``prefix`` keeps the element ids of several
+    models' panels apart (the default model's has none)."""
+
+    def __init__(self, loaded: LoadedModel, prefix: str = ""):
+        self.loaded, self.profile = loaded, loaded.profile
+        self.model_id = loaded.model_id
+        limits = LIMITS[loaded.model_id]
+        self.defaults, self.edit_defaults = api.defaults(loaded), api.defaults(loaded, "edit")
+        # Every numeric widget's range, step and starting value, from the API's declarations (server/form.py).
+        self.form = form.settings(loaded, limits)
+        self.edit_form = form.settings(loaded, limits, "edit")
+        with gr.Column(visible=loaded is LOADED, elem_id=f"{prefix}panel") as self.column:
+            self.build(prefix)
+        self.wire()
+
+    def build(self, p: str) -> None:
+        profile, FORM, EDIT_FORM = self.profile, self.form, self.edit_form  # noqa: N806
+        gr.Markdown(self.loaded.intro)
+        if self.loaded.fallback_reason:
+            gr.Markdown(f"**Note:** {self.loaded.fallback_reason}", elem_id=f"{p}fallback-banner")
+        with gr.Tabs() as self.tabs:
+            # Generate -----------------------------------------------------------------------------
+            with gr.Tab("Generate", id="generate-tab"):
+                with gr.Row():
+                    with gr.Column(scale=5):
+                        self.prompt = gr.Textbox(label="Prompt", lines=2, elem_id=f"{p}prompt",
+                                                 placeholder=profile.prompt_placeholder)
+                        negative_prompt = gr.Textbox(label="Negative prompt", value="", elem_id=f"{p}negative-prompt")
+                        self.concept_rows = ConceptRows(self.loaded, f"{p}concept")
+                        mask = mask_choice(self.loaded, "generate", f"{p}mask")
+                        self.seed, self.randomize = seed_row(p, FORM)
+                        with gr.Row():
+                            steps = slider(FORM["steps"], elem_id=f"{p}steps")
+                            guidance = slider(FORM["guidance_scale"], elem_id=f"{p}guidance")
+                        with gr.Row():
+                            width = slider(FORM["width"], elem_id=f"{p}width")
+                            height = slider(FORM["height"], elem_id=f"{p}height")
+                            scheduler = gr.Dropdown(list(api.SCHEDULERS), value=self.defaults["scheduler"],
+                                                    label="Scheduler", elem_id=f"{p}scheduler")
+                        with gr.Accordion("Advanced", open=False):
+                            momentum_scale, momentum_beta = momentum_sliders(FORM, p)
+                            self.show_advanced = gr.Checkbox(False, label="Show cooldown and weight for each concept")
+                        with gr.Row():
+                            self.generate_btn = gr.Button("Generate", variant="primary", elem_id=f"{p}generate")
+                            self.stop_btn = gr.Button("Stop", variant="stop", elem_id=f"{p}stop")
+                    with gr.Column(scale=4):
+                        self.generated = result_column("Without edits", p)
+                        self.edit_this_btn = gr.Button("Edit this image", size="sm", elem_id=f"{p}edit-this")
+                # Examples fill the form (rows included) and show a lazily cached result.
+                example_concepts = gr.JSON(visible=False)
+                self.generate_examples = gr.Examples(
+                    examples=[[prompt, seed, concepts] for _, prompt, concepts, seed in profile.examples],
+                    example_labels=[label for label, *_ in profile.examples],
+                    inputs=[self.prompt, self.seed, example_concepts],
+                    outputs=self.generated["images"],
+                    fn=self.run_example,
+                    cache_examples=True,
+                    cache_mode="lazy",
+                    api_visibility="private",
+                )
+
+            # Edit an image ------------------------------------------------------------------------
+            with gr.Tab("Edit an image", id="edit-tab"):
+                with gr.Row():
+                    with gr.Column(scale=5):
+                        self.upload = hand_over_untouched(gr.Image(
+                            label="Your image (PNG, JPEG or WebP)", type="filepath", image_mode=None,
+                            sources=["upload", "clipboard"], height=260, elem_id=f"{p}edit-image",
+                            elem_classes="pixelated"))
+                        self.source_prompt = gr.Textbox(label="Source prompt", elem_id=f"{p}edit-source-prompt",
+                                                        placeholder="describe your image; empty works too")
+                        self.edit_rows = ConceptRows(self.loaded, f"{p}edit-concept", "edit")
+                        edit_mask = mask_choice(self.loaded, "edit", f"{p}edit-mask")
+                        self.edit_seed, self.edit_randomize = seed_row(f"{p}edit-", EDIT_FORM)
+                        with gr.Row():
+                            edit_steps = slider(EDIT_FORM["steps"], elem_id=f"{p}edit-steps")
+                            skip = slider(EDIT_FORM["skip"], elem_id=f"{p}edit-skip")
+                        source_guidance = slider(EDIT_FORM["source_guidance_scale"], elem_id=f"{p}edit-guidance")
+                        with gr.Accordion("Advanced", open=False):
+                            self.edit_guidance = number_box(EDIT_FORM["guidance_scale"], elem_id=f"{p}edit-edit-guidance")
+                            edit_momentum_scale, edit_momentum_beta = momentum_sliders(EDIT_FORM, f"{p}edit-")
+                            self.edit_show_advanced = gr.Checkbox(False, label="Show cooldown and weight for each concept")
+                        with gr.Row():
+                            self.edit_btn = gr.Button("Edit", variant="primary", elem_id=f"{p}edit")
+                            self.edit_stop_btn = gr.Button("Stop", variant="stop", elem_id=f"{p}edit-stop")
+                    with gr.Column(scale=4):
+                        self.edited = result_column("Reconstruction (without edits)", f"{p}edit-")
+                self.edit_examples = None
+                if profile.edit_examples:
+                    # They fill the form only; pressing Edit runs them.
+                    self.edit_examples = gr.Examples(
+                        examples=[[path, source, seed] for _, path, source, _, seed in profile.edit_examples],
+                        example_labels=[label for label, *_ in profile.edit_examples],
+                        inputs=[self.upload, self.source_prompt, self.edit_seed],
+                        label="Images to edit (drawn by the demo model's renderer, not by the model)",
+                    )
+
+        # The settings widgets, by API parameter name: requests are read from (and examples reset) these.
+        self.settings = {"negative_prompt": negative_prompt, "steps": steps, "guidance_scale": guidance,
+                         "width": width, "height": height, "scheduler": scheduler, "momentum_scale": momentum_scale,
+                         "momentum_beta": momentum_beta, "mask": mask}
+        self.edit_settings = {"source_prompt": self.source_prompt, "steps": edit_steps, "skip": skip,
+                              "guidance_scale": self.edit_guidance, "source_guidance_scale": source_guidance,
+                              "momentum_scale": edit_momentum_scale, "momentum_beta": edit_momentum_beta,
+                              "mask": edit_mask}
+
+    def wire(self) -> None:
+        generated, edited = self.generated, self.edited
+        concept_rows, edit_rows = self.concept_rows, self.edit_rows
+        settings, edit_settings = self.settings, self.edit_settings
+        concept_rows.wire_advanced(self.show_advanced)
+        edit_rows.wire_advanced(self.edit_show_advanced)
+        # A click on an example fills the rows from the example itself (a change of a hidden value would not fire
+        # when the same example is clicked twice).
+        self.generate_examples.dataset.select(self.fill_generate_form, None,
+                                              [*concept_rows.outputs, self.randomize, *settings.values()],
+                                              api_visibility="private", queue=False)
+        if self.edit_examples is not None:
+            self.edit_examples.dataset.select(self.fill_edit_form, None,
+                                              [*edit_rows.outputs, self.edit_randomize, *edit_settings.values()],
+                                              api_visibility="private", queue=False)
+
+        # Summary and code are derived from the JSON: cached examples store JSON faithfully, free text less so.
+        generated["used"].change(show_details, generated["used"], generated["details"], api_visibility="private")
+        # The masks too (cached examples included), over the image with edits.
+        for result in (generated, edited):
+            result["used"].change(show_masks, [result["used"], result["edited"]], result["masks"],
+                                  api_visibility="private")
+        # The seed used goes back into the Seed box (Random seed stays as it was): one click reproduces a result.
+        for result, seed_box in ((generated, self.seed), (edited, self.edit_seed)):
+            result["seed_used"].change(keep_seed, result["seed_used"], seed_box, api_visibility="private",
+                                       queue=False)
+        self.edit_this_btn.click(send_to_edit, [generated["edited"], generated["used"]],
+                                 [self.upload, self.source_prompt, self.tabs], api_visibility="private", queue=False)
+
+        # Generate -------------------------------------------------------------------------------
+        # Each tab's run state: while its run goes, the image its "With edits" box showed before the previews.
+        generate_run, edit_run = gr.State(None), gr.State(None)
+        model_id = self.model_id
+
+        def generate_ui(v: dict, request: gr.Request, progress=gr.Progress()):
+            raw = {"prompt": v[self.prompt], "concepts": concept_rows.read(v), "model": model_id,
+                   "seed": None if v[self.randomize] else v[self.seed],
+                   **{name: v[widget] for name, widget in settings.items()}}
+            yield from _run_ui(raw, "generate", v[generated["images"][1]], progress, request)
+
+        gen_event = gr.on([self.generate_btn.click, self.prompt.submit], generate_ui,
+                          {self.prompt, self.randomize, self.seed, generated["images"][1], *settings.values(),
+                           *concept_rows.inputs},
+                          [*generated["images"], generate_run], api_visibility="private", concurrency_id="gpu",
+                          concurrency_limit="default")
+        # Stop cancels this tab's run (and an example's first run), nothing else: server.gpu.drive notices.
+        self.stop_btn.click(stopped, generate_run, [generated["images"][1], generate_run],
+                            cancels=[gen_event, self.generate_examples.cache_event], show_progress="hidden",
+                            api_visibility="private")
+
+        # Edit -----------------------------------------------------------------------------------
+        def edit_ui(v: dict, request: gr.Request, progress=gr.Progress()):
+            raw = {"image": v[self.upload], "concepts": edit_rows.read(v), "model": model_id,
+                   "seed": None if v[self.edit_randomize] else v[self.edit_seed],
+                   **{name: v[widget] for name, widget in edit_settings.items()}}
+            yield from _run_ui(raw, "edit", v[edited["images"][1]], progress, request)
+
+        edit_event = self.edit_btn.click(edit_ui, {self.upload, self.edit_randomize, self.edit_seed,
+                                                   edited["images"][1], *edit_settings.values(), *edit_rows.inputs},
+                                         [*edited["images"], *edited["details"], edit_run],
+                                         api_visibility="private", concurrency_id="gpu", concurrency_limit="default")
+        self.edit_stop_btn.click(stopped, edit_run, [edited["images"][1], edit_run], cancels=[edit_event],
+                                 show_progress="hidden", api_visibility="private")
+
+    def run_example(self, prompt_text, example_seed, concepts, request: gr.Request):
+        # Example caching hands gr.JSON values over as a pydantic model, not as plain lists.
+        if hasattr(concepts, "model_dump"):
+            concepts = concepts.model_dump()
+        # gr.Examples computes an example's first result outside the queue, inside the example's own queued
+        # event (which the Stop button cancels): the run follows that event. A stop raises, so that nothing is
+        # cached.
+        event = gpu.session_event(getattr(request, "session_hash", None), {self.generate_examples.cache_event["id"]})
+        raw = {"prompt": prompt_text, "seed": example_seed, "concepts": concepts, "model": self.model_id}
+        try:
+            params, result = _run(raw, request, wanted=functools.partial(gpu.event_alive, event))
+        except service.GenerationStopped as exc:
+            raise gr.Error(str(exc), title="Stopped", print_exception=False) from None
+        return _outputs(params, result, details=False)
+
+    def fill_generate_form(self, evt: gr.SelectData) -> dict:
+        """The clicked example's concepts in the rows, every other setting back to its default (each click:
+        also when the same example is clicked again after a row was changed)."""
+        _, _, concepts, _ = self.profile.examples[example_index(evt)]
+        return {**self.concept_rows.fill(concepts), self.randomize: False,
+                **{widget: self.defaults[name] for name, widget in self.settings.items()}}
+
+    def fill_edit_form(self, evt: gr.SelectData) -> dict:
+        """The clicked edit example's concepts in the rows, every other setting back to its default."""
+        _, _, _, concepts, _ = self.profile.edit_examples[example_index(evt)]
+        return {**self.edit_rows.fill(concepts), self.edit_randomize: False, self.edit_guidance: None,
+                **{widget: self.edit_defaults[name] for name, widget in self.edit_settings.items()
+                   if name not in ("source_prompt", "guidance_scale")}}
 
 
-def fill_edit_form(evt: gr.SelectData) -> dict:
-    """The clicked edit example's concepts in the rows, every other setting back to its default."""
-    _, _, _, concepts, _ = PROFILE.edit_examples[example_index(evt)]
-    return {**edit_rows.fill(concepts), edit_randomize: False, edit_guidance: None,
-            **{widget: EDIT_DEFAULTS[name] for name, widget in edit_settings.items()
-               if name not in ("source_prompt", "guidance_scale")}}
+def show_panel(model_id: str) -> list:
+    """The chosen model's panel shown, the others hidden."""
+    return [gr.Column(visible=panel.model_id == model_id) for panel in PANELS]
 
 
 with gr.Blocks(title="SEGA: semantic guidance", delete_cache=(900, 3600)) as demo:
-    gr.Markdown("# SEGA: semantic guidance for diffusion\n" + LOADED.intro)
-    if LOADED.fallback_reason:
-        gr.Markdown(f"**Note:** {LOADED.fallback_reason}", elem_id="fallback-banner")
-
-    with gr.Tabs() as tabs:
-        # Generate ---------------------------------------------------------------------------------
-        with gr.Tab("Generate", id="generate-tab"):
-            with gr.Row():
-                with gr.Column(scale=5):
-                    prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
-                                        placeholder=PROFILE.prompt_placeholder)
-                    negative_prompt = gr.Textbox(label="Negative prompt", value="", elem_id="negative-prompt")
-                    concept_rows = ConceptRows("concept")
-                    mask = mask_choice("generate", "mask")
-                    seed, randomize = seed_row("", FORM)
-                    with gr.Row():
-                        steps = slider(FORM["steps"], elem_id="steps")
-                        guidance = slider(FORM["guidance_scale"], elem_id="guidance")
-                    with gr.Row():
-                        width = slider(FORM["width"], elem_id="width")
-                        height = slider(FORM["height"], elem_id="height")
-                        scheduler = gr.Dropdown(list(api.SCHEDULERS), value=DEFAULTS["scheduler"], label="Scheduler")
-                    with gr.Accordion("Advanced", open=False):
-                        momentum_scale, momentum_beta = momentum_sliders(FORM, "")
-                        show_advanced = gr.Checkbox(False, label="Show cooldown and weight for each concept")
-                    with gr.Row():
-                        generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
-                        stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
-                with gr.Column(scale=4):
-                    generated = result_column("Without edits", "")
-                    edit_this_btn = gr.Button("Edit this image", size="sm", elem_id="edit-this")
-            # Examples fill the form (rows included) and show a lazily cached result.
-            example_concepts = gr.JSON(visible=False)
-            generate_examples = gr.Examples(
-                examples=[[p, s, c] for _, p, c, s in PROFILE.examples],
-                example_labels=[label for label, *_ in PROFILE.examples],
-                inputs=[prompt, seed, example_concepts],
-                outputs=generated["images"],
-                fn=run_example,
-                cache_examples=True,
-                cache_mode="lazy",
-                api_visibility="private",
-            )
-
-        # Edit an image ----------------------------------------------------------------------------
-        with gr.Tab("Edit an image", id="edit-tab"):
-            with gr.Row():
-                with gr.Column(scale=5):
-                    upload = hand_over_untouched(gr.Image(
-                        label="Your image (PNG, JPEG or WebP)", type="filepath", image_mode=None,
-                        sources=["upload", "clipboard"], height=260, elem_id="edit-image", elem_classes="pixelated"))
-                    source_prompt = gr.Textbox(label="Source prompt", elem_id="edit-source-prompt",
-                                               placeholder="describe your image; empty works too")
-                    edit_rows = ConceptRows("edit-concept", "edit")
-                    edit_mask = mask_choice("edit", "edit-mask")
-                    edit_seed, edit_randomize = seed_row("edit-", EDIT_FORM)
-                    with gr.Row():
-                        edit_steps = slider(EDIT_FORM["steps"], elem_id="edit-steps")
-                        skip = slider(EDIT_FORM["skip"], elem_id="edit-skip")
-                    source_guidance = slider(EDIT_FORM["source_guidance_scale"], elem_id="edit-guidance")
-                    with gr.Accordion("Advanced", open=False):
-                        edit_guidance = number_box(EDIT_FORM["guidance_scale"], elem_id="edit-edit-guidance")
-                        edit_momentum_scale, edit_momentum_beta = momentum_sliders(EDIT_FORM, "edit-")
-                        edit_show_advanced = gr.Checkbox(False, label="Show cooldown and weight for each concept")
-                    with gr.Row():
-                        edit_btn = gr.Button("Edit", variant="primary", elem_id="edit")
-                        edit_stop_btn = gr.Button("Stop", variant="stop", elem_id="edit-stop")
-                with gr.Column(scale=4):
-                    edited = result_column("Reconstruction (without edits)", "edit-")
-            edit_examples = None
-            if PROFILE.edit_examples:
-                # They fill the form only; pressing Edit runs them.
-                edit_examples = gr.Examples(
-                    examples=[[path, source, seed_] for _, path, source, _, seed_ in PROFILE.edit_examples],
-                    example_labels=[label for label, *_ in PROFILE.edit_examples],
-                    inputs=[upload, source_prompt, edit_seed],
-                    label="Images to edit (drawn by the demo model's renderer, not by the model)",
-                )
-
-    # The settings widgets, by API parameter name: requests are read from (and examples reset) these.
-    settings = {"negative_prompt": negative_prompt, "steps": steps, "guidance_scale": guidance, "width": width,
-                "height": height, "scheduler": scheduler, "momentum_scale": momentum_scale,
-                "momentum_beta": momentum_beta, "mask": mask}
-    edit_settings = {"source_prompt": source_prompt, "steps": edit_steps, "skip": skip,
-                     "guidance_scale": edit_guidance, "source_guidance_scale": source_guidance,
-                     "momentum_scale": edit_momentum_scale, "momentum_beta": edit_momentum_beta, "mask": edit_mask}
-    concept_rows.wire_advanced(show_advanced)
-    edit_rows.wire_advanced(edit_show_advanced)
-    # A click on an example fills the rows from the example itself (a change of a hidden value would not fire
-    # when the same example is clicked twice).
-    generate_examples.dataset.select(fill_generate_form, None, [*concept_rows.outputs, randomize, *settings.values()],
-                                     api_visibility="private", queue=False)
-    if edit_examples is not None:
-        edit_examples.dataset.select(fill_edit_form, None,
-                                     [*edit_rows.outputs, edit_randomize, *edit_settings.values()],
-                                     api_visibility="private", queue=False)
-
-    # Summary and code are derived from the JSON: cached examples store JSON faithfully, free text less so.
-    generated["used"].change(show_details, generated["used"], generated["details"], api_visibility="private")
-    # The masks too (cached examples included), over the image with edits.
-    for result in (generated, edited):
-        result["used"].change(show_masks, [result["used"], result["edited"]], result["masks"],
-                              api_visibility="private")
-    # The seed used goes back into the Seed box (Random seed stays as it was): one click reproduces a result.
-    for result, seed_box in ((generated, seed), (edited, edit_seed)):
-        result["seed_used"].change(keep_seed, result["seed_used"], seed_box, api_visibility="private", queue=False)
-    edit_this_btn.click(send_to_edit, [generated["edited"], generated["used"]], [upload, source_prompt, tabs],
-                        api_visibility="private", queue=False)
-
-    # Generate -----------------------------------------------------------------------------------
-    # Each tab's run state: while its run goes, the image its "With edits" box showed before the previews.
-    generate_run, edit_run = gr.State(None), gr.State(None)
-
-    def generate_ui(v: dict, request: gr.Request, progress=gr.Progress()):
-        raw = {"prompt": v[prompt], "concepts": concept_rows.read(v), "seed": None if v[randomize] else v[seed],
-               **{name: v[widget] for name, widget in settings.items()}}
-        yield from _run_ui(raw, "generate", v[generated["images"][1]], progress, request)
-
-    gen_event = gr.on([generate_btn.click, prompt.submit], generate_ui,
-                      {prompt, randomize, seed, generated["images"][1], *settings.values(), *concept_rows.inputs},
-                      [*generated["images"], generate_run], api_visibility="private", concurrency_id="gpu",
-                      concurrency_limit="default")
-    # Stop cancels this tab's run (and an example's first run), nothing else: server.gpu.drive notices.
-    stop_btn.click(stopped, generate_run, [generated["images"][1], generate_run],
-                   cancels=[gen_event, generate_examples.cache_event], show_progress="hidden",
-                   api_visibility="private")
-
-    # Edit ---------------------------------------------------------------------------------------
-    def edit_ui(v: dict, request: gr.Request, progress=gr.Progress()):
-        raw = {"image": v[upload], "concepts": edit_rows.read(v), "seed": None if v[edit_randomize] else v[edit_seed],
-               **{name: v[widget] for name, widget in edit_settings.items()}}
-        yield from _run_ui(raw, "edit", v[edited["images"][1]], progress, request)
-
-    edit_event = edit_btn.click(edit_ui, {upload, edit_randomize, edit_seed, edited["images"][1],
-                                          *edit_settings.values(), *edit_rows.inputs},
-                                [*edited["images"], *edited["details"], edit_run], api_visibility="private",
-                                concurrency_id="gpu", concurrency_limit="default")
-    edit_stop_btn.click(stopped, edit_run, [edited["images"][1], edit_run], cancels=[edit_event],
-                        show_progress="hidden", api_visibility="private")
+    gr.Markdown("# SEGA: semantic guidance for diffusion")
+    # With several models, a choice (the "model" parameter's values); each model has its own panel, built from
+    # its own declarations, so that its limits, presets and examples follow the choice.
+    model_choice = gr.Radio([(loaded.label, model_id) for model_id, loaded in MODELS.items()], value=LOADED.model_id,
+                            label="Model", visible=len(MODELS) > 1, elem_id="model")
+    PANELS = [ModelPanel(loaded, "" if i == 0 else f"m{i}-") for i, loaded in enumerate(MODELS.values())]
+    model_choice.change(show_panel, model_choice, [panel.column for panel in PANELS], api_visibility="private",
+                        queue=False)
 
     # Public API: named parameters built from their declarations (validated in server/).
     api_endpoint("generate", generate_api, "without edits")
@@ -648,11 +705,13 @@ def launch(queue_size: int | None = None, concurrency: int | None = None, **kwar
     demo.queue(max_size=QUEUE_SIZE if queue_size is None else queue_size,
                default_concurrency_limit=CONCURRENCY if concurrency is None else concurrency)
     # An upload above SEGA_MAX_IMAGE_MB is refused by gradio as it arrives (server/images.py checks it again).
-    kwargs.setdefault("max_file_size", LIMITS.max_image_mb * 1024 * 1024)  # bytes, as server/images.py counts
+    largest = max(limits.max_image_mb for limits in LIMITS.values())
+    kwargs.setdefault("max_file_size", largest * 1024 * 1024)  # bytes, as server/images.py counts
     return demo.launch(css=CSS, app_kwargs={"exception_handlers": {StarletteHTTPException: _http_error}}, **kwargs)
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logger.info("model %s on %s (profile: %s)", LOADED.model_id, LOADED.device, PROFILE.name)
+    for loaded in MODELS.values():
+        logger.info("model %s on %s (profile: %s)", loaded.model_id, loaded.device, loaded.profile.name)
     launch(server_name=ARGS.host, server_port=ARGS.port)

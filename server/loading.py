@@ -30,6 +30,7 @@ class ModelFacts:
     native_size: int
     min_size: int = 8
     train_timesteps: int = 1000  # the scheduler's training timesteps: the most steps it can sample
+    model_id: str = ""  # the "model" parameter's default
 
 
 @dataclass
@@ -47,6 +48,13 @@ class LoadedModel:
         return self.profile.name == "demo"
 
     @property
+    def label(self) -> str:
+        """A short name for the model choice: the hub id, or a folder's name ("demo" for the bundled model)."""
+        if self.is_demo and Path(self.model_id).resolve() == DEFAULT_MODEL_DIR.resolve():
+            return "demo (bundled)"
+        return Path(self.model_id).name if Path(self.model_id).is_dir() else self.model_id
+
+    @property
     def native_size(self) -> int:
         return native_size(self.pipe)
 
@@ -60,7 +68,7 @@ class LoadedModel:
 
     @property
     def facts(self) -> ModelFacts:
-        return ModelFacts(self.profile, self.native_size, self.min_size, self.train_timesteps)
+        return ModelFacts(self.profile, self.native_size, self.min_size, self.train_timesteps, self.model_id)
 
     @property
     def intro(self) -> str:
@@ -134,3 +142,29 @@ def load_pipeline(model: str | None = None, device: str | None = None, safety_ch
     pipe.set_progress_bar_config(desc="Denoising", leave=False)
     return LoadedModel(pipe=pipe, model_id=model_id, profile=profile_for(pipe), fallback_reason=reason,
                        device=device)
+
+
+def requested_models(models: list[str] | None = None, env: Mapping[str, str] | None = None) -> list[str]:
+    """The models to serve, in order (the first is the default): ``models`` (``--model``, repeatable), else
+    ``$SEGA_MODELS`` (comma-separated), else ``$SEGA_MODEL``, else :func:`default_model`."""
+    env = os.environ if env is None else env
+    if models:
+        return list(models)
+    listed = [m.strip() for m in env.get("SEGA_MODELS", "").split(",") if m.strip()]
+    return listed or [env.get("SEGA_MODEL") or default_model()]
+
+
+def load_models(models: list[str] | None = None, device: str | None = None,
+                safety_checker: bool = True) -> dict[str, LoadedModel]:
+    """Load every model of :func:`requested_models`, by the id requests name them with (``LoadedModel.model_id``).
+
+    Each falls back to the bundled demo model on its own (:func:`load_pipeline`); the demo model is served once
+    however many fell back to it, with every reason.
+    """
+    served: dict[str, LoadedModel] = {}
+    for model in dict.fromkeys(requested_models(models)):
+        loaded = load_pipeline(model, device, safety_checker)
+        kept = served.setdefault(loaded.model_id, loaded)
+        if kept is not loaded and loaded.fallback_reason:
+            kept.fallback_reason = " ".join(filter(None, [kept.fallback_reason, loaded.fallback_reason]))
+    return served

@@ -126,6 +126,7 @@ class Context:
     upload_roots: tuple[str, ...] = ()  # where uploaded files may be read from (gradio's cache)
     endpoint: str = "generate"
     notices: list[str] = field(default_factory=list)
+    served: tuple[str, ...] = ()  # the models a request may choose (default: the one loaded)
 
 
 def clean_text(name: str, value, max_chars: int) -> tuple[str, list[str]]:
@@ -225,6 +226,13 @@ def _mask_keyword(mode: str) -> list[Keyword]:
 MASK_DOC = ("implicit masks (LEDITS++): none (SEGA's threshold per channel), cross-attention (each concept edits "
             "only where its words attend; threshold = share of the map left out) or intersect (that, and only "
             "where its edit is strong); the JSON's masks show where each concept edited")
+
+
+def _model(value, ctx: Context) -> str:
+    served = ctx.served or (ctx.loaded.model_id,)
+    if not isinstance(value, str) or value not in served:
+        raise InvalidInput(f"model must be one of the served models: {', '.join(served)}; got {show_value(value)}")
+    return value
 
 
 def _scheduler(value, ctx: Context) -> str:
@@ -352,6 +360,10 @@ def _empty_text(_loaded: LoadedModel) -> str:
     return ""
 
 
+def _model_id(loaded: LoadedModel) -> str:
+    return loaded.model_id
+
+
 # The order is the API's positional order (new parameters go last, so positional callers keep working).
 GENERATE_PARAMS: tuple[Param, ...] = (
     Param("prompt", "text", "what the image shows (required)",
@@ -384,6 +396,10 @@ GENERATE_PARAMS: tuple[Param, ...] = (
     Param("scheduler", "text", f"sampler: {', '.join(SCHEDULERS)}", check=_scheduler,
           default=lambda _loaded: DEFAULT_SCHEDULER, keywords=_scheduler_keyword),
     Param("mask", "text", MASK_DOC, check=_mask, default=_profile_default("mask"), keywords=_mask_keyword),
+    # Which served model runs the request: its own limits, presets and defaults apply (the library snippet
+    # loads it with from_pretrained, so it adds no keyword).
+    Param("model", "text", "which of the served models (hub id or folder, as the JSON's model says; default: "
+          "the first served)", check=_model, default=_model_id, keywords=lambda _model: []),
 )
 API_PARAMS: tuple[str, ...] = tuple(p.name for p in GENERATE_PARAMS)
 # Fixed keywords of every app call: both images, in one pass (one UNet call per step for both) without the re-edit
@@ -457,6 +473,7 @@ EDIT_PARAMS: tuple[Param, ...] = (
     _BY_NAME["momentum_scale"],
     _BY_NAME["momentum_beta"],
     dataclasses.replace(_BY_NAME["mask"], default=_edit_default("mask")),
+    _BY_NAME["model"],
 )
 EDIT_KEYWORDS = [Keyword.literal("return_original", True)]  # the reconstruction without edits, too
 
@@ -504,8 +521,8 @@ class GenerationParams:
         return {p.name: p.to_json(self.values[p.name]) for p in self.declarations}
 
     def to_json(self) -> dict:
-        """The parameters actually used: the API's, plus the model (chosen by the server)."""
-        return {**self.api_kwargs(), "model": self.model}
+        """The parameters actually used, the model's id included."""
+        return self.api_kwargs()
 
     def pipeline_keywords(self, call: str = "pipe") -> dict[str, Keyword]:
         """The library call (``"pipe"`` or ``"invert"``) that gives this request's images, keyword by keyword."""
@@ -529,14 +546,41 @@ def _notices_across_fields(values: Mapping[str, Any]) -> list[str]:
     return notices
 
 
-def parse_request(loaded: LoadedModel, raw: Mapping, limits: Limits | None = None, endpoint: str = "generate",
-                  upload_roots: tuple[str, ...] = ()) -> GenerationParams:
+Served = LoadedModel | Mapping[str, LoadedModel]
+
+
+def served_models(served: Served) -> dict[str, LoadedModel]:
+    """The models an app serves, by the id a request names them with (the first is the default)."""
+    return dict(served) if isinstance(served, Mapping) else {served.model_id: served}
+
+
+def limits_for(loaded: LoadedModel, limits: Limits | Mapping[str, Limits] | None = None) -> Limits:
+    """The limits a request on ``loaded`` is checked against: ``limits`` itself, or its entry for the model, or
+    (None) the environment's, on ZeroGPU with the model profile's defaults."""
+    if isinstance(limits, Limits):
+        return limits
+    if limits is not None and loaded.model_id in limits:
+        return limits[loaded.model_id]
+    return Limits.from_env(zero_gpu_limits=loaded.profile.zero_gpu_limits)
+
+
+def parse_request(served: Served, raw: Mapping, limits: Limits | Mapping[str, Limits] | None = None,
+                  endpoint: str = "generate", upload_roots: tuple[str, ...] = ()) -> GenerationParams:
     """Validate an API/UI request (a dict with the endpoint's parameter names; None means "the default").
 
+    ``served``: the loaded model, or the served models by id (``model`` chooses one; default: the first).
+    ``limits``: one :class:`Limits` for every model, or per model id (see :func:`limits_for`).
     ``upload_roots`` are the folders an uploaded image may be read from (gradio's upload cache). Raises
     :class:`InvalidInput` with a message that names the field and what it accepts.
     """
-    ctx = Context(loaded, limits or Limits.from_env(), tuple(str(r) for r in upload_roots), endpoint)
+    models = served_models(served)
+    first = next(iter(models.values()))
+    # The model first: every other parameter's bounds and defaults are that model's.
+    choice = _BY_NAME["model"].validate(first.model_id if raw.get("model") is None else raw["model"],
+                                        Context(first, Limits(), served=tuple(models)))
+    loaded = models[choice]
+    ctx = Context(loaded, limits_for(loaded, limits), tuple(str(r) for r in upload_roots), endpoint,
+                  served=tuple(models))
     values = {}
     for p in ENDPOINTS[endpoint]:
         value = raw.get(p.name)
@@ -552,7 +596,7 @@ def parse_request(loaded: LoadedModel, raw: Mapping, limits: Limits | None = Non
     return GenerationParams(values=values, model=loaded.model_id, notices=tuple(ctx.notices), endpoint=endpoint)
 
 
-def params_from_json(loaded: LoadedModel, used: Mapping, limits: Limits | None = None,
+def params_from_json(served: Served, used: Mapping, limits: Limits | Mapping[str, Limits] | None = None,
                      endpoint: str = "generate") -> GenerationParams:
     """The request behind a "parameters used" JSON (as :func:`server.service.generate` returns it)."""
-    return parse_request(loaded, {p.name: used.get(p.name) for p in ENDPOINTS[endpoint]}, limits, endpoint)
+    return parse_request(served, {p.name: used.get(p.name) for p in ENDPOINTS[endpoint]}, limits, endpoint)

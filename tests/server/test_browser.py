@@ -36,7 +36,8 @@ def app_module():
 
 @pytest.fixture(scope="module")
 def server(app_module):
-    small = dataclasses.replace(app_module.LIMITS, max_image_mb=IMAGE_MB, max_image_pixels=IMAGE_PIXELS)
+    small = {model_id: dataclasses.replace(limits, max_image_mb=IMAGE_MB, max_image_pixels=IMAGE_PIXELS)
+             for model_id, limits in app_module.LIMITS.items()}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(app_module, "LIMITS", small)  # read per request, and by launch() for max_file_size
         with serve(app_module) as url:

@@ -120,5 +120,5 @@ def test_the_loaded_demo_model_gives_the_same_form_as_its_facts():
     from server.loading import load_pipeline
 
     loaded = load_pipeline(str(DEFAULT_MODEL_DIR))
-    assert loaded.facts == MODELS["demo"]
+    assert loaded.facts == dataclasses.replace(MODELS["demo"], model_id=loaded.model_id)
     assert form.settings(loaded, api.Limits()) == form.settings(MODELS["demo"], api.Limits())

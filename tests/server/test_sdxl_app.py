@@ -13,6 +13,7 @@ from diffusers import StableDiffusionXLPipeline
 
 from benchmarks.load import app_process
 from sega import SegaXLPipeline
+from sega.demo.shapes import DEFAULT_MODEL_DIR
 from server import params as api
 from server import service, snippets
 from server.loading import load_pipeline
@@ -125,3 +126,101 @@ def test_the_browser_generates_and_edits(sdxl_server, tmp_path):
         for image in ("#edit-original img", "#edit-edited img"):
             expect(page.locator(image).first).to_be_visible(timeout=240_000)
         expect(page.locator("#edit-summary")).to_contain_text("+'blue'", timeout=30_000)
+
+
+# ------------------------------------------------------------------------------------------------
+# One app, two models: the bundled demo model (the default) and SDXL
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_models_server(sdxl_folder, tmp_path_factory):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+           "TQDM_DISABLE": "1"}
+    env.pop("SEGA_MODEL", None)
+    env["SEGA_MODELS"] = "ignored-when-the-command-line-names-models"
+    log = tmp_path_factory.mktemp("logs") / "app.log"
+    args = ["app.py", "--model", str(DEFAULT_MODEL_DIR), "--model", str(sdxl_folder)]
+    with app_process(args, env, log, timeout=600) as (url, _pid):
+        yield url
+
+
+def test_two_models_over_the_api(two_models_server, sdxl_folder, tmp_path):
+    from gradio_client import Client, handle_file
+    client = Client(two_models_server, verbose=False)
+    info = client.view_api(return_format="dict", print_info=False)
+    for endpoint in ("/generate", "/edit"):
+        defaults = {p["parameter_name"]: p["parameter_default"]
+                    for p in info["named_endpoints"][endpoint]["parameters"]}
+        # What differs between the models shows no default: the server fills in the chosen model's own.
+        assert defaults["model"] is None and defaults["steps"] is None
+    # No model: the first one served (the demo model, 32 px); its limits and defaults.
+    _, _, used = client.predict(prompt="a red circle", steps=2, seed=1, api_name="/generate")
+    assert used["model"] == str(DEFAULT_MODEL_DIR) and used["width"] == 32
+    # The SDXL model: its native size and guidance default, its images.
+    original, edited, used = client.predict(prompt="a red circle", steps=3, seed=1, model=str(sdxl_folder),
+                                            concepts=[{"prompt": "blue", "warmup": 1}], api_name="/generate")
+    assert used["model"] == str(sdxl_folder) and used["width"] == NATIVE and used["guidance_scale"] == 5.0
+    assert pixels(original).shape == pixels(edited).shape == (NATIVE, NATIVE, 3)
+    # Each model's presets: the demo's "background" is not one of SDXL's.
+    client.predict(prompt="a red circle", steps=2, concepts=[{"prompt": "black background", "preset": "background"}],
+                   api_name="/generate")
+    with pytest.raises(Exception, match=r"concepts\[0\]\.preset must be one of object, style, face, custom"):
+        client.predict(prompt="a red circle", concepts=[{"prompt": "black background", "preset": "background"}],
+                       model=str(sdxl_folder), api_name="/generate")
+    with pytest.raises(Exception, match="model must be one of the served models"):
+        client.predict(prompt="a red circle", model="no/such-model", api_name="/generate")
+    reconstruction, _, used = client.predict(image=handle_file(upload(tmp_path)), steps=4, seed=2,
+                                             model=str(sdxl_folder), concepts=[{"prompt": "blue"}], api_name="/edit")
+    assert used["model"] == str(sdxl_folder) and pixels(reconstruction).shape == (NATIVE, NATIVE, 3)
+    preset = SDXL_PROFILE.concept_defaults(endpoint="edit")
+    assert used["concepts"][0]["scale"] == preset["scale"]
+
+
+def test_two_models_switch_in_the_browser(two_models_server, sdxl_folder):
+    from playwright.sync_api import expect
+
+    with browser_page(height=1000) as page:
+        page.goto(two_models_server)
+        demo_panel, sdxl_panel = page.locator("#panel"), page.locator("#m1-panel")
+        expect(demo_panel).to_be_visible(timeout=60_000)
+        expect(sdxl_panel).to_be_hidden()
+        # The default model's form: the demo's sizes (up to twice its 32 px).
+        assert page.locator("#width input[type=range]").get_attribute("max") == "64"
+        page.locator("#prompt textarea").fill("a red circle")
+        page.locator("#generate").click()
+        expect(page.locator("#summary")).to_contain_text("32×32 px", timeout=240_000)
+
+        page.locator("#model").get_by_label(sdxl_folder.name).check()
+        expect(sdxl_panel).to_be_visible(timeout=30_000)
+        expect(demo_panel).to_be_hidden()
+        # SDXL's own form: its sizes, its presets.
+        assert page.locator("#m1-width input[type=range]").get_attribute("max") == str(2 * NATIVE)
+        page.locator("#m1-concept-0-preset input").click()
+        for name in SDXL_PROFILE.presets:
+            expect(page.get_by_role("option", name=name, exact=True)).to_be_visible()
+        page.keyboard.press("Escape")
+        page.locator("#m1-prompt textarea").fill("a red circle")
+        page.locator("#m1-concept-0-text textarea, #m1-concept-0-text input").first.fill("blue")
+        page.locator("#m1-steps input[type=number]").fill("3")
+        page.locator("#m1-steps input[type=number]").press("Enter")
+        page.locator("#m1-generate").click()
+        expect(page.locator("#m1-summary")).to_contain_text(f"{NATIVE}×{NATIVE} px", timeout=240_000)
+        expect(page.locator("#m1-summary")).to_contain_text("+'blue'")
+
+        # Back to the demo model: what it made is still there.
+        page.locator("#model").get_by_label("demo (bundled)").check()
+        expect(demo_panel).to_be_visible(timeout=30_000)
+        expect(page.locator("#summary")).to_contain_text("32×32 px")
+
+
+def test_which_models_are_served(tmp_path):
+    from server.loading import load_models, requested_models
+
+    assert requested_models(["a", "b"], {"SEGA_MODELS": "c", "SEGA_MODEL": "d"}) == ["a", "b"]
+    assert requested_models(None, {"SEGA_MODELS": " c , e,", "SEGA_MODEL": "d"}) == ["c", "e"]
+    assert requested_models(None, {"SEGA_MODEL": "d"}) == ["d"]
+    # Two models that both fail to load fall back to one demo model, which says why for both.
+    served = load_models([str(tmp_path / "missing-a"), str(tmp_path / "missing-b")], device="cpu")
+    (loaded,) = served.values()
+    assert loaded.is_demo and "missing-a" in loaded.fallback_reason and "missing-b" in loaded.fallback_reason
