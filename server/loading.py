@@ -82,13 +82,13 @@ def on_zero_gpu(env: Mapping[str, str] | None = None) -> bool:
     return env.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
 
 
-def gpu_present() -> bool:
-    return on_zero_gpu() or torch.cuda.is_available()
+def gpu_present(env: Mapping[str, str] | None = None) -> bool:
+    return on_zero_gpu(env) or torch.cuda.is_available()
 
 
-def default_model() -> str:
+def default_model(env: Mapping[str, str] | None = None) -> str:
     """SD 1.5 when a GPU can run it, the small bundled model otherwise (fast on a CPU, no hub needed)."""
-    return SD_MODEL_ID if gpu_present() else str(DEFAULT_MODEL_DIR)
+    return SD_MODEL_ID if gpu_present(env) else str(DEFAULT_MODEL_DIR)
 
 
 def pipeline_class(model: str) -> type[SegaPipeline]:
@@ -151,7 +151,7 @@ def requested_models(models: list[str] | None = None, env: Mapping[str, str] | N
     if models:
         return list(models)
     listed = [m.strip() for m in env.get("SEGA_MODELS", "").split(",") if m.strip()]
-    return listed or [env.get("SEGA_MODEL") or default_model()]
+    return listed or [env.get("SEGA_MODEL") or default_model(env)]
 
 
 def load_models(models: list[str] | None = None, device: str | None = None,
