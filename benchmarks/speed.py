@@ -40,8 +40,8 @@ that server/service.py's gpu_duration should use, with the fixed costs (text enc
 --previews times the app's pair (as (b), 1 concept) with and without the app's live previews, in one run,
 alternating the two, and prints the ratio (target <= 1.03): a preview every server.service.preview_interval
 steps, made in the step callback as the app makes it (the predicted clean latents at every step; at preview
-steps sega.previews through the VAE on the demo model, as its profile says, else the linear latent-to-RGB map;
-and the PNG the server then writes).
+steps sega.previews' linear latent-to-RGB map, fitted to the demo model's VAE on the demo model, ComfyUI's SD 1.5
+factors otherwise, as the profiles say; and the PNG the server then writes).
 """
 
 from __future__ import annotations
@@ -555,7 +555,7 @@ def per_sample(args, ours: SegaPipeline, device: torch.device, counters: Counter
 
 def previews(args, ours: SegaPipeline, device: torch.device, counters: Counters) -> None:
     """The app's pair with and without live previews, alternating, in one run; prints the ratio."""
-    from sega.previews import preview_images
+    from sega.previews import SD15_LATENT_RGB_FACTORS, preview_images
 
     try:
         from server.service import preview_interval
@@ -564,17 +564,26 @@ def previews(args, ours: SegaPipeline, device: torch.device, counters: Counters)
             return max(1, math.ceil(steps / 10))
 
     steps, every = args.steps, preview_interval(args.steps)
-    vae = ours.vae if args.model == "demo" else None  # the demo profile previews through its VAE
+    # The app's maps: fitted to the demo model's VAE on the demo model, ComfyUI's SD 1.5 factors otherwise.
+    if args.model == "demo":
+        from sega.demo.previews import DEMO_LATENT_RGB_BIAS, DEMO_LATENT_RGB_FACTORS
+        factors, bias, kind = DEMO_LATENT_RGB_FACTORS, DEMO_LATENT_RGB_BIAS, "the demo VAE's fitted map"
+    else:
+        factors, bias, kind = SD15_LATENT_RGB_FACTORS, None, "ComfyUI's SD 1.5 map"
     concepts = as_concepts(concept_kwargs(SHAPE_CONCEPTS, 1, args.edit_warmup))
     common = dict(prompt="a small red circle on a white background", height=args.size, width=args.size,
                   num_inference_steps=steps, guidance_scale=7.0, edit_momentum_scale=0.3, edit_mom_beta=0.6,
                   output_type="pil", concepts=concepts, **app_keywords())
     made = []
 
+    spent = []  # seconds in the preview work itself (map and PNG), which load noise does not blur
+
     def on_step(_pipe, i, _t, tensors):
         if (i + 1) % every == 0 and i + 1 < steps:
-            image = preview_images(tensors["pred_original_sample"][:1], vae)[0]
+            start = time.perf_counter()
+            image = preview_images(tensors["pred_original_sample"][:1], None, factors, bias)[0]
             image.save(io.BytesIO(), format="PNG")
+            spent.append(time.perf_counter() - start)
             made.append(i + 1)
         return {}
 
@@ -589,6 +598,7 @@ def previews(args, ours: SegaPipeline, device: torch.device, counters: Counters)
     run(False)  # warm-up (kernels, allocator)
     run(True)
     made.clear()
+    spent.clear()
     # Alternating, so that a change of load hits both alike ("reference" = without previews).
     plain, shown = measure_interleaved(lambda: run(False), lambda: run(True), device, args.repeats, counters)
     per_run = len(made) // args.repeats
@@ -599,9 +609,12 @@ def previews(args, ours: SegaPipeline, device: torch.device, counters: Counters)
     if device.type != "cuda":
         print(f"cpu: {psutil.cpu_count()} cores, torch threads {torch.get_num_threads()}, load average "
               f"{' '.join(f'{x:.1f}' for x in psutil.getloadavg())} at the end")
-    print(f"previews per run: {per_run} (every {every} steps, {'VAE' if vae is not None else 'latent-to-RGB map'})")
+    print(f"previews per run: {per_run} (every {every} steps, latent-to-RGB: {kind})")
     print(f"app's pair without previews {without:8.3f} s  (CPU {cpu_without:.3f} s)")
     print(f"app's pair with previews    {with_:8.3f} s  (CPU {cpu_with:.3f} s)")
+    per_run_seconds = sum(spent) / args.repeats
+    print(f"time in the previews themselves: {per_run_seconds * 1000:.2f} ms per run "
+          f"({100 * per_run_seconds / without:.2f} % of the pair without previews)")
     ratio = with_ / without
     print(f"previews ratio {ratio:.3f} (CPU time {cpu_with / cpu_without:.3f})  "
           f"{'meets' if ratio <= 1.03 else 'MISSES'} <= 1.03")

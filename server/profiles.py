@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from sega.demo.editing import DEMO_EDIT_DEFAULTS, DEMO_EDIT_EXAMPLES, DEMO_EDIT_PRESETS
 from sega.demo.presets import DEMO_DEFAULTS, DEMO_EXAMPLES, DEMO_PRESETS
+from sega.demo.previews import DEMO_LATENT_RGB_BIAS, DEMO_LATENT_RGB_FACTORS
 from sega.demo.shapes import BACKGROUNDS, COLORS, SHAPES, SIZES, VOCAB_WORDS
 from sega.pipeline import SegaPipeline
 from sega.pipeline_xl import SegaXLPipeline
@@ -42,8 +43,6 @@ class ModelProfile:
     edit_presets: dict[str, dict] | None = None  # presets for uploaded images (None: the same as ``presets``)
     # The "Edit an image" tab's examples: (label, image path, source prompt, concepts, seed); none for SD.
     edit_examples: list = field(default_factory=list)
-    # Live previews through the model's VAE (cheap for a small model) instead of a linear map of the latents.
-    preview_with_vae: bool = False
     # GPU time (server.service.gpu_duration): seconds per UNet sample of 512x512 px (scaled by area), headroom
     # included, and a fixed allowance per request (text encoding, decoding, start-up).
     gpu_seconds_per_sample: float = 0.04
@@ -51,7 +50,8 @@ class ModelProfile:
     # Limits on a ZeroGPU Space (None: server.params.ZERO_GPU_LIMITS), so that the largest request's
     # reservation stays within an anonymous visitor's daily quota.
     zero_gpu_limits: dict | None = None
-    # Latent previews without the VAE: ComfyUI's latent-to-RGB factors for this family (sega.previews).
+    # Live previews without the VAE: the latent-to-RGB factors for this family (sega.previews: ComfyUI's for SD
+    # and SDXL; sega.demo.previews: fitted to the demo model's VAE).
     preview_factors: tuple = SD15_LATENT_RGB_FACTORS
     preview_bias: tuple | None = None
 
@@ -83,7 +83,8 @@ DEMO_PROFILE = ModelProfile(
     edit_defaults=DEMO_EDIT_DEFAULTS,
     edit_presets=DEMO_EDIT_PRESETS,
     edit_examples=DEMO_EDIT_EXAMPLES,
-    preview_with_vae=True,
+    preview_factors=DEMO_LATENT_RGB_FACTORS,
+    preview_bias=DEMO_LATENT_RGB_BIAS,
 )
 
 SD_PROFILE = ModelProfile(

@@ -112,14 +112,13 @@ def generate(loaded: LoadedModel, params: GenerationParams,
     /edit first the inversion's (``stage="inversion"`` is passed then); an edit counts n inversion steps plus
     the n denoising steps that ``skip`` leaves (n when the inversion comes from the cache). With ``previews``,
     every :func:`preview_interval` denoising steps but the last it also gets ``preview=``, a PIL image of what
-    the image with edits is becoming (:mod:`sega.previews`: the model's VAE when its profile says that is
-    cheap, else a linear map of the latents), made here, in the process that runs the loop. It stops the run
+    the image with edits is becoming (:mod:`sega.previews`: a linear map of the latents, the model profile's
+    factors), made here, in the process that runs the loop. It stops the run
     by raising (e.g. :class:`GenerationStopped`), which this request's pipeline call passes on.
     """
     pipe = loaded.pipe
     n = performed_steps(params.steps, params.skip) if params.endpoint == "edit" else params.steps
     every = preview_interval(n) if previews else 0
-    vae = pipe.vae if loaded.profile.preview_with_vae else None
     counted = {"before": 0, "total": n}  # steps reported before the denoising, and the run's total
 
     def report(done: int, **extra) -> None:
@@ -133,7 +132,7 @@ def generate(loaded: LoadedModel, params: GenerationParams,
         # Stop per request by raising here, never with pipe._interrupt: that flag is shared by every request.
         extra = {}
         if every and (i + 1) % every == 0 and i + 1 < n:
-            extra["preview"] = preview_images(tensors["pred_original_sample"][:1], vae,
+            extra["preview"] = preview_images(tensors["pred_original_sample"][:1], None,
                                                loaded.profile.preview_factors, loaded.profile.preview_bias)[0]
         report(counted["before"] + i + 1, **extra)
         return {}

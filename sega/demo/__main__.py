@@ -3,6 +3,7 @@
     python -m sega.demo train --out assets/shapes-model      # the recipe in the model card
     python -m sega.demo sweep --model assets/shapes-model    # presets per edit kind, on tuning seeds
     python -m sega.demo eval  --model assets/shapes-model    # prompt accuracy, edit success, IoU
+    python -m sega.demo fit-previews                         # the live previews' latent-to-RGB map
 """
 
 from __future__ import annotations
@@ -13,6 +14,20 @@ from pathlib import Path
 
 from .shapes import DEFAULT_MODEL_DIR
 from .train import train
+
+
+def fit_previews(model: str, images: int) -> None:
+    """Print the least-squares latent-to-RGB map of ``model``'s VAE (for sega/demo/previews.py) and its error."""
+    from diffusers import AutoencoderKL
+
+    from .previews import fit_latent_rgb, map_error
+
+    vae = AutoencoderKL.from_pretrained(Path(model) / "vae").eval()
+    factors, bias = fit_latent_rgb(vae, images)
+    print("DEMO_LATENT_RGB_FACTORS =", tuple(tuple(round(v, 4) for v in row) for row in factors.tolist()))
+    print("DEMO_LATENT_RGB_BIAS =", tuple(round(v, 4) for v in bias.tolist()))
+    rms, spread = map_error(vae, factors, bias)
+    print(f"held-out RMS error {rms:.3f} (colours' spread {spread:.3f}; [-1, 1] units)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -67,8 +82,13 @@ def main(argv: list[str] | None = None) -> None:
                          help="implicit masks (LEDITS++) on every edit")
     p_sweep.add_argument("--real", action="store_true",
                          help="presets for uploads (inversion): colour, background and shape on tuning images")
+    p_fit = sub.add_parser("fit-previews", help="fit the live previews' latent-to-RGB map to the model's VAE")
+    p_fit.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
+    p_fit.add_argument("--images", type=int, default=600)
     args = parser.parse_args(argv)
-    if args.command in ("eval", "sweep") and args.real:
+    if args.command == "fit-previews":
+        fit_previews(args.model, args.images)
+    elif args.command in ("eval", "sweep") and args.real:
         real(args)
     elif args.command == "sweep":
         from .evaluate import choose, grid, load, sweep

@@ -65,7 +65,8 @@ def test_per_sample_prints_the_gpu_duration_constant(capsys):
 def test_previews_benchmark_times_the_pair_with_and_without_previews(capsys):
     speed.main(["--previews", "--steps", "4", "--edit-warmup", "1", "--repeats", "1"])
     out = capsys.readouterr().out
-    assert "previews per run: 3 (every 1 steps, VAE)" in out, out  # steps 1 to 3: not the last one
+    assert "previews per run: 3 (every 1 steps, latent-to-RGB: the demo VAE's fitted map)" in out, out  # steps 1 to 3: not the last one
+    assert re.search(r"^time in the previews themselves: \d+\.\d+ ms per run \(\d+\.\d+ % of the pair", out, re.M), out
     assert re.search(r"^previews ratio \d+\.\d+ \(CPU time \d+\.\d+\)  (meets|MISSES) <= 1\.03$", out, re.M), out
 
 

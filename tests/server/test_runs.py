@@ -79,12 +79,8 @@ def test_previews_come_every_few_steps_and_approach_the_image_with_edits(tiny, p
     result = items[-1]
     previews = {s.done: s.preview for s in items[:-1] if s.preview is not None}
     assert sorted(previews) == list(range(2, 20, service.preview_interval(20)))  # every 2nd step but the last
-    side = 16 if profile == "demo" else 16 // tiny.pipe.vae_scale_factor  # the VAE's image; the latent map's
+    side = 16 // tiny.pipe.vae_scale_factor  # the latent-to-RGB map: a picture at latent resolution
     assert {p.size for p in previews.values()} == {(side, side)}
-    if profile == "demo":  # the VAE's previews become the image with edits
-        final = np.asarray(result.edited, dtype=float)
-        first, last = (np.abs(np.asarray(previews[k], dtype=float) - final).mean() for k in (2, 18))
-        assert last < first
     # Without previews the same request gives the same images, and no step carries one.
     plain = list(gpu.denoise(loaded, params))
     assert all(s.preview is None for s in plain[:-1])
