@@ -29,16 +29,17 @@ def test_the_api_lists_two_endpoints_with_named_parameters(client, app_module):
     edit = info["named_endpoints"]["/edit"]["parameters"]
     assert [p["parameter_name"] for p in edit] == ["image", "source_prompt", "concepts", "seed", "steps", "skip",
                                                    "source_guidance_scale", "guidance_scale", "momentum_scale",
-                                                   "momentum_beta", "mask"]
+                                                   "momentum_beta", "mask", "model"]
     assert [p["parameter_name"] for p in edit if not p["parameter_has_default"]] == ["image"]
     params = info["named_endpoints"]["/generate"]["parameters"]
     assert [p["parameter_name"] for p in params] == ["prompt", "concepts", "seed", "steps", "guidance_scale",
                                                      "negative_prompt", "width", "height", "momentum_scale",
-                                                     "momentum_beta", "scheduler", "mask"]
+                                                     "momentum_beta", "scheduler", "mask", "model"]
     required = [p["parameter_name"] for p in params if not p["parameter_has_default"]]
     assert required == ["prompt"]
     defaults = {p["parameter_name"]: p["parameter_default"] for p in params}
     assert defaults["steps"] == app_module.DEFAULTS["steps"] and defaults["width"] == app_module.LOADED.native_size
+    assert defaults["model"] == app_module.LOADED.model_id  # one model served: its id is the default
     assert len(info["named_endpoints"]["/generate"]["returns"]) == 3
 
 
