@@ -134,7 +134,7 @@ def test_invalid_input_gets_an_error_naming_the_field(client, kwargs, field):
 
 def test_nan_over_raw_http_is_rejected_and_the_app_keeps_serving(server, client):
     # gradio_client refuses to send NaN; a hand-written request can.
-    body = '{"data": ["a red circle", [], 1, NaN, null, "", null, null, null, null, null, null]}'
+    body = '{"data": ["a red circle", [], 1, NaN, null, "", null, null, null, null, null, null, null]}'
     r = httpx.post(f"{server}gradio_api/call/generate", content=body, headers={"content-type": "application/json"})
     event_id = r.json()["event_id"]
     stream = httpx.get(f"{server}gradio_api/call/generate/{event_id}", timeout=60).text
@@ -180,28 +180,24 @@ def test_the_form_is_built_from_the_declarations(app_module):
     API's declarations (tests/server/test_form.py checks those against every preset and example)."""
     from server import form
 
-    a = app_module
+    (panel,) = app_module.PANELS  # one model served: one panel
+    limits = app_module.LIMITS[panel.model_id]
+    numeric = lambda widgets: {name: w for name, w in widgets.items() if name not in (  # noqa: E731
+        "negative_prompt", "scheduler", "mask", "source_prompt")}
     specs = {
-        "generate": (form.settings(a.LOADED, a.LIMITS), {"seed": a.seed, "steps": a.steps, "guidance_scale": a.guidance,
-                                                          "width": a.width, "height": a.height,
-                                                          "momentum_scale": a.momentum_scale,
-                                                          "momentum_beta": a.momentum_beta}),
-        "edit": (form.settings(a.LOADED, a.LIMITS, "edit"), {"seed": a.edit_seed, "steps": a.edit_steps, "skip": a.skip,
-                                                              "source_guidance_scale": a.source_guidance,
-                                                              "guidance_scale": a.edit_guidance,
-                                                              "momentum_scale": a.edit_momentum_scale,
-                                                              "momentum_beta": a.edit_momentum_beta}),
+        "generate": (form.settings(panel.loaded, limits), {"seed": panel.seed, **numeric(panel.settings)}),
+        "edit": (form.settings(panel.loaded, limits, "edit"), {"seed": panel.edit_seed, **numeric(panel.edit_settings)}),
     }
     pairs = []
     for widgets, components in specs.values():
         assert set(components) == set(widgets)  # every numeric parameter of the endpoint is on the form
         pairs += [(components[name], widgets[name]) for name in widgets]
-    for rows, endpoint in ((a.concept_rows, "generate"), (a.edit_rows, "edit")):
-        widgets = form.concept_widgets(a.LOADED, a.LIMITS, endpoint)
+    for rows, endpoint in ((panel.concept_rows, "generate"), (panel.edit_rows, "edit")):
+        widgets = form.concept_widgets(panel.loaded, limits, endpoint)
         for row in rows.rows:
             pairs += [(getattr(row, name), widget) for name, widget in widgets.items()]
-    assert len(pairs) == 14 + 5 * 2 * a.MAX_ROWS
+    assert len(pairs) == 14 + 5 * 2 * limits.max_concepts
     for component, spec in pairs:
         assert (component.minimum, component.maximum, component.step) == (spec.low, spec.high, spec.step), spec
         assert component.value == spec.default and component.label == spec.label and component.info == spec.info
-    assert "LESS" in a.concept_rows.rows[0].threshold.info  # the direction of the threshold is explained
+    assert "LESS" in panel.concept_rows.rows[0].threshold.info  # the direction of the threshold is explained
