@@ -88,14 +88,22 @@ def test_a_model_folder_with_its_own_code_is_not_run(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_the_api_offers_no_way_to_choose_the_model(server, app_module):
+def test_the_api_chooses_only_among_the_served_models(server, app_module):
     from gradio_client import Client
 
     info = Client(server, verbose=False).view_api(return_format="dict", print_info=False)
     names = [p["parameter_name"] for e in info["named_endpoints"].values() for p in e["parameters"]]
-    assert names and not any("model" in n or "checkpoint" in n or "path" in n for n in names)
+    assert names and not any("checkpoint" in n or "path" in n for n in names)
     assert not info["unnamed_endpoints"]
-    # An extra value where a model might go is ignored; a concept cannot carry one either.
+    # "model" names one of the models the server loaded, never a checkpoint to load: another id or a folder is
+    # refused, naming the served ones, and nothing is loaded.
+    for other in ("some/other-model", "/tmp", str(app_module.LOADED.model_id) + "/.."):
+        event, data = call(server, api_data(prompt=PROMPT, steps=2, seed=1, model=other))
+        assert event == "error" and data["error"].startswith("model must be one of the served models: "), data
+    assert list(app_module.MODELS) == [app_module.LOADED.model_id]
+    event, data = call(server, api_data(prompt=PROMPT, steps=2, seed=1, model=app_module.LOADED.model_id))
+    assert event == "complete" and data[2]["model"] == app_module.LOADED.model_id
+    # An extra positional value is ignored; a concept cannot carry a model either.
     event, data = call(server, [*api_data(prompt=PROMPT, steps=2, seed=1), "some/other-model"])
     assert event == "complete" and data[2]["model"] == app_module.LOADED.model_id
     event, data = call(server, api_data(prompt=PROMPT, steps=2, concepts=[{"prompt": "blue", "model": "x/y"}]))
