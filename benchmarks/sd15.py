@@ -10,6 +10,8 @@ length, so the same cost); the scheduler is DDIM from SD's scheduler config, as 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -24,6 +26,20 @@ MODEL_NAME = "sd15-random"
 TOKENS = 77  # CLIP's context length, which sets the cross-attention cost
 
 
+
+@contextlib.contextmanager
+def built_in(dtype: torch.dtype, device: str | torch.device, seed: int) -> Iterator[None]:
+    """Modules created inside are created on ``device`` in ``dtype`` directly, with weights seeded by ``seed``."""
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def sd15_components(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0) -> dict:
     """SD 1.5's components with random weights, as keyword arguments for a pipeline.
 
@@ -36,16 +52,10 @@ def sd15_components(dtype: torch.dtype = torch.float32, device: str | torch.devi
         device: where the weights are created.
         seed: seeds the random weights (the cost does not depend on it).
     """
-    torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(CONFIG_DIR, subfolder="unet"))
-            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(CONFIG_DIR, subfolder="vae"))
-            text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(CONFIG_DIR / "text_encoder"))
-    finally:
-        torch.set_default_dtype(previous)
+    with built_in(dtype, device, seed):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(CONFIG_DIR, subfolder="unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(CONFIG_DIR, subfolder="vae"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(CONFIG_DIR / "text_encoder"))
     scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(CONFIG_DIR, subfolder="scheduler"))
     for module in (unet, vae, text_encoder):
         module.eval().requires_grad_(False)

@@ -34,6 +34,7 @@ from sega.concepts import EditConcept
 from sega.demo.shapes import build_tokenizer
 from sega.pipeline_xl import SegaXLPipeline
 
+from .sd15 import built_in
 from .speed import DTYPES, Counters, Timing, measure_interleaved
 
 CONFIG_DIR = Path(__file__).resolve().parent / "sdxl_random"
@@ -50,20 +51,14 @@ def sdxl_components(dtype: torch.dtype = torch.float32, device: str | torch.devi
     Created on ``device`` in ``dtype`` directly (as benchmarks/sd15.py does): a float16 GPU build never holds a
     float32 copy; ``device="meta"`` builds the architecture without allocating any weights.
     """
-    torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(CONFIG_DIR, subfolder="unet"))
-            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(CONFIG_DIR, subfolder="vae"))
-            # The configs say float16 (as published); transformers then casts some activations to it, so the
-            # config's dtype must be the one the weights are built in.
-            text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(CONFIG_DIR / "text_encoder", dtype=dtype))
-            text_encoder_2 = CLIPTextModelWithProjection(
-                CLIPTextConfig.from_pretrained(CONFIG_DIR / "text_encoder_2", dtype=dtype))
-    finally:
-        torch.set_default_dtype(previous)
+    with built_in(dtype, device, seed):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(CONFIG_DIR, subfolder="unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(CONFIG_DIR, subfolder="vae"))
+        # The configs say float16 (as published); transformers then casts some activations to it, so the
+        # config's dtype must be the one the weights are built in.
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(CONFIG_DIR / "text_encoder", dtype=dtype))
+        text_encoder_2 = CLIPTextModelWithProjection(
+            CLIPTextConfig.from_pretrained(CONFIG_DIR / "text_encoder_2", dtype=dtype))
     scheduler = EulerDiscreteScheduler.from_config(EulerDiscreteScheduler.load_config(CONFIG_DIR, subfolder="scheduler"))
     for module in (unet, vae, text_encoder, text_encoder_2):
         module.eval().requires_grad_(False)
