@@ -238,11 +238,13 @@ def show_masks(used, edited: str | None):
 
 def mask_choice(loaded: LoadedModel, endpoint: str, elem_id: str) -> gr.Radio:
     """The "mask" parameter's control, from its declaration (choices, default of the model and endpoint)."""
+    own_presets = (" With masks the presets have values of their own: choosing a mode refills the concepts' "
+                   "numbers from their presets." if endpoint in loaded.profile.mask_presets else "")
     return gr.Radio(list(api.MASK_MODES), value=api.defaults(loaded, endpoint)["mask"], elem_id=elem_id,
                     label="Masks (LEDITS++): where each concept may edit",
                     info="none: SEGA's threshold per latent channel; cross-attention: only where the concept's "
                          "words attend (the threshold is the share of that map left out); intersect: there and "
-                         "where its edit is strong. The masks are shown beside the result.")
+                         "where its edit is strong. The masks are shown beside the result." + own_presets)
 
 
 def keep_seed(seed_used):
@@ -308,12 +310,13 @@ class ConceptRows:
 
     def __init__(self, loaded: LoadedModel, prefix: str = "concept", endpoint: str = "generate"):
         self.endpoint, self.profile = endpoint, loaded.profile
+        self.mask = api.defaults(loaded, endpoint)["mask"]  # the form's mask mode at the start and after an example
         limits = LIMITS[loaded.model_id]
         max_rows = limits.max_concepts
-        presets = self.profile.presets_for(endpoint)
+        presets = self.profile.presets_for(endpoint, self.mask)
         self.count = gr.State(1)
         self.rows: list[ConceptRow] = []
-        d = self.profile.concept_defaults(endpoint=endpoint)
+        d = self.profile.concept_defaults(endpoint=endpoint, mask=self.mask)
         w = form.concept_widgets(loaded, limits, endpoint)
         for i in range(max_rows):
             with gr.Group(visible=i == 0, elem_id=f"{prefix}-{i}") as group:
@@ -340,10 +343,23 @@ class ConceptRows:
         add.click(lambda n: self.show(min(n + 1, max_rows)), self.count, [self.count, *groups],
                   api_visibility="private")
         remove.click(lambda n: self.show(max(n - 1, 0)), self.count, [self.count, *groups], api_visibility="private")
+
+    def wire_presets(self, mask: gr.Radio) -> None:
+        """A preset fills its row's numbers from the table of the mask mode chosen; where masked edits have
+        presets of their own, choosing another mask mode refills every row from its preset."""
+        keys = ("scale", "threshold", "warmup")
+
+        def numbers(name: str, mode: str) -> list:
+            return [self.profile.presets_for(self.endpoint, mode)[name][k] for k in keys]
+
         for row in self.rows:
             # .input, not .change: filling a row from an example must keep the example's own values.
-            row.preset.input(lambda name: [presets[name][k] for k in ("scale", "threshold", "warmup")],
-                             row.preset, [row.scale, row.threshold, row.warmup], api_visibility="private")
+            row.preset.input(numbers, [row.preset, mask], [row.scale, row.threshold, row.warmup],
+                             api_visibility="private")
+        if self.endpoint in self.profile.mask_presets:
+            mask.input(lambda mode, *names: [v for name in names for v in numbers(name, mode)],
+                       [mask, *(r.preset for r in self.rows)],
+                       [w for r in self.rows for w in (r.scale, r.threshold, r.warmup)], api_visibility="private")
 
     def show(self, n: int) -> dict:
         return {self.count: n, **{r.group: gr.Group(visible=i < n) for i, r in enumerate(self.rows)}}
@@ -367,7 +383,8 @@ class ConceptRows:
         updates = self.show(len(concepts))
         for i, row in enumerate(self.rows):
             concept = concepts[i] if i < len(concepts) else {}
-            updates |= row.fill(self.profile.concept_defaults(concept.get("preset"), self.endpoint) | concept)
+            updates |= row.fill(self.profile.concept_defaults(concept.get("preset"), self.endpoint, self.mask)
+                                | concept)
         return updates
 
 
@@ -581,6 +598,8 @@ class ModelPanel:
         settings, edit_settings = self.settings, self.edit_settings
         concept_rows.wire_advanced(self.show_advanced)
         edit_rows.wire_advanced(self.edit_show_advanced)
+        concept_rows.wire_presets(settings["mask"])
+        edit_rows.wire_presets(edit_settings["mask"])
         # A click on an example fills the rows from the example itself (a change of a hidden value would not fire
         # when the same example is clicked twice).
         self.generate_examples.dataset.select(self.fill_generate_form, None,

@@ -124,10 +124,10 @@ def settings(model: Model, limits: api.Limits, endpoint: str = "generate") -> di
 
 def concept_widgets(model: Model, limits: api.Limits, endpoint: str = "generate") -> dict[str, Widget]:
     """A concept row's numbers, starting at the default preset's values; each covers every preset's value
-    (of both endpoints' preset tables, so that the rows of either tab can hold any of them)."""
+    (of every preset table: both endpoints, with and without masks, so that any row can hold any of them)."""
     profile = model.profile
     defaults = profile.concept_defaults(endpoint=endpoint)
-    presets = [*profile.presets_for("generate").values(), *profile.presets_for("edit").values(), defaults]
+    presets = [*(p for table in profile.preset_tables() for p in table.values()), defaults]
     return {name: _widget(name, CONCEPT_RANGES[name], look, defaults[name],
                           [p[name] for p in presets if p.get(name) is not None], model, limits)
             for name, look in CONCEPT_LOOKS.items()}

@@ -127,6 +127,7 @@ class Context:
     endpoint: str = "generate"
     notices: list[str] = field(default_factory=list)
     served: tuple[str, ...] = ()  # the models a request may choose (default: the one loaded)
+    mask: str = "none"  # the request's mask mode: a concept's preset comes from that mode's table
 
 
 def clean_text(name: str, value, max_chars: int) -> tuple[str, list[str]]:
@@ -174,10 +175,10 @@ def parse_concept(index: int, raw, ctx: Context) -> EditConcept:
     prompt = text(f"{where}.prompt", raw["prompt"], ctx, required=True)
     profile = ctx.loaded.profile
     preset = raw.get("preset")
-    presets = profile.presets_for(ctx.endpoint)
+    presets = profile.presets_for(ctx.endpoint, ctx.mask)
     if preset is not None and (not isinstance(preset, str) or preset not in presets):
         raise InvalidInput(f"{where}.preset must be one of {', '.join(presets)}; got {show_value(preset)}")
-    values = profile.concept_defaults(preset, ctx.endpoint)
+    values = profile.concept_defaults(preset, ctx.endpoint, ctx.mask)
     values.pop("preset")
     values.update({k: v for k, v in raw.items() if k not in ("prompt", "preset") and v is not None})
     try:
@@ -369,7 +370,8 @@ GENERATE_PARAMS: tuple[Param, ...] = (
     Param("prompt", "text", "what the image shows (required)",
           check=lambda v, ctx: text("prompt", v, ctx, required=True), default=None, keywords=_as("prompt")),
     Param("concepts", "json", "edit concepts: objects with prompt (required), scale, threshold, warmup, reverse, "
-          "cooldown, weight, preset; a preset fills the keys not given",
+          "cooldown, weight, preset; a preset fills the keys not given (with a mask: from the model's presets for "
+          "masks, where it has them)",
           check=_concepts, default=lambda _loaded: [], keywords=_concepts_keyword,
           to_json=lambda concepts: [dataclasses.asdict(c) for c in concepts]),
     Param("seed", "int", f"random seed in [0, {MAX_SEED}] (default: random, returned in the JSON)",
@@ -581,6 +583,9 @@ def parse_request(served: Served, raw: Mapping, limits: Limits | Mapping[str, Li
     loaded = models[choice]
     ctx = Context(loaded, limits_for(loaded, limits), tuple(str(r) for r in upload_roots), endpoint,
                   served=tuple(models))
+    # Then the mask: it chooses the preset table that fills the concepts.
+    mask = next(p for p in ENDPOINTS[endpoint] if p.name == "mask")
+    ctx.mask = mask.validate(mask.default(loaded) if raw.get("mask") is None else raw["mask"], ctx)
     values = {}
     for p in ENDPOINTS[endpoint]:
         value = raw.get(p.name)

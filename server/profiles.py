@@ -8,10 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sega.demo.editing import DEMO_EDIT_DEFAULTS, DEMO_EDIT_EXAMPLES, DEMO_EDIT_PRESETS
-from sega.demo.presets import DEMO_DEFAULTS, DEMO_EXAMPLES, DEMO_PRESETS
+from sega.demo.editing import (
+    DEMO_EDIT_DEFAULTS,
+    DEMO_EDIT_EXAMPLES,
+    DEMO_EDIT_MASK_PRESETS,
+    DEMO_EDIT_PRESETS,
+)
+from sega.demo.presets import DEMO_DEFAULTS, DEMO_EXAMPLES, DEMO_MASK_PRESETS, DEMO_PRESETS
 from sega.demo.previews import DEMO_LATENT_RGB_BIAS, DEMO_LATENT_RGB_FACTORS
 from sega.demo.shapes import BACKGROUNDS, COLORS, SHAPES, SIZES, VOCAB_WORDS
+from sega.masks import MASK_MODES
 from sega.pipeline import SegaPipeline
 from sega.pipeline_xl import SegaXLPipeline
 from sega.presets import (
@@ -41,6 +47,9 @@ class ModelProfile:
     concept_placeholder: str
     edit_defaults: dict  # /edit: steps, skip, source_guidance_scale, mask
     edit_presets: dict[str, dict] | None = None  # presets for uploaded images (None: the same as ``presets``)
+    # Presets for requests with an implicit mask, per endpoint ("generate", "edit"): with a mask the threshold is
+    # the mask's quantile, not SEGA's per-channel share, so a model may need other values (none: the same).
+    mask_presets: dict[str, dict[str, dict]] = field(default_factory=dict)
     # The "Edit an image" tab's examples: (label, image path, source prompt, concepts, seed); none for SD.
     edit_examples: list = field(default_factory=list)
     # GPU time (server.service.gpu_duration): seconds per UNet sample of 512x512 px (scaled by area), headroom
@@ -59,14 +68,21 @@ class ModelProfile:
     def default_preset(self) -> str:
         return self.defaults["default_preset"]
 
-    def presets_for(self, endpoint: str = "generate") -> dict[str, dict]:
-        """The preset table of an endpoint: uploaded images (/edit) may have their own."""
+    def presets_for(self, endpoint: str = "generate", mask: str = "none") -> dict[str, dict]:
+        """The preset table of an endpoint and mask mode: uploaded images (/edit) and masked edits may have
+        their own (every table has the same preset names)."""
+        if mask != "none" and endpoint in self.mask_presets:
+            return self.mask_presets[endpoint]
         return self.edit_presets if endpoint == "edit" and self.edit_presets else self.presets
 
-    def concept_defaults(self, preset: str | None = None, endpoint: str = "generate") -> dict:
+    def preset_tables(self) -> list[dict[str, dict]]:
+        """Every preset table of the profile (both endpoints, with and without masks)."""
+        return [self.presets_for(endpoint, mask) for endpoint in ("generate", "edit") for mask in MASK_MODES]
+
+    def concept_defaults(self, preset: str | None = None, endpoint: str = "generate", mask: str = "none") -> dict:
         """Every key of a concept but its text, from ``preset`` (default: the profile's default preset)."""
         name = preset or self.default_preset
-        return {"preset": name, **self.presets_for(endpoint)[name], "reverse": False, "cooldown": None,
+        return {"preset": name, **self.presets_for(endpoint, mask)[name], "reverse": False, "cooldown": None,
                 "weight": 1.0}
 
 
@@ -82,6 +98,7 @@ DEMO_PROFILE = ModelProfile(
     concept_placeholder="e.g. blue (leave empty to skip)",
     edit_defaults=DEMO_EDIT_DEFAULTS,
     edit_presets=DEMO_EDIT_PRESETS,
+    mask_presets={"generate": DEMO_MASK_PRESETS, "edit": DEMO_EDIT_MASK_PRESETS},
     edit_examples=DEMO_EDIT_EXAMPLES,
     preview_factors=DEMO_LATENT_RGB_FACTORS,
     preview_bias=DEMO_LATENT_RGB_BIAS,

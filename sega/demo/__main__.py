@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     p_eval.add_argument("--first-seed", type=int, default=1000, help="evaluation seeds start here (tuning used 0..999)")
     p_eval.add_argument("--mask", default="none", choices=["none", "cross-attention", "intersect"],
                         help="implicit masks (LEDITS++) on every edit")
-    p_eval.add_argument("--presets", default=None, help="a JSON file of presets to use instead of the built-in ones")
+    p_eval.add_argument("--presets", default=None,
+                        help="a JSON file of presets to use instead of the built-in ones (the mask mode's)")
     p_eval.add_argument("--real", action="store_true",
                         help="edit uploads drawn by the renderer (inversion) instead of generated images")
     p_sweep = sub.add_parser("sweep", help="success per (scale, threshold, warmup) and edit kind, on tuning seeds")
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
 def real(args) -> None:
     """``eval --real`` / ``sweep --real``: editing uploads drawn by the renderer, through the inversion."""
     from ..reedit import LRUCache
-    from .editing import DEMO_EDIT_DEFAULTS, DEMO_EDIT_PRESETS, REAL_KINDS, evaluate_real, sweep_real
+    from .editing import DEMO_EDIT_DEFAULTS, REAL_KINDS, edit_presets_for_mask, evaluate_real, sweep_real
     from .evaluate import load
 
     pipe = load(args.model)
@@ -141,7 +142,7 @@ def real(args) -> None:
         print("best:", json.dumps(result["best"]))
     else:
         seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-        presets = json.loads(Path(args.presets).read_text()) if args.presets else DEMO_EDIT_PRESETS
+        presets = json.loads(Path(args.presets).read_text()) if args.presets else edit_presets_for_mask(args.mask)
         kinds = REAL_KINDS if args.kinds is None else tuple(k for k in args.kinds.split(",") if k in REAL_KINDS)
         result = evaluate_real(pipe, seeds, presets, {**DEMO_EDIT_DEFAULTS, "mask": args.mask}, kinds=kinds)
         for kind, r in result.items():

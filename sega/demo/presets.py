@@ -11,6 +11,17 @@ DEMO_PRESETS: dict[str, dict] = {
     "removal": {"scale": 30.0, "threshold": 0.5, "warmup": 5},
     "custom": {"scale": 10.0, "threshold": 0.5, "warmup": 8},
 }
+# With an implicit mask (LEDITS++) the threshold is the share of the concept's mask left out, not SEGA's
+# per-channel share: presets of their own, chosen by ``python -m sega.demo sweep --mask intersect`` on tuning seeds
+# (the model card's "Implicit masks" section).
+DEMO_MASK_PRESETS: dict[str, dict] = {
+    "color": {"scale": 10.0, "threshold": 0.1, "warmup": 10},
+    "background": {"scale": 40.0, "threshold": 0.2, "warmup": 0},
+    "shape": {"scale": 15.0, "threshold": 0.2, "warmup": 2},
+    "size": {"scale": 10.0, "threshold": 0.2, "warmup": 2},
+    "removal": {"scale": 30.0, "threshold": 0.2, "warmup": 5},
+    "custom": {"scale": 10.0, "threshold": 0.3, "warmup": 8},
+}
 DEMO_DEFAULTS: dict = {"steps": 25, "guidance_scale": 5.0, "momentum_scale": 0.3, "momentum_beta": 0.6,
                        "default_preset": "color", "mask": "none"}
 

@@ -94,11 +94,13 @@ def shown(page, server: str, selector: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(body)).convert("RGB"))
 
 
-def expect_row(page, row: str, concept: dict, endpoint: str) -> None:
-    """The row shows ``concept`` with the keys it leaves out filled from its preset (as the API fills them)."""
+def expect_row(page, row: str, concept: dict, endpoint: str, mask: str | None = None) -> None:
+    """The row shows ``concept`` with the keys it leaves out filled from its preset (as the API fills them, from
+    the table of ``mask``; default: the endpoint's default mask mode)."""
     from playwright.sync_api import expect
 
-    full = DEMO_PROFILE.concept_defaults(concept.get("preset"), endpoint) | concept
+    mask = mask or (DEMO_PROFILE.edit_defaults if endpoint == "edit" else DEMO_PROFILE.defaults)["mask"]
+    full = DEMO_PROFILE.concept_defaults(concept.get("preset"), endpoint, mask) | concept
     expect(text_field(page, f"{row}-text")).to_have_value(full["prompt"])
     for key in ("scale", "threshold", "warmup"):
         expect(number_of(page, f"{row}-{key}")).to_have_value(f"{full[key]:g}")
@@ -164,10 +166,11 @@ def test_masks_are_shown_beside_the_result_in_both_tabs(server):
         text_field(page, "concept-0-text").fill("blue")
         text_field(page, "concept-1-text").fill("red")
         page.locator("#concept-1-direction").get_by_text("remove").click()
+        # the mask mode first: choosing it refills the rows from their presets (the demo model's for masks)
+        page.locator("#mask input[value=intersect]").check()
         set_number(page, "steps", 10)
         for i in range(2):
             set_number(page, f"concept-{i}-warmup", 2)
-        page.locator("#mask input[value=intersect]").check()
         run(page, "#generate")
         gallery = page.locator("#masks")
         expect(gallery.locator("img")).to_have_count(2, timeout=30_000)
@@ -184,9 +187,9 @@ def test_masks_are_shown_beside_the_result_in_both_tabs(server):
         page.locator("#edit-image input[type=file]").set_input_files(str(EXAMPLES_DIR / "red-circle.png"))
         expect(page.locator("#edit-image img").first).to_be_visible(timeout=30_000)
         text_field(page, "edit-concept-0-text").fill("blue")
+        page.locator("#edit-mask input[value=cross-attention]").check()
         set_number(page, "edit-steps", 10)
         set_number(page, "edit-concept-0-warmup", 2)
-        page.locator("#edit-mask input[value=cross-attention]").check()
         run(page, "#edit", "edit-")
         edit_gallery = page.locator("#edit-masks")
         expect(edit_gallery.locator("img")).to_have_count(1, timeout=30_000)
@@ -280,6 +283,26 @@ def pick_preset(page, row: str, name: str) -> None:
     page.get_by_role("option", name=name, exact=True).click()
 
 
+def try_every_preset(page, endpoint: str, prefix: str, button: str) -> None:
+    """With each mask mode, every preset of the row fills its numbers from that mode's table and runs with
+    them; switching the mode refills the row from its preset."""
+    from playwright.sync_api import expect
+
+    row, mask_id = f"{prefix}concept-0", f"{prefix}mask"
+    for mask in ("none", "intersect"):
+        page.locator(f"#{mask_id} input[value={mask}]").check()
+        current = page.locator(f"#{row}-preset input").input_value()
+        expect_row(page, row, {"prompt": "blue", "preset": current}, endpoint, mask)  # refilled for the mode
+        for name, values in DEMO_PROFILE.presets_for(endpoint, mask).items():
+            pick_preset(page, row, name)
+            expect_row(page, row, {"prompt": "blue", "preset": name}, endpoint, mask)
+            seed = run(page, button, prefix)
+            # the summary follows from the run's JSON (its own event): wait for this run's
+            expect(page.locator(f"#{prefix}summary")).to_contain_text(f"seed {seed}", timeout=30_000)
+            expect(page.locator(f"#{prefix}summary")).to_contain_text(
+                f"+'blue' (scale {values['scale']:g}, threshold {values['threshold']:g}, from step {values['warmup']})")
+
+
 def test_each_preset_of_a_row_generates(server):
     from playwright.sync_api import expect
 
@@ -289,16 +312,10 @@ def test_each_preset_of_a_row_generates(server):
         expect(page.get_by_text("Higher edits LESS of the image").first).to_be_visible()
         text_field(page, "prompt").fill("a large red circle on a white background")
         text_field(page, "concept-0-text").fill("blue")
-        assert FEW_STEPS > max(p["warmup"] for p in DEMO_PROFILE.presets.values())  # every preset still applies
+        assert FEW_STEPS > max(p["warmup"] for table in DEMO_PROFILE.preset_tables()
+                               for p in table.values())  # every preset still applies
         set_number(page, "steps", FEW_STEPS)
-        for name, values in DEMO_PROFILE.presets.items():
-            pick_preset(page, "concept-0", name)
-            expect_row(page, "concept-0", {"prompt": "blue", "preset": name}, "generate")
-            seed = run(page, "#generate")
-            # the summary follows from the run's JSON (its own event): wait for this run's
-            expect(page.locator("#summary")).to_contain_text(f"seed {seed}", timeout=30_000)
-            expect(page.locator("#summary")).to_contain_text(
-                f"+'blue' (scale {values['scale']:g}, threshold {values['threshold']:g}, from step {values['warmup']})")
+        try_every_preset(page, "generate", "", "#generate")
 
 
 def test_each_preset_of_an_edit_row_edits(server):
@@ -314,15 +331,10 @@ def test_each_preset_of_an_edit_row_edits(server):
         text_field(page, "edit-concept-0-text").fill("blue")
         steps = FEW_STEPS + 3
         assert performed_steps(steps, DEMO_PROFILE.edit_defaults["skip"]) > max(
-            p["warmup"] for p in DEMO_PROFILE.edit_presets.values())  # what skip leaves is past every warmup
+            p["warmup"] for table in DEMO_PROFILE.preset_tables()
+            for p in table.values())  # what skip leaves is past every warmup
         set_number(page, "edit-steps", steps)
-        for name, values in DEMO_PROFILE.edit_presets.items():
-            pick_preset(page, "edit-concept-0", name)
-            expect_row(page, "edit-concept-0", {"prompt": "blue", "preset": name}, "edit")
-            seed = run(page, "#edit", "edit-")
-            expect(page.locator("#edit-summary")).to_contain_text(f"seed {seed}", timeout=30_000)
-            expect(page.locator("#edit-summary")).to_contain_text(
-                f"+'blue' (scale {values['scale']:g}, threshold {values['threshold']:g}, from step {values['warmup']})")
+        try_every_preset(page, "edit", "edit-", "#edit")
 
 
 def test_a_transparent_upload_is_edited_on_white_as_over_the_api(server, tmp_path):

@@ -32,11 +32,12 @@ def within(widget: form.Widget, bounds: Range) -> bool:
 
 
 def concept_values(model, endpoint: str):
-    """Every concept the form may be asked to show: each preset of the endpoint, and each example's concepts
-    (filled from their preset, as the form fills a row)."""
+    """Every concept the form may be asked to show: each preset of the endpoint, with and without masks, and
+    each example's concepts (filled from their preset, as the form fills a row)."""
     profile = model.profile
-    for name in profile.presets_for(endpoint):
-        yield f"preset {name}", profile.concept_defaults(name, endpoint)
+    for mask in api.MASK_MODES:
+        for name in profile.presets_for(endpoint, mask):
+            yield f"preset {name} (mask {mask})", profile.concept_defaults(name, endpoint, mask)
     examples = profile.examples if endpoint == "generate" else [(label, prompt, c, seed) for label, _, prompt, c, seed
                                                                  in profile.edit_examples]
     for label, _, concepts, _ in examples:

@@ -529,3 +529,32 @@ def test_uploaded_images_have_their_own_presets_on_the_demo_model(tiny, tmp_path
         want["scale"], want["threshold"], want["warmup"])
     generate = parse(tiny, concepts=[{"prompt": "blue", "preset": "color"}])
     assert generate.concepts[0].threshold == DEMO_PROFILE.presets["color"]["threshold"]
+
+
+@pytest.mark.parametrize("endpoint", ["generate", "edit"])
+def test_a_masked_request_takes_its_presets_from_the_mask_table(tmp_path, endpoint):
+    from PIL import Image
+
+    from tests.tiny import tiny_mask_components
+
+    pipe = SegaPipeline(**tiny_mask_components())  # cross-attention where the masks need it
+    tiny = LoadedModel(pipe=pipe, model_id="tiny", profile=profiles.profile_for(pipe), fallback_reason=None,
+                       device="cpu")
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "a.png")
+    raw = {"prompt": "a large red circle on a white background", "image": str(tmp_path / "a.png")}
+    if endpoint == "edit":
+        raw.pop("prompt")
+    profile = DEMO_PROFILE
+    assert endpoint in profile.mask_presets  # the demo model has presets of its own for masked edits
+    for mask in api.MASK_MODES:
+        for name, want in profile.presets_for(endpoint, mask).items():
+            concepts = [{"prompt": "blue", "preset": name}, {"prompt": "red", "preset": name, "scale": 2.5}]
+            p = api.parse_request(tiny, {**raw, "concepts": concepts, "mask": mask}, LIMITS, endpoint,
+                                  upload_roots=(str(tmp_path),))
+            a, b = p.concepts
+            assert (a.scale, a.threshold, a.warmup) == (want["scale"], want["threshold"], want["warmup"]), (mask, name)
+            assert (b.scale, b.threshold) == (2.5, want["threshold"])  # an explicit key still wins
+            if endpoint == "generate":  # the JSON of the parameters used parses back to the same request
+                assert api.params_from_json(tiny, p.to_json(), LIMITS, endpoint) == p
+    # the tables differ where the mask changes the threshold's meaning
+    assert profile.presets_for(endpoint, "intersect") != profile.presets_for(endpoint, "none")
