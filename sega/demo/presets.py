@@ -17,7 +17,7 @@ DEMO_PRESETS: dict[str, dict] = {
 DEMO_MASK_PRESETS: dict[str, dict] = {
     "color": {"scale": 10.0, "threshold": 0.1, "warmup": 10},
     "background": {"scale": 40.0, "threshold": 0.2, "warmup": 0},
-    "shape": {"scale": 15.0, "threshold": 0.2, "warmup": 2},
+    "shape": {"scale": 15.0, "threshold": 0.2, "warmup": 0},
     "size": {"scale": 10.0, "threshold": 0.2, "warmup": 2},
     "removal": {"scale": 30.0, "threshold": 0.2, "warmup": 5},
     "custom": {"scale": 10.0, "threshold": 0.3, "warmup": 8},
