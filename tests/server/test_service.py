@@ -538,8 +538,7 @@ def test_a_masked_request_takes_its_presets_from_the_mask_table(tmp_path, endpoi
     from tests.tiny import tiny_mask_components
 
     pipe = SegaPipeline(**tiny_mask_components())  # cross-attention where the masks need it
-    tiny = LoadedModel(pipe=pipe, model_id="tiny", profile=profiles.profile_for(pipe), fallback_reason=None,
-                       device="cpu")
+    tiny = LoadedModel(pipe=pipe, model_id="tiny", profile=DEMO_PROFILE, fallback_reason=None, device="cpu")
     Image.new("RGB", (32, 32), "red").save(tmp_path / "a.png")
     raw = {"prompt": "a large red circle on a white background", "image": str(tmp_path / "a.png")}
     if endpoint == "edit":
