@@ -10,5 +10,6 @@ from .concepts import EditConcept
 from .inversion import SegaInversion
 from .pipeline import SegaPipeline, SegaPipelineOutput
 from .pipeline_xl import SegaXLPipeline
+from .stopping import Stopped
 
-__all__ = ["EditConcept", "SegaInversion", "SegaPipeline", "SegaPipelineOutput", "SegaXLPipeline"]
+__all__ = ["EditConcept", "SegaInversion", "SegaPipeline", "SegaPipelineOutput", "SegaXLPipeline", "Stopped"]

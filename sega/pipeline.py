@@ -55,6 +55,7 @@ from .reedit import (
     scheduler_step,
     step_kwargs,
 )
+from .stopping import StopFlag, check_stop
 
 logger = logging.get_logger(__name__)
 
@@ -366,10 +367,6 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
             ])
         return needed[::-1]
 
-    @property
-    def interrupt(self) -> bool:
-        return getattr(self, "_interrupt", False)
-
     # ------------------------------------------------------------------------------------------
     # Steps of a call
     # ------------------------------------------------------------------------------------------
@@ -471,11 +468,11 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         return PlainRun()
 
     def denoise(self, state: _Denoising, latents: torch.Tensor, plain: PlainRun, callback, callback_steps: int,
-                callback_on_step_end, callback_on_step_end_tensor_inputs) -> torch.Tensor:
-        """The denoising loop; the callbacks see the edited run's latents once per step."""
+                callback_on_step_end, callback_on_step_end_tensor_inputs, stop: StopFlag | None = None) -> torch.Tensor:
+        """The denoising loop; the callbacks see the edited run's latents once per step. Raises
+        :class:`~sega.stopping.Stopped` before a step once ``stop`` is set."""
         for i, t in enumerate(self.progress_bar(state.timesteps)):
-            if self.interrupt:
-                break
+            check_stop(stop, i, len(state.timesteps))
             plain.advance(i, t)
             stepped = self.denoise_step(state, i, t, latents, plain)
             latents = stepped
@@ -657,6 +654,7 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         use_cache: bool = True,
         callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict | None] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        stop: StopFlag | None = None,
     ) -> SegaInversion:
         r"""Invert a real image for editing (edit-friendly DDPM inversion, as LEDITS++ with DDIM).
 
@@ -683,6 +681,8 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
                 returned or cached. Progress bars and stop buttons use it; an edit's total work is n inversion
                 steps plus n denoising steps.
             callback_on_step_end_tensor_inputs: tensors passed to ``callback_on_step_end`` ("latents").
+            stop: as in :meth:`__call__`: checked before every inversion step; once set, raises
+                :class:`~sega.stopping.Stopped` and nothing is returned or cached.
 
         Returns:
             :class:`~sega.inversion.SegaInversion` with the start latents, noise maps, ``cache_hit`` and the
@@ -740,6 +740,7 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         zs = []
         segments = ["u", "p"] if do_cfg else ["p"]
         for k, t in enumerate(self.progress_bar(timesteps)):
+            check_stop(stop, k, n, stage="inversion")
             chunks = self._unet_step(state, t, [(scheduler.scale_model_input(xts[k], t), segments)])
             noise_pred = chunks[0]
             if do_cfg:
@@ -805,6 +806,7 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         scheduler=None,
         callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        stop: StopFlag | None = None,
     ):
         r"""Generate images, steered by edit concepts.
 
@@ -888,8 +890,10 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
                 N-1, also with ``original_first``) after the edited run's scheduler step, with the edited
                 run's latents. Returning new "latents" changes the edited run only: the run without edits
                 (returned as the original and kept in the re-edit cache) goes on from the scheduler's latents.
-                Set ``pipe._interrupt = True`` (or raise) to stop both runs early; an interrupted run is not
-                cached. Callbacks that change the latents in place are not supported.
+                Raise in it to end the call (the exception is passed on; nothing is cached). Callbacks that change the latents in place are not supported.
+            stop: this call's stop flag (anything with ``is_set()``, e.g. a ``threading.Event``), checked before
+                every step: once it is set the call raises :class:`~sega.stopping.Stopped` and returns and caches
+                nothing. Per call, so concurrent calls on one pipeline stop independently.
             callback_on_step_end_tensor_inputs: tensors passed to ``callback_on_step_end``: "latents", and
                 "pred_original_sample", the clean latents x0 that the step's estimate predicts (for previews:
                 :mod:`sega.previews`).
@@ -914,7 +918,6 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
                 f"guidance_scale={guidance_scale} <= 1: classifier-free guidance is off; both images follow the "
                 "prompt's estimate, and the edits are added to it (the deprecated pipeline ignored them)."
             )
-        self._interrupt = False
 
         # 2. Encode the prompt, the negative prompt and the concepts
         embeddings = self.encode_prompts(prompts, negative_prompts, num_images_per_prompt, cc, use_cache,
@@ -960,7 +963,7 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         # 6. Denoising loop (with masks: recording cross-attention maps, the UNet's processors put back after)
         with state.masks.recording(self.unet) if state.masks is not None else contextlib.nullcontext():
             latents = self.denoise(state, latents, plain, callback, callback_steps, callback_on_step_end,
-                                   callback_on_step_end_tensor_inputs)
+                                   callback_on_step_end_tensor_inputs, stop)
 
         # 7. Decode, keep the plain run for re-edits, post-process
         plain_latents = plain.final_latents(latents)
@@ -969,7 +972,7 @@ class SegaPipeline(DiffusionPipeline, StableDiffusionMixin):
         else:
             image, nsfw, original, original_nsfw = self.decode_pair(latents, plain, plain_latents, dtype)
         trajectory = plain.finished(n_steps)
-        if trajectory is not None and key is not None and not self.interrupt:
+        if trajectory is not None and key is not None:
             trajectory.final_latents = plain_latents
             if output_type != "latent":
                 # The decoded image too, so that a re-edit returns the very same original.

@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
-from sega import EditConcept, SegaPipeline
+from sega import EditConcept, SegaPipeline, Stopped
 from sega.attention import (
     _ACTIVE_STORE,
     AttentionStore,
@@ -34,6 +34,11 @@ from sega.masks import (
     upsample_nearest,
 )
 from tests.tiny import tiny_components, tiny_mask_components
+
+
+class AlreadySet:
+    def is_set(self) -> bool:
+        return True
 
 
 def randn(*shape, seed=0):
@@ -346,11 +351,8 @@ def test_processors_come_back_when_the_call_fails_or_is_stopped():
              generator=gen())
     assert seen == [3] and same_processors(pipe, before)
 
-    def stop(p, i, t, tensors):
-        p._interrupt = True
-        return tensors
-
-    pipe("a red circle", concepts=BLUE, **RUN, use_intersect_mask=True, callback_on_step_end=stop, generator=gen())
+    with pytest.raises(Stopped):
+        pipe("a red circle", concepts=BLUE, **RUN, use_intersect_mask=True, stop=AlreadySet(), generator=gen())
     assert same_processors(pipe, before)
     # A user's own processors are kept (and wrapped on the recording layers only during the call).
     pipe.unet.set_attn_processor(AttnProcessor())

@@ -1,6 +1,7 @@
 """SegaPipeline against the deprecated SemanticStableDiffusionPipeline and StableDiffusionPipeline (oracles)."""
 
 import logging
+import threading
 import warnings
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from sega import EditConcept, SegaPipeline
+from sega import EditConcept, SegaPipeline, Stopped
 from tests.tiny import tiny_components
 
 with warnings.catch_warnings():
@@ -285,20 +286,52 @@ def test_guidance_scale_one_applies_edits_with_a_warning(caplog):
     assert "guidance_scale" in caplog.text
 
 
-def test_callbacks_and_interrupt():
+def test_callbacks_and_stop():
     _, ours = pipes("euler")
     seen, legacy = [], []
+    stop = threading.Event()
 
     def on_step_end(pipe, i, t, tensors):
         seen.append((i, tensors["latents"].shape))
         if i == 2:
-            pipe._interrupt = True
+            stop.set()
         return {}
 
-    ours("a red circle", num_inference_steps=STEPS, output_type="latent", generator=gen(),
-         callback_on_step_end=on_step_end, callback=lambda i, t, z: legacy.append(i), callback_steps=2)
+    with pytest.raises(Stopped, match="after 3 of"):
+        ours("a red circle", num_inference_steps=STEPS, output_type="latent", generator=gen(), stop=stop,
+             callback_on_step_end=on_step_end, callback=lambda i, t, z: legacy.append(i), callback_steps=2)
     assert [i for i, _ in seen] == [0, 1, 2]
     assert legacy == [0, 2]
+
+
+def test_two_concurrent_calls_stop_independently():
+    """A stop is per call: stopping one call on a pipeline leaves another call on it running."""
+    _, ours = pipes("ddim")
+    stop_a, stop_b, both_started = threading.Event(), threading.Event(), threading.Barrier(2)
+    results = {}
+
+    def run(name, stop):
+        def on_step_end(pipe, i, t, tensors):
+            if i == 0:
+                both_started.wait(timeout=30)
+                if name == "a":
+                    stop_a.set()
+            return {}
+
+        try:
+            results[name] = ours("a red circle", num_inference_steps=STEPS, output_type="latent", generator=gen(),
+                                 stop=stop, callback_on_step_end=on_step_end).images
+        except Stopped as exc:
+            results[name] = exc
+
+    threads = [threading.Thread(target=run, args=args) for args in (("a", stop_a), ("b", stop_b))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert isinstance(results["a"], Stopped)
+    alone = ours("a red circle", num_inference_steps=STEPS, output_type="latent", generator=gen()).images
+    torch.testing.assert_close(results["b"], alone)
 
 
 def test_save_and_load_local_folder(tmp_path):
@@ -376,20 +409,20 @@ def test_a_stop_in_original_first_stops_the_run_without_edits_too():
     _, ours = pipes("ddim")
     steps = []
 
+    stop = threading.Event()
+
     def stop_after_two(pipe, i, t, tensors):
         steps.append(i)
         if i == 1:
-            pipe._interrupt = True
+            stop.set()
         return tensors
 
     kw = dict(prompt="a red circle", num_inference_steps=STEPS, guidance_scale=7.0, output_type="latent",
               return_original=True, original_first=True, concepts=[EditConcept("blue", warmup=1)])
-    out = ours(**kw, generator=gen(), callback_on_step_end=stop_after_two)
+    with pytest.raises(Stopped):
+        ours(**kw, generator=gen(), callback_on_step_end=stop_after_two, stop=stop)
     assert steps == [0, 1]
-    # Two steps of the run without edits ([u, p] each) and of the edited run (the concept at step 0,
-    # then [u, p, concept]): nothing more was computed, and nothing half-done was cached.
-    assert out.unet_samples == 2 * 2 + 1 + 3
-    assert len(ours.reedit_cache) == 0
+    assert len(ours.reedit_cache) == 0  # nothing half-done was cached
 
 
 def test_use_cache_false_neither_reads_clears_nor_fills_the_caches():

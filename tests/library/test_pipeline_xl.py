@@ -8,6 +8,7 @@
 """
 
 import copy
+import threading
 import warnings
 
 import numpy as np
@@ -19,7 +20,7 @@ from diffusers.pipelines.ledits_pp.pipeline_leditspp_stable_diffusion_xl import 
     LEditsPPPipelineStableDiffusionXL,
 )
 
-from sega import EditConcept, SegaXLPipeline
+from sega import EditConcept, SegaXLPipeline, Stopped
 from tests.tiny import tiny_xl_components
 
 with warnings.catch_warnings():
@@ -284,13 +285,19 @@ def test_features_of_the_shared_loop_work_on_sdxl():
     # Replayed until step 2 (the concept alone feeds the momentum), then u, p and the concept.
     assert again.unet_samples == 2 * 1 + 2 * 3
 
-    def stop(pipe, i, t, tensors):
-        pipe._interrupt = i == 1
+    stop = threading.Event()
+    calls = []
+
+    def stop_at_step_1(pipe, i, t, tensors):
+        calls.append(i)
+        if i == 1:
+            stop.set()
         return {}
 
-    stopped = ours(**kw, generator=gen(), concepts=[EditConcept("blue", warmup=1)], callback_on_step_end=stop,
-                   use_cache=False)
-    assert stopped.unet_calls == 2
+    with pytest.raises(Stopped):
+        ours(**kw, generator=gen(), concepts=[EditConcept("blue", warmup=1)], callback_on_step_end=stop_at_step_1,
+             use_cache=False, stop=stop)
+    assert calls == [0, 1]
     inv = ours.invert(photo(3), source_prompt="a red circle", generator=gen(), num_inference_steps=4, skip=0.0)
     assert ours.invert(photo(3), source_prompt="a red circle", generator=gen(), num_inference_steps=4,
                        skip=0.0).cache_hit
