@@ -9,6 +9,8 @@
 from .concepts import EditConcept
 from .inversion import SegaInversion
 from .pipeline import SegaPipeline, SegaPipelineOutput
+from .pipeline_flux import SegaFluxPipeline, SegaFluxPipelineOutput
 from .pipeline_xl import SegaXLPipeline
 
-__all__ = ["EditConcept", "SegaInversion", "SegaPipeline", "SegaPipelineOutput", "SegaXLPipeline"]
+__all__ = ["EditConcept", "SegaInversion", "SegaPipeline", "SegaFluxPipeline", "SegaFluxPipelineOutput", "SegaPipeline",
+           "SegaPipelineOutput", "SegaXLPipeline"]
