@@ -12,5 +12,5 @@ from .pipeline import SegaPipeline, SegaPipelineOutput
 from .pipeline_flux import SegaFluxPipeline, SegaFluxPipelineOutput
 from .pipeline_xl import SegaXLPipeline
 
-__all__ = ["EditConcept", "SegaInversion", "SegaPipeline", "SegaFluxPipeline", "SegaFluxPipelineOutput", "SegaPipeline",
+__all__ = ["EditConcept", "SegaFluxPipeline", "SegaFluxPipelineOutput", "SegaInversion", "SegaPipeline",
            "SegaPipelineOutput", "SegaXLPipeline"]
