@@ -269,3 +269,17 @@ def test_default_warmup_edits_on_four_steps(ours_schnell):
     # 15% of 4 steps rounds to warmup 1: the runs share step 0, then the edits apply on steps 1 to 3.
     assert out.unet_samples == 1 + 3 * 3
     assert not torch.equal(out.images, out.original_images)
+
+
+def test_editing_prompt_embeds_equal_editing_prompt(ours_schnell):
+    edits = dict(edit_guidance_scale=[3.0, 2.0], edit_warmup_steps=1, edit_threshold=0.7,
+                 reverse_editing_direction=[False, True])
+    by_text = ours_schnell(PROMPT, generator=seed(), output_type="latent",
+                           editing_prompt=["blue square", "black background"], **edits, **SIZE).images
+    embeds, pooled, _ = ours_schnell.encode_prompt(["blue square", "black background"],
+                                                   max_sequence_length=T5_TOKENS)
+    by_embeds = ours_schnell(PROMPT, generator=seed(), output_type="latent", editing_prompt_embeds=embeds,
+                             pooled_editing_prompt_embeds=pooled, **edits, **SIZE).images
+    torch.testing.assert_close(by_embeds, by_text, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="go together"):
+        ours_schnell(PROMPT, editing_prompt_embeds=embeds, **SIZE)
