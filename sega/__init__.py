@@ -11,6 +11,7 @@ from .inversion import SegaInversion
 from .pipeline import SegaPipeline, SegaPipelineOutput
 from .pipeline_flux import SegaFluxPipeline, SegaFluxPipelineOutput
 from .pipeline_xl import SegaXLPipeline
+from .stopping import Stopped
 
 __all__ = ["EditConcept", "SegaFluxPipeline", "SegaFluxPipelineOutput", "SegaInversion", "SegaPipeline",
-           "SegaPipelineOutput", "SegaXLPipeline"]
+           "SegaPipelineOutput", "SegaXLPipeline", "Stopped"]

@@ -8,8 +8,7 @@ import torch
 from diffusers import FluxPipeline
 
 import sega.pipeline_flux as pipeline_flux
-from sega import EditConcept, SegaFluxPipeline
-from sega.stopping import Stopped
+from sega import EditConcept, SegaFluxPipeline, Stopped
 from tests.tiny_flux import PROMPT, T5_TOKENS, save_tiny_flux, tiny_flux_components
 
 HEIGHT, WIDTH = 32, 16  # pixels; the tiny VAE does not downsample: latents 32 x 16, 8 x 16 packed tokens
