@@ -139,3 +139,20 @@ def semantic_guidance_step(
     if plan.use_momentum:
         return total, new_momentum
     return torch.einsum("c,cbijk->bijk", edit_weights, psi), new_momentum
+
+
+def concepts_needed(plans: list[StepPlan], momentum_scale: float) -> list[list[int]]:
+    """Per step, the concepts whose estimate can change the result (the others need no model evaluation).
+
+    A concept matters at step i when it enters that step's edit term, or when it feeds the momentum and the
+    momentum is used at i or later (momentum scale non-zero and a step at or after i applies G).
+    """
+    needed, momentum_used_later = [], False
+    for plan in reversed(plans):
+        momentum_used_later = momentum_used_later or (momentum_scale != 0 and plan.use_momentum)
+        needed.append([
+            c for c in range(len(plan.momentum_weights))
+            if ((momentum_used_later or plan.use_momentum) and plan.momentum_weights[c] != 0)
+            or (plan.edit_weights is not None and not plan.use_momentum and plan.edit_weights[c] != 0)
+        ])
+    return needed[::-1]
