@@ -14,40 +14,31 @@ or a hub id / folder. fp16 on CUDA, fp32 on a CPU (--dtype to change).
 
 Both pipelines share the same components, seed and settings. Each repeat runs the reference and ours one after
 the other (alternating which goes first), so that a change in the machine's load hits both; prints, per case,
-seconds (median of --repeats), UNet calls and samples, milliseconds per UNet sample, peak memory (CPU: the
-process's RSS above its level before the call; CUDA: max allocated above the allocated before), and the ratio
-ours/reference for (--cases, default all four on the demo model, "ab" for sd15-random):
+seconds and CPU seconds (median of --repeats), UNet calls and samples, ms per UNet sample, peak memory (CPU: RSS
+above the level before the call; CUDA: max allocated above it), and the ratio ours/reference for (--cases):
   (a) one edited image with N concepts (default 4; 2 for sd15-random);
-  (b) the app's pair, original + edited, with the app's own keywords (server.params.APP_KEYWORDS: one pass,
-      without the re-edit cache; N concepts, default 1; 2 for sd15-random), against two reference calls
-      (plain + SEGA);
-  (c) the app's re-edit through the API's code path (server.service.generate): a second request with the same
-      prompt and seed and other concepts, after the first; against the same two reference calls;
-  (d) a library re-edit of N concepts with the re-edit cache warm (the default use_reedit_cache=True), against
-      the same two reference calls;
+  (b) the pair, original + edited (``return_original=True``: one pass; N concepts, default 1; 2 for
+      sd15-random), against two reference calls (plain + SEGA);
 and, for (a), the share of the denoising loop's time spent outside the UNet and the scheduler.
 Edits start at step --edit-warmup (default steps // 5: 10 of 50).
 
---masks measures one more case instead, (m): an edit of an inverted image with N concepts (default 2), ours
-with LEDITS++'s intersect mask (cross-attention maps recorded) against the same call without masks (target:
-masked / unmasked <= 1.15), and diffusers' LEditsPPPipelineStableDiffusion with the same mask on the same
-components, image, steps and concepts beside it (it evaluates no prompt estimate: one UNet sample fewer per
-step; its processors, which it never puts back, are restored after each of its calls).
+--masks, case (m): an edit of an inverted image with N concepts (default 2), ours with LEDITS++'s intersect mask
+against the same call without masks (target: masked / unmasked <= 1.15), and diffusers'
+LEditsPPPipelineStableDiffusion with the same mask beside it (no prompt estimate: one UNet sample fewer per step;
+its processors, which it never puts back, are restored after each of its calls).
 
 --per-sample times the UNet alone at batch sizes 2 to 6 and prints the seconds per 512x512-equivalent sample
-that server/service.py's gpu_duration should use, with the fixed costs (text encoding, decoding).
+for server/service.py's gpu_duration, with the fixed costs (text encoding, decoding).
 
---previews times the app's pair (as (b), 1 concept) with and without the app's live previews, in one run,
-alternating the two, and prints the ratio (target <= 1.03): a preview every server.service.preview_interval
-steps, made in the step callback as the app makes it (the predicted clean latents at every step; at preview
-steps sega.previews' linear latent-to-RGB map, fitted to the demo model's VAE on the demo model, ComfyUI's SD 1.5
-factors otherwise, as the profiles say; and the PNG the server then writes).
+--previews times the pair (as (b), 1 concept) with and without live previews, alternating, and prints the ratio
+(target <= 1.03): about 10 previews per run, made in the step callback as the app makes them (the predicted
+clean latents; sega.previews' latent-to-RGB map, fitted to the demo VAE on the demo model, ComfyUI's SD 1.5
+factors otherwise; the PNG the server then writes).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import io
 import math
@@ -68,11 +59,10 @@ FACE_CONCEPTS = ["smiling, smile", "glasses, wearing glasses", "curls, wavy hair
 SHAPE_CONCEPTS = ["blue", "red", "square", "black background"]
 # Per concept, cycled for more than 4: the SEGA authors' face example (scale, threshold, reverse).
 CONCEPT_SETTINGS = [(5.0, 0.99, False), (5.0, 0.975, True), (5.0, 0.925, False), (5.4, 0.96, False)]
-# The ratios asked for: (a) and (b) by issue 16 (the pair at one pass's cost), (c) is the app's re-edit, which
-# costs what its pair costs, (d) by issue 1; outside-UNet share <= 3%.
-TARGETS = {"a": 1.0, "b": 0.90, "c": 0.90, "d": 0.6}
-TARGET_NAMES = {"a": "edited ratio", "b": "pair ratio", "c": "re-edit ratio (app)", "d": "re-edit ratio (cache)"}
-SD15_DEFAULTS = {"size": 256, "steps": 6, "concepts": [2], "cases": "ab", "repeats": 3}  # SD scale, a CPU run of reasonable length
+# The ratios asked for (issue 16: the pair at one pass's cost); outside-UNet share <= 3%.
+TARGETS = {"a": 1.0, "b": 0.90}
+TARGET_NAMES = {"a": "edited ratio", "b": "pair ratio"}
+SD15_DEFAULTS = {"size": 256, "steps": 6, "concepts": [2], "repeats": 3}  # SD scale, a CPU run of reasonable length
 MASKS_TARGET = 1.15  # (m), --masks: issue 17's masked / unmasked ratio
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -146,10 +136,7 @@ class Timing:
         self.times, self.cpu_times, self.shares, self.per_sample = [], [], [], []
         self.mem, self.unet_calls, self.unet_samples = 0.0, 0, 0
 
-    def run(self, fn: Callable[[], object], device: torch.device, counters: Counters,
-            before: Callable[[], None] | None = None) -> None:
-        if before is not None:
-            before()
+    def run(self, fn: Callable[[], object], device: torch.device, counters: Counters) -> None:
         counters.reset()
         with peak_memory(device) as m:
             counters.sync()
@@ -172,21 +159,29 @@ class Timing:
 
 
 def measure_interleaved(ref_fn: Callable[[], object], ours_fn: Callable[[], object], device: torch.device,
-                        repeats: int, counters: Counters,
-                        ours_before: Callable[[], None] | None = None) -> tuple[dict, dict]:
+                        repeats: int, counters: Counters) -> tuple[dict, dict]:
     """The reference and ours, ``repeats`` times each, interleaved (alternating which goes first): medians of
     seconds and CPU seconds, UNet counts, ms per UNet sample, peak memory, and the share of the loop outside
-    the UNet and the scheduler. ``ours_before`` runs untimed ahead of each of our calls.
+    the UNet and the scheduler.
 
     The process's CPU seconds (all threads) stand beside wall time: on a shared CPU, wall time swings with
     other processes' load, CPU time much less, so a CPU-time ratio next to the wall-time one shows whether a
     ratio is noise; interleaving makes a slow spell hit both sides."""
     ref, ours = Timing(), Timing()
     for k in range(repeats):
-        sides = [(ref, ref_fn, None), (ours, ours_fn, ours_before)]
-        for timing, fn, before in sides if k % 2 == 0 else sides[::-1]:
-            timing.run(fn, device, counters, before)
+        sides = [(ref, ref_fn), (ours, ours_fn)]
+        for timing, fn in sides if k % 2 == 0 else sides[::-1]:
+            timing.run(fn, device, counters)
     return ref.summary(), ours.summary()
+
+
+def print_machine(device: torch.device) -> None:
+    """The GPU's name, or the CPU's cores and load (on a shared CPU, read the ratios with the load)."""
+    if device.type == "cuda":
+        print(f"gpu: {torch.cuda.get_device_name()}")
+    else:
+        print(f"cpu: {psutil.cpu_count()} cores, torch threads {torch.get_num_threads()}, load average "
+              f"{' '.join(f'{x:.1f}' for x in psutil.getloadavg())} at the end")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,55 +234,9 @@ def as_concepts(kwargs: dict) -> list[EditConcept]:
                                   kwargs["reverse_editing_direction"])]
 
 
-def reserved_seconds(steps: int, n_concepts: int, size: int) -> int | None:
-    """What server/service.py's gpu_duration reserves for the app's pair, or None if it cannot be imported."""
-    try:
-        from server.service import gpu_duration
-
-        return gpu_duration(steps, n_concepts, size, size)
-    except Exception:  # the server is optional for the benchmark (and may change its signature)
-        return None
-
-
 # ----------------------------------------------------------------------------------------------
 # Modes
 # ----------------------------------------------------------------------------------------------
-
-
-def app_keywords() -> dict:
-    """The fixed keywords of the app's /generate call (server.params.APP_KEYWORDS), or the same values when the
-    server cannot be imported."""
-    try:
-        from server.params import APP_KEYWORDS
-
-        return {k.name: k.build(None) for k in APP_KEYWORDS}
-    except Exception:  # the server is optional for the benchmark
-        return {"return_original": True, "use_reedit_cache": False}
-
-
-def api_reedit(ours: SegaPipeline, prompt: str, args, first: list[EditConcept], second: list[EditConcept]):
-    """(first request, second request): /generate's code path (server.service.generate on a validated request)
-    for two requests with the same prompt and seed and other concepts; None if the server cannot be imported."""
-    try:
-        from server import params as api
-        from server import profiles, service
-        from server.loading import LoadedModel
-    except Exception:
-        return None
-    loaded = LoadedModel(pipe=ours, model_id=args.model, profile=profiles.profile_for(ours), fallback_reason=None,
-                         device=str(ours.device))
-    common = dict(prompt=prompt, seed=0, steps=args.steps, guidance_scale=7.0, width=args.size, height=args.size,
-                  momentum_scale=0.3, momentum_beta=0.6)
-    base = api.Limits()
-    limits = dataclasses.replace(base, max_steps=max(args.steps, base.max_steps), max_size=max(args.size, base.max_size),
-                                 max_concepts=max(len(first), base.max_concepts))
-
-    def request(concepts: list[EditConcept]):
-        body = {**common, "concepts": [dataclasses.asdict(c) for c in concepts]}
-        params = api.parse_request(loaded, body, limits)
-        return lambda: service.generate(loaded, params)
-
-    return request(first), request(second)
 
 
 def compare(args, ours: SegaPipeline, device: torch.device, counters: Counters) -> None:
@@ -300,16 +249,11 @@ def compare(args, ours: SegaPipeline, device: torch.device, counters: Counters) 
     steps, warmup = args.steps, args.edit_warmup
     common = dict(prompt=prompt, height=args.size, width=args.size, num_inference_steps=steps, guidance_scale=7.0,
                   edit_momentum_scale=0.3, edit_mom_beta=0.6, output_type="pil")
-    app = app_keywords()
 
     def gen():
         return torch.Generator("cpu").manual_seed(0)
 
-    def clear_caches():
-        ours.reedit_cache.clear()
-        ours.embedding_cache.clear()
-
-    default_n = {"a": 4, "b": 1, "c": 1, "d": 1}
+    default_n = {"a": 4, "b": 1}
     cases = [(case, n) for n in (args.concepts or [None]) for case in args.cases]
     cases = [(case, default_n[case] if n is None else n) for case, n in cases]
     # Warm-up. On a CPU, one short call of each pipeline (kernels, allocator); on CUDA or with torch.compile,
@@ -325,59 +269,22 @@ def compare(args, ours: SegaPipeline, device: torch.device, counters: Counters) 
     for case, n in cases:
         kw = concept_kwargs(texts, n, warmup)
         concepts = as_concepts(kw)
-        other = as_concepts(concept_kwargs(texts[1:] + texts[:1], n, warmup))  # a different edit, same plain run
         plural = "s" * (n > 1)
-        if case == "a":
-            label = f"(a) {n} concept{plural}, edited image"
+        pair = case == "b"
+        label = f"(b) pair, {n} concept{plural}" if pair else f"(a) {n} concept{plural}, edited image"
 
-            def ref_fn(kw=kw):
-                ref(**common, generator=gen(), **kw)
+        def ref_fn(kw=kw, pair=pair):
+            if pair:
+                ref(**common, generator=gen())  # the reference's pair: a call without edits, then SEGA's
+            ref(**common, generator=gen(), **kw)
 
-            def ours_fn(kw=kw):
-                ours(**common, generator=gen(), **kw, use_cache=False)
-
-            ours_before = None
-        else:
-            def ref_fn(kw=kw):
-                ref(**common, generator=gen())
-                ref(**common, generator=gen(), **kw)
-
-            if case == "b":
-                label = f"(b) app's pair, {n} concept{plural}"
-
-                def ours_fn(concepts=concepts):
-                    ours(**common, generator=gen(), concepts=concepts, **app)
-
-                ours_before = clear_caches  # a new prompt: nothing cached
-            elif case == "c":
-                label = f"(c) app's re-edit (API), {n} concept{plural}"
-                requests = api_reedit(ours, prompt, args, concepts, other)
-                if requests is None:
-                    print(f"  skipped {label}: the server cannot be imported", flush=True)
-                    continue
-                first, ours_fn = requests
-
-                def ours_before(first=first):
-                    clear_caches()
-                    first()  # the visitor's first request; the second, with other concepts, is timed
-            else:
-                label = f"(d) library re-edit (cache), {n} concept{plural}"
-
-                def ours_fn(other=other):
-                    ours(**common, generator=gen(), concepts=other, return_original=True)
-
-                def ours_before(concepts=concepts):
-                    # The first call (unless the cache already holds its run without edits: its key does not
-                    # depend on the concepts), then the re-edit is timed.
-                    if not len(ours.reedit_cache):
-                        ours(**common, generator=gen(), concepts=concepts, return_original=True)
+        def ours_fn(concepts=concepts, pair=pair):
+            ours(**common, generator=gen(), concepts=concepts, return_original=pair, use_cache=False)
 
         if warm_each:
             ref_fn()
-            if ours_before is not None:
-                ours_before()
             ours_fn()
-        r, o = measure_interleaved(ref_fn, ours_fn, device, args.repeats, counters, ours_before)
+        r, o = measure_interleaved(ref_fn, ours_fn, device, args.repeats, counters)
         rows.append((case, n, label, r, o))
         print(f"  done {label}: reference {r['seconds']:.3f} s, ours {o['seconds']:.3f} s (each repeat: reference "
               f"{' '.join(f'{t:.2f}' for t in r['all_seconds'])}, ours {' '.join(f'{t:.2f}' for t in o['all_seconds'])})",
@@ -386,11 +293,7 @@ def compare(args, ours: SegaPipeline, device: torch.device, counters: Counters) 
     print()
     print(f"model: {args.model}  size: {args.size}x{args.size}  device: {device}  dtype: {args.dtype_t}  steps: {steps}"
           f"  edit warmup: {warmup}  repeats: {args.repeats} (median, interleaved)  torch.compile: {args.compile}")
-    if device.type == "cuda":
-        print(f"gpu: {torch.cuda.get_device_name()}")
-    else:
-        print(f"cpu: {psutil.cpu_count()} cores, torch threads {torch.get_num_threads()}, load average "
-              f"{' '.join(f'{x:.1f}' for x in psutil.getloadavg())} at the end")
+    print_machine(device)
     peak_kind = "CUDA max allocated" if device.type == "cuda" else "CPU RSS"
     print(f"memory held before the cases (weights included): {resident_mb:.0f} MB "
           f"({'CUDA allocated' if device.type == 'cuda' else 'CPU RSS'})")
@@ -405,7 +308,7 @@ def compare(args, ours: SegaPipeline, device: torch.device, counters: Counters) 
               f"   (ours / reference: wall, CPU time{memory})")
     print("ratios against the targets: " + ", ".join(f"({c}) {TARGET_NAMES[c]} <= {TARGETS[c]}" for c in args.cases)
           + ", outside-UNet share <= 3%")
-    for case, n, label, r, o in rows:
+    for case, _, label, r, o in rows:
         ratio = o["seconds"] / r["seconds"]
         cpu_ratio = o["cpu_seconds"] / r["cpu_seconds"]
         print(f"  {label:38s} {TARGET_NAMES[case]} {ratio:.3f} (CPU time {cpu_ratio:.3f})  "
@@ -414,11 +317,6 @@ def compare(args, ours: SegaPipeline, device: torch.device, counters: Counters) 
             share = o["outside_share"]
             print(f"  {'':38s} loop time outside UNet and scheduler: ours {share:.1%}, reference "
                   f"{r['outside_share']:.1%}  {'meets' if share <= 0.03 else 'MISSES'} <= 3%")
-        if case == "b" and device.type == "cuda":
-            reserved = reserved_seconds(steps, n, args.size)
-            if reserved is not None:
-                print(f"  {'':38s} gpu_duration reserves {reserved} s for this request; ours took "
-                      f"{o['seconds']:.1f} s here")
 
 
 def ledits_pipeline(ours: SegaPipeline):
@@ -486,9 +384,7 @@ def masks_case(args, ours: SegaPipeline, device: torch.device, counters: Counter
     print()
     print(f"model: {args.model}  size: {args.size}x{args.size}  device: {device}  dtype: {args.dtype_t}  steps: {steps}"
           f"  (an inverted image, skip 0)  repeats: {args.repeats} (median)")
-    if device.type == "cpu":
-        print(f"cpu: {psutil.cpu_count()} cores, torch threads {torch.get_num_threads()}, load average "
-              f"{' '.join(f'{x:.1f}' for x in psutil.getloadavg())} at the end")
+    print_machine(device)
     print(f"{'case':30s} {'':24s} {'seconds':>8s} {'CPU s':>8s} {'unet calls':>10s} {'samples':>8s} {'ms/sample':>9s}")
     for who, m in rows:
         print(f"{label:30s} {who:24s} {m['seconds']:8.3f} {m['cpu_seconds']:8.3f} {m['unet_calls']:10d} "
@@ -509,8 +405,7 @@ def per_sample(args, ours: SegaPipeline, device: torch.device, counters: Counter
     repeats = args.repeats
     print(f"model: {args.model}  size: {args.size}x{args.size}  device: {device}  dtype: {args.dtype_t}  "
           f"torch.compile: {args.compile}  repeats: {repeats} (median)")
-    if device.type == "cuda":
-        print(f"gpu: {torch.cuda.get_device_name()}")
+    print_machine(device)
     worst = 0.0
     with torch.no_grad():
         for batch in (2, 3, 4, 6):
@@ -554,16 +449,10 @@ def per_sample(args, ours: SegaPipeline, device: torch.device, counters: Counter
 
 
 def previews(args, ours: SegaPipeline, device: torch.device, counters: Counters) -> None:
-    """The app's pair with and without live previews, alternating, in one run; prints the ratio."""
+    """The pair with and without the app's live previews, alternating, in one run; prints the ratio."""
     from sega.previews import SD15_LATENT_RGB_FACTORS, preview_images
 
-    try:
-        from server.service import preview_interval
-    except Exception:  # the server is optional for the benchmark
-        def preview_interval(steps: int) -> int:
-            return max(1, math.ceil(steps / 10))
-
-    steps, every = args.steps, preview_interval(args.steps)
+    steps, every = args.steps, max(1, math.ceil(args.steps / 10))  # the app's interval: about 10 per run
     # The app's maps: fitted to the demo model's VAE on the demo model, ComfyUI's SD 1.5 factors otherwise.
     if args.model == "demo":
         from sega.demo.previews import DEMO_LATENT_RGB_BIAS, DEMO_LATENT_RGB_FACTORS
@@ -573,10 +462,8 @@ def previews(args, ours: SegaPipeline, device: torch.device, counters: Counters)
     concepts = as_concepts(concept_kwargs(SHAPE_CONCEPTS, 1, args.edit_warmup))
     common = dict(prompt="a small red circle on a white background", height=args.size, width=args.size,
                   num_inference_steps=steps, guidance_scale=7.0, edit_momentum_scale=0.3, edit_mom_beta=0.6,
-                  output_type="pil", concepts=concepts, **app_keywords())
-    made = []
-
-    spent = []  # seconds in the preview work itself (map and PNG), which load noise does not blur
+                  output_type="pil", concepts=concepts, return_original=True)
+    made, spent = [], []  # preview steps; seconds in the preview work itself (map and PNG)
 
     def on_step(_pipe, i, _t, tensors):
         if (i + 1) % every == 0 and i + 1 < steps:
@@ -588,7 +475,6 @@ def previews(args, ours: SegaPipeline, device: torch.device, counters: Counters)
         return {}
 
     def run(with_previews: bool) -> None:
-        ours.reedit_cache.clear()
         if with_previews:
             ours(**common, generator=torch.Generator("cpu").manual_seed(0), callback_on_step_end=on_step,
                  callback_on_step_end_tensor_inputs=["latents", "pred_original_sample"])
@@ -606,9 +492,7 @@ def previews(args, ours: SegaPipeline, device: torch.device, counters: Counters)
     cpu_without, cpu_with = plain["cpu_seconds"], shown["cpu_seconds"]
     print(f"model: {args.model}  size: {args.size}x{args.size}  device: {device}  dtype: {args.dtype_t}  "
           f"steps: {steps}  edit warmup: {args.edit_warmup}  repeats: {args.repeats} (median, alternating)")
-    if device.type != "cuda":
-        print(f"cpu: {psutil.cpu_count()} cores, torch threads {torch.get_num_threads()}, load average "
-              f"{' '.join(f'{x:.1f}' for x in psutil.getloadavg())} at the end")
+    print_machine(device)
     print(f"previews per run: {per_run} (every {every} steps, latent-to-RGB: {kind})")
     print(f"app's pair without previews {without:8.3f} s  (CPU {cpu_without:.3f} s)")
     print(f"app's pair with previews    {with_:8.3f} s  (CPU {cpu_with:.3f} s)")
@@ -630,7 +514,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="image size in px, a multiple of 8 (default: native; 256 for sd15-random)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; 6 for sd15-random)")
     parser.add_argument("--cases", default=None,
-                        help='which cases to run, e.g. "ab" (default "abcd"; "ab" for sd15-random)')
+                        help='which cases to run: "a", "b" or "ab" (default)')
     parser.add_argument("--edit-warmup", type=int, default=None, help="step at which edits start (default steps // 5)")
     parser.add_argument("--concepts", default=None,
                         help="comma-separated concept counts, each measured in every case, e.g. 1,2,4 "
@@ -656,9 +540,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.steps = SD15_DEFAULTS["steps"] if sd15 else 50
     if args.size is None and sd15:
         args.size = SD15_DEFAULTS["size"]
-    args.cases = args.cases or (SD15_DEFAULTS["cases"] if sd15 else "abcd")
+    args.cases = args.cases or "ab"
     if not args.cases or set(args.cases) - set(TARGETS) or len(set(args.cases)) != len(args.cases):
-        parser.error(f"--cases must be letters among a, b, c, d, each once, got {args.cases!r}")
+        parser.error(f"--cases must be letters among a, b, each once, got {args.cases!r}")
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     args.edit_warmup = args.steps // 5 if args.edit_warmup is None else args.edit_warmup

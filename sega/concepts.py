@@ -120,3 +120,71 @@ class EditConcept:
         for name, bounds in CONCEPT_RANGES.items():
             value = bounds.check(name, getattr(self, name), allow_none=name == "cooldown")
             object.__setattr__(self, name, value)
+
+
+@dataclass
+class ConceptSettings:
+    """A call's concepts resolved from either API (``concepts=`` or the ``editing_prompt``/``edit_*`` keywords),
+    as plain Python values, one entry per concept."""
+
+    prompts: list[str] | None
+    embeddings: Any  # a (C, seq, dim) tensor instead of prompts, or None
+    signed_scales: list[float]
+    thresholds: list[float]
+    warmup: list[int]
+    cooldown: list[int | None]
+    weights: list[float]
+
+    def __len__(self) -> int:
+        return len(self.signed_scales)
+
+    @classmethod
+    def none(cls) -> ConceptSettings:
+        return cls(None, None, [], [], [], [], [])
+
+
+def _per_concept(value, n: int, name: str) -> list:
+    """The reference's broadcasting: one value for every concept, or a list with one per concept."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} entries but there are {n} edit concepts")
+        return list(value)
+    return [value] * n
+
+
+def resolve_concepts(concepts, editing_prompt, editing_prompt_embeddings, reverse_editing_direction,
+                     edit_guidance_scale, edit_warmup_steps, edit_cooldown_steps, edit_threshold,
+                     edit_weights) -> ConceptSettings:
+    """The concepts of a call: from ``concepts`` (EditConcepts or dicts of their fields) or from the deprecated
+    pipeline's keywords, broadcast as it does; passing both raises."""
+    if concepts is not None:
+        if editing_prompt or editing_prompt_embeddings is not None:
+            raise ValueError("pass either concepts or editing_prompt/editing_prompt_embeddings, not both")
+        concepts = [c if isinstance(c, EditConcept) else EditConcept(**c) for c in concepts]
+        return ConceptSettings(
+            prompts=[c.prompt for c in concepts],
+            embeddings=None,
+            signed_scales=[-c.scale if c.reverse else c.scale for c in concepts],
+            thresholds=[c.threshold for c in concepts],
+            warmup=[c.warmup for c in concepts],
+            cooldown=[c.cooldown for c in concepts],
+            weights=[c.weight for c in concepts],
+        )
+    prompts, embeddings, n = None, None, 0
+    if editing_prompt:
+        prompts = [editing_prompt] if isinstance(editing_prompt, str) else list(editing_prompt)
+        n = len(prompts)
+    elif editing_prompt_embeddings is not None:
+        embeddings = editing_prompt_embeddings
+        n = embeddings.shape[0]
+    reverse = _per_concept(reverse_editing_direction, n, "reverse_editing_direction")
+    scales = _per_concept(edit_guidance_scale, n, "edit_guidance_scale")
+    return ConceptSettings(
+        prompts=prompts,
+        embeddings=embeddings,
+        signed_scales=[-float(s) if r else float(s) for s, r in zip(scales, reverse)],
+        thresholds=[float(t) for t in _per_concept(edit_threshold, n, "edit_threshold")],
+        warmup=[int(w) for w in _per_concept(edit_warmup_steps, n, "edit_warmup_steps")],
+        cooldown=_per_concept(edit_cooldown_steps, n, "edit_cooldown_steps"),
+        weights=[float(w) for w in edit_weights] if edit_weights else [1.0] * n,
+    )

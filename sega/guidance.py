@@ -71,6 +71,12 @@ def concept_directions(
     """
     c = noise_concepts.shape[0]
     psi = (noise_concepts - noise_uncond.unsqueeze(0)) * signed_scales.reshape(c, 1, 1, 1, 1).to(noise_concepts.dtype)
+    return keep_top_per_channel(psi, thresholds)
+
+
+def keep_top_per_channel(psi: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """SEGA's threshold on directions (C, B, ch, H, W): keep psi where |psi| >= the ``thresholds[c]`` quantile of
+    |psi| over its (image, channel) plane, else 0. Used with and without masks (:mod:`sega.masks`)."""
     magnitude = psi.abs()
     tau = quantile_per_row(magnitude.flatten(start_dim=3), thresholds).to(psi.dtype)
     return torch.where(magnitude >= tau[..., None, None], psi, torch.zeros_like(psi))

@@ -28,7 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .guidance import quantile_per_row
+from .guidance import keep_top_per_channel, quantile_per_row
 
 # The mask modes a caller (the app's "mask" parameter, the demo evaluation) names, as SegaPipeline keywords.
 MASK_MODES: dict[str, dict[str, bool]] = {
@@ -107,13 +107,6 @@ def noise_mask_applies(timestep, num_train_timesteps: int) -> bool:
     return float(timestep) <= NOISE_MASK_MAX_TIMESTEP_SHARE * num_train_timesteps
 
 
-def keep_top_per_channel(psi: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """SEGA's threshold on ready directions (C, B, ch, H, W): keep |psi| >= its per-(image, channel) quantile."""
-    magnitude = psi.abs()
-    tau = quantile_per_row(magnitude.flatten(start_dim=3), thresholds).to(psi.dtype)
-    return torch.where(magnitude >= tau[..., None, None], psi, torch.zeros_like(psi))
-
-
 def masked_concept_directions(
     noise_uncond: torch.Tensor,
     noise_concepts: torch.Tensor,
@@ -128,7 +121,7 @@ def masked_concept_directions(
 
     psi_c = s_c (+-1) (e_c - e_u); times ``user_mask``; then, with ``attention_maps``, times the
     cross-attention mask (or, with ``intersect`` and ``use_noise_mask``, the intersect mask); without
-    ``attention_maps``, SEGA's per-channel threshold (:func:`keep_top_per_channel`).
+    ``attention_maps``, SEGA's per-channel threshold (:func:`~sega.guidance.keep_top_per_channel`).
 
     Args:
         noise_uncond: (B, ch, H, W) unconditional estimate e_u.

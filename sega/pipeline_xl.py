@@ -29,8 +29,9 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import is_invisible_watermark_available, logging
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from .pipeline import SegaPipeline, _Concepts
-from .reedit import LRUCache
+from .caching import LRUCache
+from .concepts import ConceptSettings
+from .pipeline import SegaPipeline
 
 logger = logging.get_logger(__name__)
 
@@ -56,7 +57,7 @@ class SegaXLPipeline(SegaPipeline):
             (SDXL base: True); with a negative prompt (even ""), it is encoded.
         add_watermarker: apply SDXL's invisible watermark (needs the ``invisible-watermark`` package; default:
             when it is installed, as ``StableDiffusionXLPipeline``).
-        reedit_cache_size, embedding_cache_size, inversion_cache_size: as :class:`SegaPipeline`.
+        embedding_cache_size, inversion_cache_size: as :class:`SegaPipeline`.
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
@@ -75,7 +76,6 @@ class SegaXLPipeline(SegaPipeline):
         scheduler: KarrasDiffusionSchedulers,
         force_zeros_for_empty_prompt: bool = True,
         add_watermarker: bool | None = None,
-        reedit_cache_size: int = 4,
         embedding_cache_size: int = 256,
         inversion_cache_size: int = 4,
     ):
@@ -93,7 +93,6 @@ class SegaXLPipeline(SegaPipeline):
             self.watermark = StableDiffusionXLWatermarker()
         else:
             self.watermark = None
-        self.reedit_cache = LRUCache(reedit_cache_size)
         self.embedding_cache = LRUCache(embedding_cache_size)
         self.inversion_cache = LRUCache(inversion_cache_size)
         # A float16 VAE with force_upcast is switched to float32 while it decodes or encodes (as diffusers
@@ -163,7 +162,7 @@ class SegaXLPipeline(SegaPipeline):
         return torch.tensor([ids], device=self._execution_device, dtype=self.unet.dtype)
 
     def encode_prompts(self, prompts: list[str], negative_prompts: list[str | None], num_images_per_prompt: int,
-                       concepts: _Concepts, use_cache: bool, height: int | None = None,
+                       concepts: ConceptSettings, use_cache: bool, height: int | None = None,
                        width: int | None = None) -> dict[str, dict]:
         """Per segment, the UNet's keyword arguments in latent batch order: "p" and "u" (batch rows), "c"
         (C, batch rows): ``encoder_hidden_states`` and ``added_cond_kwargs`` (``text_embeds``, ``time_ids``)."""

@@ -1,4 +1,11 @@
-"""Stopping a call from outside: one ``stop`` object per call, never state on the pipeline."""
+"""Stopping a call from outside: one ``stop`` object per call, never state on the pipeline.
+
+``pipe(..., stop=flag)`` and ``pipe.invert(..., stop=flag)`` take anything with ``is_set()`` (a
+:class:`threading.Event`, a server's per-request cancel token). The loop checks it before every step; once it is
+set the call raises :class:`Stopped` at that step boundary and returns and caches nothing (an inversion half
+done never enters ``inversion_cache``). The flag belongs to the call, not to the pipeline, so several calls
+sharing one pipeline in different threads stop independently, and nothing has to be reset between calls.
+"""
 
 from __future__ import annotations
 

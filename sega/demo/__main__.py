@@ -125,13 +125,13 @@ def main(argv: list[str] | None = None) -> None:
 
 def real(args) -> None:
     """``eval --real`` / ``sweep --real``: editing uploads drawn by the renderer, through the inversion."""
-    from ..reedit import LRUCache
+    from ..caching import LRUCache
     from .editing import DEMO_EDIT_DEFAULTS, REAL_KINDS, edit_presets_for_mask, evaluate_real, sweep_real
     from .evaluate import load
 
     pipe = load(args.model)
-    # Every kind and setting edits the same uploads: keep each one's inversion (and reconstruction) for the run.
-    pipe.inversion_cache, pipe.reedit_cache = LRUCache(1024), LRUCache(1024)
+    # Every kind and setting edits the same uploads: keep each one's inversion for the run.
+    pipe.inversion_cache = LRUCache(1024)
     if args.command == "sweep":
         numbers = lambda text, kind: [kind(x) for x in text.split(",")]  # noqa: E731
         grid = {"scale": numbers(args.scales, float), "warmup": numbers(args.warmups, int),

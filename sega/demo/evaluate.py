@@ -246,8 +246,7 @@ def sweep(pipe, seeds: list[int], kinds=EDIT_KINDS, grids: dict[str, list[dict]]
 
     For a kind with one preset the grid's settings replace that preset; for "three" a grid entry maps preset
     names to settings. ``base`` gives the presets not under test (default: the mask mode's). Seeds that share
-    concepts run as one batch, settings after one another, so the pipeline's re-edit cache replays the run
-    without edits.
+    concepts run as one batch, settings after one another.
     """
     ev = Evaluator(pipe, mask=mask)
     base = dict(base or presets_for_mask(mask))

@@ -16,43 +16,31 @@ from benchmarks.sd15 import sd15_pipeline
 from sega.concepts import EditConcept
 
 
-def test_demo_benchmark_compares_the_four_cases(capsys):
+def test_demo_benchmark_compares_both_cases(capsys):
     speed.main(["--steps", "3", "--edit-warmup", "1", "--repeats", "1"])
     out = capsys.readouterr().out
     rows = {(m["case"], m["who"]): (int(m["calls"]), int(m["samples"])) for m in re.finditer(
-        r"^\((?P<case>[abcd])\) .+? (?P<who>reference|ours) +[\d.]+ +[\d.]+ +(?P<calls>\d+) +(?P<samples>\d+) ",
+        r"^\((?P<case>[ab])\) .+? (?P<who>reference|ours) +[\d.]+ +[\d.]+ +(?P<calls>\d+) +(?P<samples>\d+) ",
         out, re.M)}
-    assert len(rows) == 8, out
+    assert len(rows) == 4, out
     # (a) 4 concepts: the reference evaluates u, p and every concept at every step.
     assert rows["a", "reference"] == (3, 3 * 6)
     assert rows["a", "ours"][1] <= 3 * 6
-    # (b) the reference's pair is two calls (plain, then SEGA): 3 * 2 + 3 * 3 samples. The app's pair is one
-    # pass: one call per step, [u, p, concept] at the shared first step, then [plain u, p, edited u, p, concept].
+    # (b) the reference's pair is two calls (plain, then SEGA): 3 * 2 + 3 * 3 samples. Ours is one pass: one
+    # call per step, [u, p, concept] at the shared first step, then [plain u, p, edited u, p, concept].
     assert rows["b", "reference"] == (6, 3 * 2 + 3 * 3)
     assert rows["b", "ours"] == (3, 3 + 2 * 5)
-    # (c) the app's re-edit through the API's code path costs what its pair costs (no cache replay).
-    assert rows["c", "reference"] == rows["b", "reference"] and rows["c", "ours"] == rows["b", "ours"]
-    # (d) a library re-edit replays the run without edits: the concept (for momentum) at the shared step, then
-    # the edited run [u, p, concept].
-    assert rows["d", "ours"] == (3, 1 + 2 * 3)
     for case, name in speed.TARGET_NAMES.items():
         assert re.search(rf"^  \({case}\) .+ {re.escape(name)} \d+\.\d+ \(CPU time \d+\.\d+\)", out, re.M), out
     # Each case lists both sides' timings, repeat by repeat.
-    assert len(re.findall(r"each repeat: reference [\d.]+, ours [\d.]+\)", out)) == 4, out
+    assert len(re.findall(r"each repeat: reference [\d.]+, ours [\d.]+\)", out)) == 2, out
 
 
 def test_sd15_random_defaults_to_a_cpu_run_of_reasonable_length_with_both_targets():
     args = speed.parse_args(["--model", "sd15-random"])
     assert (args.size, args.steps, args.concepts, args.cases, args.repeats) == (256, 6, [2], "ab", 3)
     assert speed.TARGETS["a"] == 1.0 and speed.TARGETS["b"] == 0.90
-    assert (speed.parse_args([]).size, speed.parse_args([]).steps, speed.parse_args([]).cases) == (None, 50, "abcd")
-
-
-def test_the_benchmarked_pair_uses_the_apps_keywords():
-    from server.params import APP_KEYWORDS
-
-    assert speed.app_keywords() == {k.name: k.build(None) for k in APP_KEYWORDS}
-    assert speed.app_keywords() == {"return_original": True, "use_reedit_cache": False}
+    assert (speed.parse_args([]).size, speed.parse_args([]).steps, speed.parse_args([]).cases) == (None, 50, "ab")
 
 
 def test_per_sample_prints_the_gpu_duration_constant(capsys):
@@ -92,8 +80,7 @@ def test_sd15_random_builds_from_the_configs_and_runs_through_sega_pipeline():
 
     out = pipe("a small red circle on a white background", height=64, width=64, num_inference_steps=2,
                guidance_scale=7.0, concepts=[EditConcept("blue", scale=5.0, threshold=0.95, warmup=1)],
-               **speed.app_keywords(), generator=torch.Generator().manual_seed(0),
-               output_type="pt")
+               return_original=True, generator=torch.Generator().manual_seed(0), output_type="pt")
     assert out.images.shape == out.original_images.shape == (1, 3, 64, 64)
     assert torch.isfinite(out.images).all() and torch.isfinite(out.original_images).all()
     assert not torch.equal(out.images, out.original_images)  # the concept was applied

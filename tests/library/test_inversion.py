@@ -12,6 +12,7 @@ from diffusers import DDIMScheduler
 from diffusers.pipelines.ledits_pp.pipeline_leditspp_stable_diffusion import LEditsPPPipelineStableDiffusion
 
 from sega import EditConcept, SegaPipeline
+from sega.inversion import inversion_key
 from tests.tiny import tiny_components
 
 with warnings.catch_warnings():
@@ -88,24 +89,24 @@ def test_inversion_equals_ledits_pp(source_prompt):
     assert (inv.unet_calls, inv.unet_samples) == (8, 16)
 
 
-@pytest.mark.parametrize("original_first", [False, True], ids=["one pass", "original first"])
 @pytest.mark.parametrize("source_prompt", ["", "a red circle"], ids=["no source prompt", "source prompt"])
-def test_without_edits_the_image_comes_back(source_prompt, original_first):
+def test_without_edits_the_image_comes_back(source_prompt):
     """Edit-friendly inversion reconstructs exactly: the image without edits is the input as the VAE sees it."""
     ours = ours_for(parts())
     inv = ours.invert(photo(1), source_prompt=source_prompt, generator=gen(), **OURS)
     alone = ours(source_prompt, inversion=inv, output_type="latent")
     torch.testing.assert_close(alone.images, inv.image_latents, rtol=0, atol=TOL)
     out = ours(source_prompt, inversion=inv, concepts=[EditConcept("blue", scale=6, warmup=2)], return_original=True,
-               original_first=original_first, output_type="latent", use_cache=False)
+               output_type="latent", use_cache=False)
     torch.testing.assert_close(out.original_images, inv.image_latents, rtol=0, atol=TOL)
     assert (out.images - inv.image_latents).abs().max() > 1e-2  # the edit changed it
-    # As pixels: the original is the VAE's decoding of the input's latents.
+    # As pixels: the original is the VAE's decoding of the input's latents (the latents' round-off, ~1e-5,
+    # grows through the decoder: within a quarter of one 8-bit level).
     pixels = ours(source_prompt, inversion=inv, concepts=[EditConcept("blue", warmup=2)], return_original=True,
                   output_type="pt").original_images
     want = ours.image_processor.postprocess(
         ours.vae.decode(inv.image_latents / ours.vae.config.scaling_factor).sample, output_type="pt")
-    torch.testing.assert_close(pixels, want, rtol=0, atol=TOL)
+    torch.testing.assert_close(pixels, want, rtol=0, atol=1e-3)
 
 
 LEDITS_EDIT = dict(editing_prompt=["blue", "square", "large"], reverse_editing_direction=[False, True, False],
@@ -210,13 +211,12 @@ def test_a_reedit_reuses_the_inversion_from_the_cache():
     off = ours.invert(photo(6), source_prompt="a red circle", generator=gen(), use_cache=False, **OURS)
     assert not off.cache_hit and ours.inversion_cache.keys() == entries
     assert len(ours.inversion_cache) <= ours.inversion_cache.max_entries
-    # The edit says where its inversion came from, and re-edits replay the reconstruction.
+    # The edit says where its inversion came from, and re-edits give the same reconstruction.
     kw = dict(inversion=again, return_original=True, output_type="latent")
     out = ours("a red circle", concepts=[EditConcept("blue", warmup=2)], **kw)
-    assert out.inversion_cache_hit and not out.cache_hit
+    assert out.inversion_cache_hit
     other = ours("a red circle", concepts=[EditConcept("square", warmup=1)], **kw)
-    assert other.cache_hit
-    torch.testing.assert_close(other.original_images, out.original_images, rtol=0, atol=0)
+    torch.testing.assert_close(other.original_images, out.original_images, rtol=0, atol=TOL)
 
 
 def test_bad_inversion_arguments_name_the_field():
@@ -237,3 +237,50 @@ def test_bad_inversion_arguments_name_the_field():
         ours("", inversion=inv, latents=inv.latents)
     with pytest.raises(ValueError, match="inversion holds 1"):
         ours(["", ""], inversion=inv)
+
+
+def test_any_image_tensor_inverts_and_the_cache_keys_on_its_pixels():
+    """Tensors that ``numpy()`` refuses (one that requires grad), non-contiguous ones and float16 ones invert;
+    the same pixels hit the cache whatever tensor holds them."""
+    ours = ours_for(parts())
+    pixels = torch.rand(1, 3, 32, 32, generator=gen(8)) * 2 - 1
+    first = ours.invert(pixels.clone().requires_grad_(True), generator=gen(), **OURS)
+    assert not first.cache_hit
+    strided = pixels.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not strided.is_contiguous()
+    for same in (pixels, strided):
+        assert ours.invert(same, generator=gen(), **OURS).cache_hit
+    half = ours.invert(pixels.half(), generator=gen(), **OURS)
+    assert half.latents.dtype == first.latents.dtype and torch.isfinite(half.latents).all()
+
+
+class _OnAnotherDevice:
+    """What the key sees of a CUDA tensor: ``numpy()`` raises until the pixels are copied to the CPU."""
+
+    def __init__(self, pixels: torch.Tensor):
+        self.pixels, self.shape = pixels, pixels.shape
+
+    def numpy(self):
+        raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() first.")
+
+    def detach(self):
+        return self
+
+    def to(self, *args, **kwargs):
+        return self.pixels.to(*args, **kwargs)
+
+    def cpu(self):
+        return self.pixels
+
+
+def test_the_inversion_key_copies_pixels_from_another_device():
+    pixels = torch.rand(1, 3, 8, 8, generator=gen())
+    assert inversion_key(_OnAnotherDevice(pixels), gen(), "a prompt", 10) == inversion_key(pixels, gen(), "a prompt", 10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_image_tensor_inverts():
+    ours = ours_for(parts()).to("cuda")
+    pixels = torch.rand(1, 3, 32, 32, generator=gen(8)) * 2 - 1
+    on_gpu = ours.invert(pixels.cuda(), generator=gen(), **OURS)
+    assert on_gpu.key == ours.invert(pixels, generator=gen(), use_cache=False, **OURS).key

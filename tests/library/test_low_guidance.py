@@ -15,7 +15,7 @@ SCALES = (0.0, 0.5, 1.0)
 
 @pytest.fixture(scope="module")
 def pipe() -> SegaPipeline:
-    pipe = SegaPipeline(**tiny_components("ddim"), reedit_cache_size=0)
+    pipe = SegaPipeline(**tiny_components("ddim"))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -25,11 +25,10 @@ def run(pipe, scale, concepts, **kwargs):
                 return_original=True, generator=torch.Generator().manual_seed(3), **kwargs)
 
 
-@pytest.mark.parametrize("original_first", [False, True])
 @pytest.mark.parametrize("scale", SCALES)
-def test_a_concept_that_never_applies_leaves_the_pair_identical(pipe, scale, original_first):
+def test_a_concept_that_never_applies_leaves_the_pair_identical(pipe, scale):
     never = [EditConcept("blue", scale=10, warmup=STEPS, threshold=0.5)]
-    out = run(pipe, scale, never, original_first=original_first)
+    out = run(pipe, scale, never)
     assert np.array_equal(out.images, out.original_images)
     # ... and equal to a run without concepts at that scale: the prompt's estimate alone
     plain = run(pipe, scale, None)

@@ -18,13 +18,12 @@ from sega.attention import (
     quarter_resolution_layers,
     recording_attention,
 )
-from sega.guidance import concept_directions
+from sega.guidance import concept_directions, keep_top_per_channel
 from sega.masks import (
     attention_resolution,
     cross_attention_mask,
     gaussian_kernel_3x3,
     gaussian_smoothing,
-    keep_top_per_channel,
     latent_user_mask,
     masked_concept_directions,
     mean_masks,

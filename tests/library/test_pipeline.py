@@ -157,94 +157,29 @@ def test_stochastic_scheduler_original_is_a_separate_run():
     np.testing.assert_allclose(out.original_images, sd(**kw, generator=gen(2)).images, rtol=0, atol=TOL)
 
 
-def test_reedit_cache_reuses_the_plain_run():
-    _, ours = pipes("dpm")
-    kw = dict(prompt="a red circle", num_inference_steps=STEPS, guidance_scale=7.0, output_type="latent",
-              edit_momentum_scale=0.3, return_original=True)
-    first = ours(**kw, generator=gen(), concepts=[EditConcept("blue", warmup=2)])
-    assert not first.cache_hit
-    fresh = ours(**kw, generator=gen(), concepts=[EditConcept("square", scale=4, warmup=3)], use_cache=False)
-    again = ours(**kw, generator=gen(), concepts=[EditConcept("square", scale=4, warmup=3)])
-    assert again.cache_hit and not fresh.cache_hit
-    # Equal to the uncached run (up to float round-off from a different UNet batch composition).
-    torch.testing.assert_close(again.images, fresh.images, rtol=1e-5, atol=TOL)
-    assert torch.equal(again.original_images, first.original_images)
-    # Fewer UNet evaluations: concepts only until warmup, then the edited run alone.
-    assert again.unet_samples == 3 * 1 + (STEPS - 3) * 3 < fresh.unet_samples
-    # Anything else changed is a miss.
-    assert not ours(**kw, generator=gen(1), concepts=[EditConcept("square")]).cache_hit
-    assert not ours(**{**kw, "guidance_scale": 6.0}, generator=gen(), concepts=[EditConcept("square")]).cache_hit
-    assert len(ours.reedit_cache) <= ours.reedit_cache.max_entries
-
-
-def test_plain_run_fills_the_cache():
-    _, ours = pipes("ddim")
-    kw = dict(prompt="a blue square", num_inference_steps=STEPS, guidance_scale=7.0, output_type="np",
-              return_original=True)
-    plain = ours(**kw, generator=gen(9))
-    edited = ours(**kw, generator=gen(9), concepts=[EditConcept("red", warmup=1)])
-    assert edited.cache_hit
-    np.testing.assert_array_equal(edited.original_images, plain.images)
-
-
 @pytest.mark.parametrize("scheduler", ["ddim", "euler"])
-def test_original_first_answers_do_not_depend_on_the_cache(scheduler):
-    """A server's answer must not depend on earlier requests: cold cache, warm cache and another
-    concept set in between all give the very same pair of images, bit for bit."""
-    _, ours = pipes(scheduler)
-    kw = dict(prompt="a red circle", num_inference_steps=STEPS, guidance_scale=7.0, output_type="np",
-              edit_momentum_scale=0.3, return_original=True, original_first=True)
-    concepts = [EditConcept("blue", scale=6, warmup=2), EditConcept("red", reverse=True, warmup=3)]
-    cold = ours(**kw, generator=gen(4), concepts=concepts)
-    assert not cold.cache_hit  # the run without edits was computed first, then replayed
-    ours(**kw, generator=gen(4), concepts=[EditConcept("square", warmup=1)])
-    warm = ours(**kw, generator=gen(4), concepts=concepts)
-    assert warm.cache_hit
-    np.testing.assert_array_equal(warm.images, cold.images)
-    np.testing.assert_array_equal(warm.original_images, cold.original_images)
-    ours.reedit_cache.clear()
-    ours.embedding_cache.clear()
-    again = ours(**kw, generator=gen(4), concepts=concepts)
-    np.testing.assert_array_equal(again.images, cold.images)
-    # The original is the plain run's image, and the edit really changed something.
-    plain = ours(**{**kw, "return_original": False}, generator=gen(4))
-    np.testing.assert_array_equal(cold.original_images, plain.images)
-    assert np.abs(cold.images - cold.original_images).max() > 1e-3
-    # Same meaning as one pass, up to float round-off.
-    ours.reedit_cache.clear()
-    one_pass = ours(**{**kw, "original_first": False}, generator=gen(4), concepts=concepts)
-    np.testing.assert_allclose(one_pass.images, cold.images, atol=1e-4)
-
-
-@pytest.mark.parametrize("scheduler", ["ddim", "euler"])
-def test_the_one_pass_pair_without_the_reedit_cache_does_not_depend_on_the_cache(scheduler):
-    """The app's call (``return_original=True, use_reedit_cache=False``): one UNet call per step for both images,
-    and the same call gives the very same pair, bit for bit, cold, after other requests filled the caches, and
-    after the same prompt and seed with other concepts (whose run without edits the re-edit cache then holds)."""
+def test_the_same_pair_call_gives_the_same_bits_whatever_ran_before(scheduler):
+    """``return_original=True``: one UNet call per step for both images, and the same call gives the very same
+    pair, bit for bit, cold and after other calls filled the caches (another prompt and seed; the same prompt
+    and seed with other concepts)."""
     _, ours = pipes(scheduler)
     base = dict(prompt="a red circle", num_inference_steps=STEPS, guidance_scale=7.0, output_type="np",
                 edit_momentum_scale=0.3)
-    app = dict(base, return_original=True, use_reedit_cache=False)
+    pair = dict(base, return_original=True)
     concepts = [EditConcept("blue", scale=6, warmup=2), EditConcept("red", reverse=True, warmup=3)]
 
-    cold = ours(**app, generator=gen(4), concepts=concepts)
-    assert not cold.cache_hit and len(ours.reedit_cache) == 0  # neither read nor filled
+    cold = ours(**pair, generator=gen(4), concepts=concepts)
     assert cold.unet_calls == STEPS  # one pass: both images in one UNet call per step
     # [u, p] + both concepts while the edits warm up (momentum needs them), then the run without edits too.
     assert cold.unet_samples == 2 * 4 + (STEPS - 2) * 6
     assert np.abs(cold.images - cold.original_images).max() > 1e-3  # the edit really changed something
 
-    # Warm with another request's entries (another prompt and seed, through the caching library path).
-    ours(**{**base, "prompt": "a blue square"}, generator=gen(5), concepts=[EditConcept("large", warmup=1)],
-         return_original=True)
-    other = ours(**app, generator=gen(4), concepts=concepts)
-    # Warm with the same prompt and seed and other concepts: the re-edit cache holds this very run without edits
-    # (and an exact repeat through the caching path replays it).
-    ours(**base, generator=gen(4), concepts=[EditConcept("square", warmup=1)], return_original=True)
-    assert ours(**base, generator=gen(4), concepts=concepts, return_original=True).cache_hit
-    same_prompt = ours(**app, generator=gen(4), concepts=concepts)
+    ours(**{**pair, "prompt": "a blue square"}, generator=gen(5), concepts=[EditConcept("large", warmup=1)])
+    other = ours(**pair, generator=gen(4), concepts=concepts)
+    ours(**pair, generator=gen(4), concepts=[EditConcept("square", warmup=1)])
+    same_prompt = ours(**pair, generator=gen(4), concepts=concepts)
     for warm in (other, same_prompt):
-        assert not warm.cache_hit and warm.unet_calls == cold.unet_calls
+        assert warm.unet_calls == cold.unet_calls and warm.unet_samples == cold.unet_samples
         np.testing.assert_array_equal(warm.images, cold.images)
         np.testing.assert_array_equal(warm.original_images, cold.original_images)
 
@@ -359,39 +294,24 @@ def _halve_at_step_1(pipe, i, t, tensors):
     return {"latents": tensors["latents"] * 0.5} if i == 1 else tensors
 
 
-@pytest.mark.parametrize("original_first", [False, True], ids=["one pass", "original first"])
-def test_a_callback_that_replaces_latents_changes_only_the_edited_run(original_first):
-    """The run without edits is recorded for later callers: a callback's latents must not leak into it."""
+def test_a_callback_that_replaces_latents_changes_only_the_edited_run():
+    """Before the runs split (warmup 3), a callback's latents must not leak into the run without edits."""
     _, ours = pipes("ddim")
     kw = dict(prompt="a red circle", num_inference_steps=STEPS, guidance_scale=7.0, output_type="latent",
-              return_original=True, original_first=original_first)
+              return_original=True)
     blue = [EditConcept("blue", warmup=3)]
-    clean = ours(**kw, generator=gen(), concepts=blue, use_cache=False)
+    clean = ours(**kw, generator=gen(), concepts=blue)
     changed = ours(**kw, generator=gen(), concepts=blue, callback_on_step_end=_halve_at_step_1)
     assert (changed.images - clean.images).abs().max() > 1e-2  # the callback did change the edited run
     torch.testing.assert_close(changed.original_images, clean.original_images, rtol=0, atol=TOL)
-    # A later caller without a callback replays the recorded run: its original is the clean one.
-    later = ours(**kw, generator=gen(), concepts=[EditConcept("square", warmup=2)])
-    assert later.cache_hit
-    torch.testing.assert_close(later.original_images, clean.original_images, rtol=0, atol=TOL)
+    alone = ours(**{**kw, "return_original": False}, generator=gen())
+    torch.testing.assert_close(changed.original_images, alone.images, rtol=0, atol=TOL)
 
 
-def test_a_callback_on_a_plain_run_does_not_fill_the_cache_with_its_latents():
-    _, ours = pipes("ddim")
-    kw = dict(prompt="a red circle", num_inference_steps=STEPS, guidance_scale=7.0, output_type="latent")
-    clean = ours(**kw, generator=gen(), use_cache=False).images
-    ours(**kw, generator=gen(), callback_on_step_end=_halve_at_step_1)
-    later = ours(**kw, generator=gen(), concepts=[EditConcept("blue", warmup=2)], return_original=True)
-    torch.testing.assert_close(later.original_images, clean, rtol=0, atol=TOL)
-
-
-@pytest.mark.parametrize("cache", ["cold", "warm"])
-def test_original_first_calls_the_callbacks_once_per_step(cache):
+def test_the_pair_calls_the_callbacks_once_per_step_with_the_edited_run():
     _, ours = pipes("ddim")
     kw = dict(prompt="a red circle", num_inference_steps=STEPS, guidance_scale=7.0, output_type="latent",
-              return_original=True, original_first=True, concepts=[EditConcept("blue", warmup=2)])
-    if cache == "warm":
-        ours(**kw, generator=gen())
+              return_original=True, concepts=[EditConcept("blue", warmup=2)])
     steps, latents, legacy = [], [], []
 
     def on_step_end(pipe, i, t, tensors):
@@ -400,15 +320,13 @@ def test_original_first_calls_the_callbacks_once_per_step(cache):
         return tensors
 
     out = ours(**kw, generator=gen(), callback_on_step_end=on_step_end, callback=lambda i, t, z: legacy.append(i))
-    assert out.cache_hit == (cache == "warm")
     assert steps == list(range(STEPS)) and legacy == list(range(STEPS))
     assert torch.equal(latents[-1], out.images)  # the callbacks see the edited run
 
 
-def test_a_stop_in_original_first_stops_the_run_without_edits_too():
+def test_a_stop_ends_a_pair_call_after_the_runs_split():
     _, ours = pipes("ddim")
     steps = []
-
     stop = threading.Event()
 
     def stop_after_two(pipe, i, t, tensors):
@@ -418,14 +336,13 @@ def test_a_stop_in_original_first_stops_the_run_without_edits_too():
         return tensors
 
     kw = dict(prompt="a red circle", num_inference_steps=STEPS, guidance_scale=7.0, output_type="latent",
-              return_original=True, original_first=True, concepts=[EditConcept("blue", warmup=1)])
-    with pytest.raises(Stopped):
+              return_original=True, concepts=[EditConcept("blue", warmup=1)])
+    with pytest.raises(Stopped, match="after 2 of"):
         ours(**kw, generator=gen(), callback_on_step_end=stop_after_two, stop=stop)
     assert steps == [0, 1]
-    assert len(ours.reedit_cache) == 0  # nothing half-done was cached
 
 
-def test_use_cache_false_neither_reads_clears_nor_fills_the_caches():
+def test_use_cache_false_neither_reads_clears_nor_fills_the_embedding_cache():
     _, ours = pipes("ddim")
     kw = dict(prompt="a red circle", num_inference_steps=STEPS, guidance_scale=7.0, output_type="latent",
               return_original=True)
@@ -433,10 +350,8 @@ def test_use_cache_false_neither_reads_clears_nor_fills_the_caches():
     # A wrong entry for the prompt: a call that read the cache would use it.
     key = next(k for k in ours.embedding_cache.keys() if k[0] == "a red circle")
     ours.embedding_cache.put(key, torch.zeros_like(ours.embedding_cache.get(key)))
-    embeddings, runs = ours.embedding_cache.keys(), ours.reedit_cache.keys()
+    embeddings = ours.embedding_cache.keys()
     off = ours(**kw, generator=gen(), concepts=[EditConcept("blue", warmup=2)], use_cache=False)
-    assert not off.cache_hit
-    torch.testing.assert_close(off.original_images, first.original_images, rtol=0, atol=TOL)
+    assert torch.equal(off.images, first.images) and torch.equal(off.original_images, first.original_images)
     ours(**{**kw, "prompt": "a green square"}, generator=gen(1), concepts=[EditConcept("large")], use_cache=False)
-    assert ours.embedding_cache.keys() == embeddings and ours.reedit_cache.keys() == runs
-    assert ours(**kw, generator=gen(), concepts=[EditConcept("square", warmup=2)]).cache_hit
+    assert ours.embedding_cache.keys() == embeddings
