@@ -28,6 +28,7 @@ from .guidance import (
     StepPlan,
     classifier_free_guidance,
     concept_directions,
+    concepts_needed,
     plan_step,
     semantic_guidance_step,
 )
@@ -64,23 +65,6 @@ def scheduler_step(scheduler, kwargs: dict, noise_maps: torch.Tensor | None, i: 
     if noise_maps is not None:
         kwargs = {**kwargs, "variance_noise": noise_maps[i]}
     return scheduler.step(noise_pred, t, latents, **kwargs, return_dict=False)[0]
-
-
-def concepts_needed(plans: list[StepPlan], momentum_scale: float) -> list[list[int]]:
-    """Per step, the concepts whose estimate can change the result; the others stay out of the UNet batch.
-
-    A concept matters when it enters this step's edit term, or when it feeds the momentum and the
-    momentum is used later (momentum scale non-zero and a later step applies G).
-    """
-    needed, momentum_used_later = [], False
-    for plan in reversed(plans):
-        momentum_used_later = momentum_used_later or (momentum_scale != 0 and plan.use_momentum)
-        needed.append([
-            c for c in range(len(plan.momentum_weights))
-            if ((momentum_used_later or plan.use_momentum) and plan.momentum_weights[c] != 0)
-            or (plan.edit_weights is not None and not plan.use_momentum and plan.edit_weights[c] != 0)
-        ])
-    return needed[::-1]
 
 
 def plan_edits(concepts: ConceptSettings, n_steps: int, do_cfg: bool, momentum_scale: float,
