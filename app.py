@@ -21,6 +21,7 @@ import gradio as gr
 from fastapi.exception_handlers import http_exception_handler
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import sega
 from server import form, gpu, service, snippets
 from server.images import mask_overlays
 from server import params as api
@@ -78,40 +79,41 @@ def _gpu_seconds(params: api.GenerationParams, stop: gpu.StopSignal | None = Non
 def run_on_gpu(params: api.GenerationParams, stop: gpu.StopSignal | None = None,
                previews: bool = False) -> Iterator[gpu.Step | gpu.Stopped | service.GenerationResult]:
     # A generator of steps (some with a preview image), then the result (server.gpu); on ZeroGPU it runs in a
-    # worker process, which sees ``stop`` (a file) at the end of every step. Takes only picklable arguments.
+    # worker process, which sees ``stop`` (a file) before every step. Takes only picklable arguments.
     yield from gpu.denoise(MODELS[params.model], params, stop, previews)
 
 
-def _parse(raw: dict, endpoint: str) -> api.GenerationParams:
+def parse(raw: dict, endpoint: str) -> api.GenerationParams:
     try:
         return api.parse_request(MODELS, raw, LIMITS, endpoint, upload_roots=_upload_roots())
     except api.InvalidInput as exc:
         raise gr.Error(str(exc), title="Invalid input", print_exception=False) from None
 
 
-def _failure(exc: Exception) -> gr.Error:
-    """``gr.Error``s pass through unchanged: ours (from server.gpu, with our message) and ZeroGPU's (quota, no
-    GPU free), so the visitor learns why. Anything else is a failure here, outside the GPU function."""
-    if isinstance(exc, gr.Error):
-        return exc
-    logger.error("generation failed", exc_info=exc)
-    return gr.Error(f"Generation failed ({type(exc).__name__}); please try again.", print_exception=False)
-
-
-def _run(raw: dict, request: gr.Request | None, endpoint: str = "generate",
-         wanted=gpu.event_alive) -> tuple[api.GenerationParams, service.GenerationResult]:
-    """Validate and run; stop when the event is cancelled (a Stop button, ``Job.cancel()``) or its page closed:
-    ``wanted()`` (server.gpu.drive) says when, the one way a run is stopped."""
-    params = _parse(raw, endpoint)
-    flag = gpu.StopSignal()
+def run(params: api.GenerationParams, previews: bool = False,
+        wanted=gpu.event_alive) -> Iterator[gpu.Step | service.GenerationResult]:
+    """The one run path of the UI, the examples and the API: the steps, then the result (server.gpu.follow
+    stops the run once ``wanted()`` says no: a Stop, ``Job.cancel()``, a closed page); a stopped run raises
+    ``sega.Stopped``. ``gr.Error``s pass through (ours, and ZeroGPU's: quota, no GPU free); anything else is
+    a failure here, outside the GPU function."""
     try:
-        return params, gpu.drive(run_on_gpu(params, flag), flag, wanted)
-    except service.GenerationStopped:
-        raise  # a message already; the caller decides how it looks (an API error, an example not cached)
+        yield from gpu.follow(run_on_gpu, params, previews, wanted)
+    except (sega.Stopped, gr.Error):
+        raise
     except Exception as exc:
-        raise _failure(exc) from None
-    finally:
-        flag.discard()
+        logger.error("generation failed", exc_info=exc)
+        raise gr.Error(f"Generation failed ({type(exc).__name__}); please try again.",
+                       print_exception=False) from None
+
+
+def result_of(params: api.GenerationParams, wanted=gpu.event_alive) -> service.GenerationResult:
+    """The run's result, for callers without progress (the API, an example's first run); a stop is an error
+    titled "Stopped" (so that a stopped example is not cached)."""
+    try:
+        *_, result = run(params, wanted=wanted)
+    except sega.Stopped as exc:
+        raise gr.Error(str(exc), title="Stopped", print_exception=False) from None
+    return result
 
 
 def _upload_roots() -> tuple[str, ...]:
@@ -125,7 +127,7 @@ def generate_api(request: gr.Request, **raw):
 
     Returns the image without edits, the image with edits, and the parameters actually used (seed included).
     """
-    return _api(raw, request, "generate")
+    return *_saved(result := result_of(parse(raw, "generate"))), result.used
 
 
 def edit_api(request: gr.Request, **raw):
@@ -133,15 +135,7 @@ def edit_api(request: gr.Request, **raw):
 
     Returns the reconstruction without edits, the image with edits, and the parameters actually used.
     """
-    return _api(raw, request, "edit")
-
-
-def _api(raw: dict, request: gr.Request, endpoint: str):
-    try:
-        _, result = _run(raw, request, endpoint)
-    except service.GenerationStopped as exc:
-        raise gr.Error(str(exc), title="Stopped", print_exception=False) from None
-    return *_saved(result), result.used
+    return *_saved(result := result_of(parse(raw, "edit"))), result.used
 
 
 def api_signature(params: tuple[api.Param, ...]) -> inspect.Signature:
@@ -182,8 +176,8 @@ def app_address(request: gr.Request | None) -> str:
     return snippets.app_address(os.environ.get("SPACE_ID"), headers, url)
 
 
-def _run_ui(raw: dict, endpoint: str, before, progress: gr.Progress,
-            request: gr.Request | None = None) -> Iterator[tuple]:
+def run_ui(raw: dict, endpoint: str, before, progress: gr.Progress,
+           request: gr.Request | None = None) -> Iterator[tuple]:
     """Run for the UI, yielding the outputs (see :func:`_outputs`) and the run's state: while the run goes,
     a preview in the "With edits" box every few steps, and in the state the image that box showed before
     (``before``), which the Stop button puts back (a stopped run keeps the previous images; a Stop cancels
@@ -191,11 +185,10 @@ def _run_ui(raw: dict, endpoint: str, before, progress: gr.Progress,
     n = 8 if endpoint == "edit" else 5
     skip = (gr.skip(),) * n
     restore = (gr.skip(), before, *skip[2:], None)
-    params = _parse(raw, endpoint)
-    flag = gpu.StopSignal()  # server.gpu.follow discards it when the run is over
+    params = parse(raw, endpoint)
     yield (*skip, {"before": before})
     try:
-        for item in gpu.follow(run_on_gpu(params, flag, True), flag):
+        for item in run(params, previews=True):
             if not isinstance(item, gpu.Step):
                 yield (*_outputs(params, item, n == 8, request), None)
                 return
@@ -203,12 +196,12 @@ def _run_ui(raw: dict, endpoint: str, before, progress: gr.Progress,
                      desc="Inverting your image" if item.stage == "inversion" else "Denoising")
             if item.preview is not None:
                 yield (gr.skip(), service.save_png(item.preview, demo.GRADIO_CACHE), *skip[2:], gr.skip())
-    except service.GenerationStopped as exc:
+    except sega.Stopped as exc:
         gr.Info(str(exc))
         yield restore
-    except Exception as exc:
+    except Exception:
         yield restore
-        raise _failure(exc) from None
+        raise
 
 
 def stopped(state: dict | None) -> tuple:
@@ -632,14 +625,14 @@ class ModelPanel:
             raw = {"prompt": v[self.prompt], "concepts": concept_rows.read(v), "model": model_id,
                    "seed": None if v[self.randomize] else v[self.seed],
                    **{name: v[widget] for name, widget in settings.items()}}
-            yield from _run_ui(raw, "generate", v[generated["images"][1]], progress, request)
+            yield from run_ui(raw, "generate", v[generated["images"][1]], progress, request)
 
         gen_event = gr.on([self.generate_btn.click, self.prompt.submit], generate_ui,
                           {self.prompt, self.randomize, self.seed, generated["images"][1], *settings.values(),
                            *concept_rows.inputs},
                           [*generated["images"], generate_run], api_visibility="private", concurrency_id="gpu",
                           concurrency_limit="default")
-        # Stop cancels this tab's run (and an example's first run), nothing else: server.gpu.drive notices.
+        # Stop cancels this tab's run (and an example's first run), nothing else: server.gpu.follow notices.
         self.stop_btn.click(stopped, generate_run, [generated["images"][1], generate_run],
                             cancels=[gen_event, self.generate_examples.cache_event], show_progress="hidden",
                             api_visibility="private")
@@ -649,7 +642,7 @@ class ModelPanel:
             raw = {"image": v[self.upload], "concepts": edit_rows.read(v), "model": model_id,
                    "seed": None if v[self.edit_randomize] else v[self.edit_seed],
                    **{name: v[widget] for name, widget in edit_settings.items()}}
-            yield from _run_ui(raw, "edit", v[edited["images"][1]], progress, request)
+            yield from run_ui(raw, "edit", v[edited["images"][1]], progress, request)
 
         edit_event = self.edit_btn.click(edit_ui, {self.upload, self.edit_randomize, self.edit_seed,
                                                    edited["images"][1], *edit_settings.values(), *edit_rows.inputs},
@@ -663,15 +656,12 @@ class ModelPanel:
         if hasattr(concepts, "model_dump"):
             concepts = concepts.model_dump()
         # gr.Examples computes an example's first result outside the queue, inside the example's own queued
-        # event (which the Stop button cancels): the run follows that event. A stop raises, so that nothing is
-        # cached.
-        event = gpu.session_event(getattr(request, "session_hash", None), {self.generate_examples.cache_event["id"]})
-        raw = {"prompt": prompt_text, "seed": example_seed, "concepts": concepts, "model": self.model_id}
-        try:
-            params, result = _run(raw, request, wanted=functools.partial(gpu.event_alive, event))
-        except service.GenerationStopped as exc:
-            raise gr.Error(str(exc), title="Stopped", print_exception=False) from None
-        return _outputs(params, result, details=False)
+        # event (which the Stop button cancels): the run follows that event.
+        wanted = functools.partial(gpu.event_alive, session_hash=getattr(request, "session_hash", None),
+                                   fn_ids=frozenset({self.generate_examples.cache_event["id"]}))
+        params = parse({"prompt": prompt_text, "seed": example_seed, "concepts": concepts, "model": self.model_id},
+                       "generate")
+        return _outputs(params, result_of(params, wanted), details=False)
 
     def fill_generate_form(self, evt: gr.SelectData) -> dict:
         """The clicked example's concepts in the rows, every other setting back to its default (each click:

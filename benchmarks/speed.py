@@ -262,7 +262,7 @@ def app_keywords() -> dict:
 
         return {k.name: k.build(None) for k in APP_KEYWORDS}
     except Exception:  # the server is optional for the benchmark
-        return {"return_original": True, "use_reedit_cache": False}
+        return {"return_original": True}
 
 
 def api_reedit(ours: SegaPipeline, prompt: str, args, first: list[EditConcept], second: list[EditConcept]):

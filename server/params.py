@@ -404,10 +404,9 @@ GENERATE_PARAMS: tuple[Param, ...] = (
           "the first served)", check=_model, default=_model_id, keywords=lambda _model: []),
 )
 API_PARAMS: tuple[str, ...] = tuple(p.name for p in GENERATE_PARAMS)
-# Fixed keywords of every app call: both images, in one pass (one UNet call per step for both) without the re-edit
-# cache, so that every UNet batch depends on the request alone and an answer never depends on what earlier
-# visitors left in the cache.
-APP_KEYWORDS = [Keyword.literal("return_original", True), Keyword.literal("use_reedit_cache", False)]
+# Fixed keywords of every app call (/generate and /edit): both images (for /edit, the reconstruction without
+# edits), in one pass (one UNet call per step for both).
+APP_KEYWORDS = [Keyword.literal("return_original", True)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -477,11 +476,9 @@ EDIT_PARAMS: tuple[Param, ...] = (
     dataclasses.replace(_BY_NAME["mask"], default=_edit_default("mask")),
     _BY_NAME["model"],
 )
-EDIT_KEYWORDS = [Keyword.literal("return_original", True)]  # the reconstruction without edits, too
 
-# Every endpoint's parameters, by API name, and the fixed keywords of its library calls.
+# Every endpoint's parameters, by API name.
 ENDPOINTS: dict[str, tuple[Param, ...]] = {"generate": GENERATE_PARAMS, "edit": EDIT_PARAMS}
-ENDPOINT_KEYWORDS: dict[str, list[Keyword]] = {"generate": APP_KEYWORDS, "edit": EDIT_KEYWORDS}
 
 
 def defaults(loaded: LoadedModel, endpoint: str = "generate") -> dict:
@@ -529,7 +526,7 @@ class GenerationParams:
     def pipeline_keywords(self, call: str = "pipe") -> dict[str, Keyword]:
         """The library call (``"pipe"`` or ``"invert"``) that gives this request's images, keyword by keyword."""
         keywords = [k for p in self.declarations for k in p.keywords(self.values[p.name])]
-        keywords += ENDPOINT_KEYWORDS[self.endpoint]
+        keywords += APP_KEYWORDS
         return {k.name: k for k in keywords if k.call == call}
 
 

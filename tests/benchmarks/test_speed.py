@@ -52,7 +52,7 @@ def test_the_benchmarked_pair_uses_the_apps_keywords():
     from server.params import APP_KEYWORDS
 
     assert speed.app_keywords() == {k.name: k.build(None) for k in APP_KEYWORDS}
-    assert speed.app_keywords() == {"return_original": True, "use_reedit_cache": False}
+    assert speed.app_keywords() == {"return_original": True}
 
 
 def test_per_sample_prints_the_gpu_duration_constant(capsys):

@@ -3,6 +3,7 @@
 
 import ast
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import sega
 from sega import SegaPipeline
 from server import loading, profiles, service, snippets
 from server import params as api
@@ -298,9 +300,8 @@ def test_generate_returns_both_images_and_the_used_parameters(tiny):
     assert r.used["seed"] == 3
     assert api.params_from_json(tiny, r.used, LIMITS) == p
     assert "+'blue'" in r.summary and "seed 3" in r.summary
-    # The same request again: the same pair, computed again in one pass (the app does not use the re-edit cache).
+    # The same request again: the same pair.
     r2 = service.generate(tiny, p)
-    assert not r2.cache_hit
     assert np.array_equal(np.asarray(r.original), np.asarray(r2.original))
     assert np.array_equal(np.asarray(r.edited), np.asarray(r2.edited))
 
@@ -317,25 +318,21 @@ def test_the_same_request_gives_the_same_pair_whatever_the_caches_hold(tiny):
     def answer():
         r = service.generate(tiny, p)
         out = pipe(**{name: k.build(pipe) for name, k in keywords.items()}, output_type="np")
-        assert not r.cache_hit and not out.cache_hit
         return np.asarray(r.original), np.asarray(r.edited), out.original_images, out.images
 
-    def library_call(request):  # a library user's caching call on the same pipeline
-        return pipe(**{name: k.build(pipe) for name, k in request.pipeline_keywords("pipe").items()
-                       if name != "use_reedit_cache"})
+    def library_call(request):  # a library user's call on the same pipeline
+        return pipe(**{name: k.build(pipe) for name, k in request.pipeline_keywords("pipe").items()})
 
-    pipe.reedit_cache.clear()
     pipe.embedding_cache.clear()
     cold = answer()
-    assert len(pipe.reedit_cache) == 0  # the app's calls neither read nor fill it
     assert not np.array_equal(cold[2], cold[3])
     service.generate(tiny, parse(tiny, prompt="a blue square", seed=8, steps=5, concepts=[{"prompt": "red"}]))
     library_call(parse(tiny, prompt="a green circle", seed=9, steps=5, concepts=[{"prompt": "large", "warmup": 1}]))
     after_others = answer()
     other_concepts = parse(tiny, seed=7, steps=5, momentum_scale=0.3, concepts=[{"prompt": "red", "warmup": 3}])
     service.generate(tiny, other_concepts)
-    library_call(other_concepts)  # the re-edit cache now holds this prompt and seed's run without edits
-    assert library_call(p).cache_hit
+    library_call(other_concepts)  # any cache now holds this prompt and seed's run without edits
+    library_call(p)
     after_same_prompt = answer()
     for warm in (after_others, after_same_prompt):
         for a, b in zip(cold, warm):
@@ -348,16 +345,16 @@ def test_generate_without_concepts_gives_the_same_image_twice(tiny):
     assert r.summary.startswith("no edits")
 
 
-def test_a_raising_step_callback_stops_the_run_at_that_step(tiny):
-    seen = []
+def test_a_set_stop_ends_the_run_before_its_next_step(tiny):
+    seen, stop = [], threading.Event()
 
     def progress(done, total):
         seen.append((done, total))
         if done == 2:
-            raise service.GenerationStopped(f"Stopped after {done} of {total} steps.")
+            stop.set()
 
-    with pytest.raises(service.GenerationStopped, match="after 2 of 6 steps"):
-        service.generate(tiny, parse(tiny, seed=1, steps=6), progress_callback=progress)
+    with pytest.raises(sega.Stopped, match="after 2 of 6 steps"):
+        service.generate(tiny, parse(tiny, seed=1, steps=6), stop=stop, progress_callback=progress)
     assert seen == [(1, 6), (2, 6)]
 
 
