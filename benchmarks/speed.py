@@ -18,7 +18,7 @@ seconds (median of --repeats), UNet calls and samples, milliseconds per UNet sam
 process's RSS above its level before the call; CUDA: max allocated above the allocated before), and the ratio
 ours/reference for (--cases, default all four on the demo model, "ab" for sd15-random):
   (a) one edited image with N concepts (default 4; 2 for sd15-random);
-  (b) the app's pair, original + edited, with the app's own keywords (server.params.APP_KEYWORDS: one pass,
+  (b) the app's pair, original + edited, with the app's own keywords (server.keywords.APP_KEYWORDS: one pass,
       without the re-edit cache; N concepts, default 1; 2 for sd15-random), against two reference calls
       (plain + SEGA);
   (c) the app's re-edit through the API's code path (server.service.generate): a second request with the same
@@ -255,10 +255,10 @@ def reserved_seconds(steps: int, n_concepts: int, size: int) -> int | None:
 
 
 def app_keywords() -> dict:
-    """The fixed keywords of the app's /generate call (server.params.APP_KEYWORDS), or the same values when the
+    """The fixed keywords of the app's /generate call (server.keywords.APP_KEYWORDS), or the same values when the
     server cannot be imported."""
     try:
-        from server.params import APP_KEYWORDS
+        from server.keywords import APP_KEYWORDS
 
         return {k.name: k.build(None) for k in APP_KEYWORDS}
     except Exception:  # the server is optional for the benchmark

@@ -1,6 +1,9 @@
-"""Per-concept presets and generation defaults for the bundled shapes model."""
+"""Per-concept presets (all four tables: :class:`sega.presets.PresetTables`) and generation defaults for the
+bundled shapes model."""
 
 from __future__ import annotations
+
+from sega.presets import PresetTables
 
 # The bundled shapes model: chosen by the sweep in its model card (assets/shapes-model/README.md).
 DEMO_PRESETS: dict[str, dict] = {
@@ -22,6 +25,30 @@ DEMO_MASK_PRESETS: dict[str, dict] = {
     "removal": {"scale": 30.0, "threshold": 0.2, "warmup": 5},
     "custom": {"scale": 10.0, "threshold": 0.3, "warmup": 8},
 }
+# Per-concept presets for uploaded images, chosen by sweep_real on tuning images 0-5 (colour, shape, background;
+# the model card has the table); the inverted image keeps its layout, so colour and shape start late.
+DEMO_EDIT_PRESETS: dict[str, dict] = {
+    "color": {"scale": 5.0, "threshold": 0.7, "warmup": 10},
+    "background": {"scale": 30.0, "threshold": 0.5, "warmup": 0},
+    "shape": {"scale": 7.5, "threshold": 0.3, "warmup": 10},
+    "size": {"scale": 7.5, "threshold": 0.5, "warmup": 6},
+    "custom": {"scale": 7.5, "threshold": 0.5, "warmup": 6},
+}
+
+# The same with an implicit mask (LEDITS++; the threshold is the share of the mask left out), chosen by
+# ``python -m sega.demo sweep --real --mask intersect`` on tuning images 0-7 (the model card has the table); size
+# and custom were not swept and take the values colour and shape both chose.
+DEMO_EDIT_MASK_PRESETS: dict[str, dict] = {
+    "color": {"scale": 5.0, "threshold": 0.2, "warmup": 8},
+    "background": {"scale": 50.0, "threshold": 0.3, "warmup": 0},
+    "shape": {"scale": 5.0, "threshold": 0.2, "warmup": 8},
+    "size": {"scale": 5.0, "threshold": 0.2, "warmup": 8},
+    "custom": {"scale": 5.0, "threshold": 0.2, "warmup": 8},
+}
+
+
+DEMO_PRESET_TABLES = PresetTables(DEMO_PRESETS, edit=DEMO_EDIT_PRESETS, masked_generate=DEMO_MASK_PRESETS,
+                                  masked_edit=DEMO_EDIT_MASK_PRESETS)
 DEMO_DEFAULTS: dict = {"steps": 25, "guidance_scale": 5.0, "momentum_scale": 0.3, "momentum_beta": 0.6,
                        "default_preset": "color", "mask": "none"}
 

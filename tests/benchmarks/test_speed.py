@@ -49,7 +49,7 @@ def test_sd15_random_defaults_to_a_cpu_run_of_reasonable_length_with_both_target
 
 
 def test_the_benchmarked_pair_uses_the_apps_keywords():
-    from server.params import APP_KEYWORDS
+    from server.keywords import APP_KEYWORDS
 
     assert speed.app_keywords() == {k.name: k.build(None) for k in APP_KEYWORDS}
     assert speed.app_keywords() == {"return_original": True}
