@@ -10,12 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def preset_table(**presets: tuple[float, float, int]) -> dict[str, dict]:
+    """A table of presets, one ``name=(scale, threshold, warmup)`` each."""
+    return {name: {"scale": scale, "threshold": threshold, "warmup": warmup}
+            for name, (scale, threshold, warmup) in presets.items()}
+
+
 @dataclass(frozen=True)
 class PresetTables:
     """One model kind's per-concept presets (scale, threshold, warmup by preset name): for generation, and for
     uploaded images (the inverted image keeps its layout), each without and with an implicit mask (LEDITS++: the
     threshold is then the share of the mask left out, so a model may need other values). A missing table is
-    the unmasked one of the same endpoint, then generation's. Every table has the same preset names."""
+    the unmasked one of the same endpoint, then generation's. An endpoint's tables have the same preset names."""
 
     generate: dict[str, dict]
     edit: dict[str, dict] | None = None
@@ -38,12 +44,10 @@ class PresetTables:
         """Every table (both endpoints, with and without masks)."""
         return [self.table(endpoint, mask) for endpoint in ("generate", "edit") for mask in ("none", "masked")]
 
-SD_PRESETS: dict[str, dict] = {
-    "object": {"scale": 5.0, "threshold": 0.95, "warmup": 10},
-    "style": {"scale": 7.0, "threshold": 0.9, "warmup": 5},
-    "face": {"scale": 5.0, "threshold": 0.975, "warmup": 10},
-    "custom": {"scale": 5.0, "threshold": 0.95, "warmup": 10},
-}
+
+SD_PRESETS: dict[str, dict] = preset_table(
+    object=(5.0, 0.95, 10), style=(7.0, 0.9, 5), face=(5.0, 0.975, 10), custom=(5.0, 0.95, 10),
+)
 SD_PRESET_TABLES = PresetTables(SD_PRESETS)
 SD_DEFAULTS: dict = {"steps": 50, "guidance_scale": 7.0, "momentum_scale": 0.3, "momentum_beta": 0.6,
                      "default_preset": "face", "mask": "none"}
@@ -54,12 +58,9 @@ SD_DEFAULTS: dict = {"steps": 50, "guidance_scale": 7.0, "momentum_scale": 0.3, 
 # edit_threshold 0.9, warmup 0; its example adds "tomato" at scale 10, threshold 0.85 and removes "tennis ball"
 # at 5, 0.9, after inverting with skip 0.2 and source guidance 3.5).
 SDXL_PRESETS: dict[str, dict] = {name: dict(values) for name, values in SD_PRESETS.items()}
-SDXL_EDIT_PRESETS: dict[str, dict] = {
-    "object": {"scale": 10.0, "threshold": 0.85, "warmup": 0},
-    "style": {"scale": 5.0, "threshold": 0.9, "warmup": 0},
-    "face": {"scale": 5.0, "threshold": 0.9, "warmup": 0},
-    "custom": {"scale": 5.0, "threshold": 0.9, "warmup": 0},
-}
+SDXL_EDIT_PRESETS: dict[str, dict] = preset_table(
+    object=(10.0, 0.85, 0), style=(5.0, 0.9, 0), face=(5.0, 0.9, 0), custom=(5.0, 0.9, 0),
+)
 SDXL_PRESET_TABLES = PresetTables(SDXL_PRESETS, edit=SDXL_EDIT_PRESETS)
 SDXL_DEFAULTS: dict = {"steps": 50, "guidance_scale": 5.0, "momentum_scale": 0.3, "momentum_beta": 0.6,
                        "default_preset": "face", "mask": "none"}

@@ -16,7 +16,7 @@ import dataclasses
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from sega.attention import quarter_resolution_layers
 from sega.concepts import EditConcept, Range, show_value
@@ -45,6 +45,7 @@ MAX_SEED = 2**32 - 1
 MAX_GUIDANCE_SCALE = 30.0
 MAX_MOMENTUM_SCALE = 10.0
 DEFAULT_SCHEDULER = "DDIM"
+T = TypeVar("T")
 
 
 def _steps(model: LoadedModel | ModelFacts, limits: Limits) -> Range:
@@ -244,12 +245,25 @@ def defaults(loaded: LoadedModel, endpoint: str = "generate") -> dict:
     return {p.name: values[p.default_from] if p.default_from else values[p.name] for p in params}
 
 
+class Declared(Generic[T]):
+    """A declared parameter's value read as an attribute of :class:`GenerationParams` (``params.steps``): a
+    typed view of ``params.values``, named by the attribute, which tooling sees (unlike ``__getattr__``)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, params: GenerationParams | None, owner: type | None = None) -> T:
+        if params is None:
+            return self  # type: ignore[return-value]  # the descriptor itself, on the class
+        return params.values[self.name]
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """A validated request: every parameter of its endpoint filled in, enough to reproduce its images.
 
-    ``values`` holds every declared parameter by name; the properties below read the ones the server's code
-    uses (tests/server/test_service.py checks that each names a declared parameter). Picklable (ZeroGPU sends it
+    ``values`` holds every declared parameter by name; :class:`Declared` attributes read the ones the server's
+    code uses. Picklable (ZeroGPU sends it
     to a worker process): the declarations are found by the endpoint's name.
     """
 
@@ -258,44 +272,16 @@ class GenerationParams:
     notices: tuple[str, ...] = field(default=(), compare=False)
     endpoint: str = "generate"
 
-    @property
-    def seed(self) -> int:
-        return self.values["seed"]
-
-    @property
-    def steps(self) -> int:
-        return self.values["steps"]
-
-    @property
-    def concepts(self) -> tuple[EditConcept, ...]:
-        return self.values["concepts"]
-
-    @property
-    def guidance_scale(self) -> float:
-        return self.values["guidance_scale"]
-
-    @property
-    def scheduler(self) -> str:
-        return self.values["scheduler"]
-
-    @property
-    def width(self) -> int:
-        """/generate's width (an edit's size is its image's)."""
-        return self.values["width"]
-
-    @property
-    def height(self) -> int:
-        return self.values["height"]
-
-    @property
-    def image(self) -> UploadedImage:
-        """/edit's uploaded image."""
-        return self.values["image"]
-
-    @property
-    def skip(self) -> float:
-        """/edit's share of denoising steps skipped."""
-        return self.values["skip"]
+    # Typed views of the declared parameters the server's code reads (each must name one: a test checks).
+    seed = Declared[int]()
+    steps = Declared[int]()
+    concepts = Declared[tuple[EditConcept, ...]]()
+    guidance_scale = Declared[float]()
+    scheduler = Declared[str]()
+    width = Declared[int]()  # /generate's size (an edit's is its image's)
+    height = Declared[int]()
+    image = Declared[UploadedImage]()  # /edit's
+    skip = Declared[float]()  # /edit's
 
     @property
     def declarations(self) -> tuple[Param, ...]:

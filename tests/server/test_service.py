@@ -557,8 +557,10 @@ def test_a_masked_request_takes_its_presets_from_the_mask_table(tmp_path, endpoi
     assert profile.presets.table(endpoint, "intersect") != profile.presets.table(endpoint, "none")
 
 
-def test_every_property_of_a_request_reads_a_declared_parameter():
-    """GenerationParams' properties are a view of the declarations, never a second list of parameters."""
+def test_every_attribute_of_a_request_reads_a_declared_parameter(tiny):
+    """GenerationParams' attributes are a view of the declarations, never a second list of parameters."""
     declared = {p.name for params in api.ENDPOINTS.values() for p in params}
-    properties = {name for name, value in vars(api.GenerationParams).items() if isinstance(value, property)}
-    assert properties - {"declarations"} <= declared
+    views = {name for name, value in vars(api.GenerationParams).items() if isinstance(value, api.Declared)}
+    assert "seed" in views and views <= declared
+    p = parse(tiny, seed=5, steps=3)
+    assert (p.seed, p.steps, p.width) == (5, 3, tiny.native_size) and p.values["seed"] == 5
