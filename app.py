@@ -17,6 +17,7 @@ import sys
 from collections.abc import Iterator
 
 import gradio as gr
+from gradio.data_classes import FileData
 from fastapi.exception_handlers import http_exception_handler
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -121,37 +122,6 @@ def _upload_roots() -> tuple[str, ...]:
                                  for _, path, *_ in loaded.profile.edit_examples})
 
 
-def generate_api(request: gr.Request, **raw):
-    """Generate the image without edits and the image with edits for one seed.
-
-    Returns the image without edits, the image with edits, and the parameters actually used (seed included).
-    """
-    return *_saved(result := result_of(parse(raw, "generate"))), result.used
-
-
-def edit_api(request: gr.Request, **raw):
-    """Edit an uploaded image: invert it, then apply the concepts.
-
-    Returns the reconstruction without edits, the image with edits, and the parameters actually used.
-    """
-    return *_saved(result := result_of(parse(raw, "edit"))), result.used
-
-
-def api_signature(params: tuple[api.Param, ...]) -> inspect.Signature:
-    """``(request, *, name=None, ...)`` for an endpoint's declared parameters: gradio reads the API's parameter
-    names and which of them are optional from the handler's signature."""
-    keyword = inspect.Parameter.KEYWORD_ONLY
-    return inspect.Signature([
-        inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request),
-        *(inspect.Parameter(p.name, keyword, **({} if p.default is p.default_from is None else {"default": None}))
-          for p in params),
-    ])
-
-
-generate_api.__signature__ = api_signature(api.GENERATE_PARAMS)
-edit_api.__signature__ = api_signature(api.EDIT_PARAMS)
-
-
 def _saved(result: service.GenerationResult) -> tuple[str | None, str | None]:
     return service.save_png(result.original, demo.GRADIO_CACHE), service.save_png(result.edited, demo.GRADIO_CACHE)
 
@@ -248,8 +218,13 @@ def send_to_edit(image: str | None, used) -> tuple:
 # ----------------------------------------------------------------------------------------------
 
 
-API_WIDGETS = {"text": gr.Textbox, "json": gr.JSON, "file": gr.File, "int": lambda d: gr.Number(d, precision=0),
-               "float": gr.Number}
+# The API's input types by declared kind (gr.api documents and names the parameters from the handler's signature).
+API_TYPES = {"text": str, "json": list[dict], "int": int, "float": float, "file": FileData}
+# Per endpoint: what it does, and what its first image is.
+API_DESCRIPTIONS = {"generate": ("Generate the image without edits and the image with edits for one seed.",
+                                 "the image without edits"),
+                    "edit": ("Edit an uploaded image: invert it, then apply the concepts.",
+                             "the reconstruction without edits")}
 
 
 def api_default(endpoint: str, name: str):
@@ -259,18 +234,31 @@ def api_default(endpoint: str, name: str):
     return api.defaults(LOADED, endpoint)[name] if len(values) == 1 else None
 
 
-def api_endpoint(name: str, handler, first_label: str) -> None:
-    """A public endpoint with named parameters: hidden inputs made from the declarations, three outputs."""
-    with gr.Group(visible=False):
+def api_handler(endpoint: str):
+    """The public endpoint's function for ``gr.api``: its signature (names, types, defaults) and docstring are
+    made from the declarations; it runs the request as the UI does and returns both images and the JSON."""
+    declared = api.ENDPOINTS[endpoint]
+
+    def handler(*values):
+        result = result_of(parse(dict(zip((p.name for p in declared), values)), endpoint))
+        return *(None if path is None else FileData(path=path) for path in _saved(result)), result.used
+
+    parameters = []
+    for p in declared:
+        required = p.default is None and p.default_from is None
         # A parameter whose default follows another one shows no default of its own.
-        inputs = {p.name: API_WIDGETS[p.kind](None if p.default_from else api_default(name, p.name))
-                  for p in api.ENDPOINTS[name]}
-        outputs = [gr.Image(format="png", label=first_label), gr.Image(format="png", label="with edits"),
-                   gr.JSON(label="parameters used")]
-        button = gr.Button()
-    # concurrency_limit "default": the queue's default_concurrency_limit, set in launch().
-    button.click(handler, inputs_kwargs=inputs, outputs=outputs, api_name=name, preprocess=False,
-                 concurrency_id="gpu", concurrency_limit="default")
+        default = inspect.Parameter.empty if required else None if p.default_from else api_default(endpoint, p.name)
+        kind = API_TYPES[p.kind]
+        parameters.append(inspect.Parameter(p.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
+                                            annotation=kind if required else kind | None))
+    returns = tuple[FileData | None, FileData | None, dict]
+    handler.__signature__ = inspect.Signature(parameters, return_annotation=returns)
+    handler.__annotations__ = {p.name: p.annotation for p in parameters} | {"return": returns}
+    handler.__name__ = endpoint
+    what, first = API_DESCRIPTIONS[endpoint]
+    handler.__doc__ = "\n".join([what, "", "Args:", *(f"    {p.name}: {p.doc}" for p in declared), "Returns:",
+                                 f"    {first}, the image with edits, and the parameters actually used"])
+    return handler
 
 
 def example_index(evt: gr.SelectData) -> int:
@@ -285,7 +273,7 @@ class ModelPanel:
     def __init__(self, loaded: LoadedModel, prefix: str = ""):
         self.loaded, self.profile = loaded, loaded.profile
         self.model_id = loaded.model_id
-        limits = LIMITS[loaded.model_id]
+        self.limits = limits = LIMITS[loaded.model_id]
         self.defaults, self.edit_defaults = api.defaults(loaded), api.defaults(loaded, "edit")
         # Every numeric widget's range, step and starting value, from the API's declarations (server/form.py).
         self.form = form.settings(loaded, limits)
@@ -295,91 +283,94 @@ class ModelPanel:
         self.wire()
 
     def build(self, p: str) -> None:
-        profile, FORM, EDIT_FORM = self.profile, self.form, self.edit_form  # noqa: N806
         gr.Markdown(self.loaded.intro)
         if self.loaded.fallback_reason:
             gr.Markdown(f"**Note:** {self.loaded.fallback_reason}", elem_id=f"{p}fallback-banner")
         with gr.Tabs() as self.tabs:
-            # Generate -----------------------------------------------------------------------------
             with gr.Tab("Generate", id="generate-tab"):
-                with gr.Row():
-                    with gr.Column(scale=5):
-                        self.prompt = gr.Textbox(label="Prompt", lines=2, elem_id=f"{p}prompt",
-                                                 placeholder=profile.prompt_placeholder)
-                        negative_prompt = gr.Textbox(label="Negative prompt", value="", elem_id=f"{p}negative-prompt")
-                        self.concept_rows = widgets.ConceptRows(self.loaded, LIMITS[self.model_id], f"{p}concept")
-                        mask = widgets.mask_choice(self.loaded, "generate", f"{p}mask")
-                        self.seed, self.randomize = widgets.seed_row(p, FORM)
-                        with gr.Row():
-                            steps = widgets.slider(FORM["steps"], elem_id=f"{p}steps")
-                            guidance = widgets.slider(FORM["guidance_scale"], elem_id=f"{p}guidance")
-                        with gr.Row():
-                            width = widgets.slider(FORM["width"], elem_id=f"{p}width")
-                            height = widgets.slider(FORM["height"], elem_id=f"{p}height")
-                            scheduler = gr.Dropdown(list(api.SCHEDULERS), value=self.defaults["scheduler"],
-                                                    label="Scheduler", elem_id=f"{p}scheduler")
-                        with gr.Accordion("Advanced", open=False):
-                            momentum_scale, momentum_beta = widgets.momentum_sliders(FORM, p)
-                            self.show_advanced = gr.Checkbox(False, label="Show cooldown and weight for each concept")
-                        with gr.Row():
-                            self.generate_btn = gr.Button("Generate", variant="primary", elem_id=f"{p}generate")
-                            self.stop_btn = gr.Button("Stop", variant="stop", elem_id=f"{p}stop")
-                    with gr.Column(scale=4):
-                        self.generated = widgets.result_column("Without edits", p)
-                        self.edit_this_btn = gr.Button("Edit this image", size="sm", elem_id=f"{p}edit-this")
-                # Examples fill the form (rows included) and show a lazily cached result.
-                example_concepts = gr.JSON(visible=False)
-                self.generate_examples = gr.Examples(
-                    examples=[[prompt, seed, concepts] for _, prompt, concepts, seed in profile.examples],
-                    example_labels=[label for label, *_ in profile.examples],
-                    inputs=[self.prompt, self.seed, example_concepts],
-                    outputs=self.generated["images"],
-                    fn=self.run_example,
-                    cache_examples=True,
-                    cache_mode="lazy",
-                    api_visibility="private",
-                )
-
-            # Edit an image ------------------------------------------------------------------------
+                self.build_generate_tab(p)
             with gr.Tab("Edit an image", id="edit-tab"):
-                with gr.Row():
-                    with gr.Column(scale=5):
-                        self.upload = widgets.hand_over_untouched(gr.Image(
-                            label="Your image (PNG, JPEG or WebP)", type="filepath", image_mode=None,
-                            sources=["upload", "clipboard"], height=260, elem_id=f"{p}edit-image",
-                            elem_classes="pixelated"))
-                        self.source_prompt = gr.Textbox(label="Source prompt", elem_id=f"{p}edit-source-prompt",
-                                                        placeholder="describe your image; empty works too")
-                        self.edit_rows = widgets.ConceptRows(self.loaded, LIMITS[self.model_id], f"{p}edit-concept", "edit")
-                        edit_mask = widgets.mask_choice(self.loaded, "edit", f"{p}edit-mask")
-                        self.edit_seed, self.edit_randomize = widgets.seed_row(f"{p}edit-", EDIT_FORM)
-                        with gr.Row():
-                            edit_steps = widgets.slider(EDIT_FORM["steps"], elem_id=f"{p}edit-steps")
-                            skip = widgets.slider(EDIT_FORM["skip"], elem_id=f"{p}edit-skip")
-                        source_guidance = widgets.slider(EDIT_FORM["source_guidance_scale"], elem_id=f"{p}edit-guidance")
-                        with gr.Accordion("Advanced", open=False):
-                            self.edit_guidance = widgets.number_box(EDIT_FORM["guidance_scale"], elem_id=f"{p}edit-edit-guidance")
-                            edit_momentum_scale, edit_momentum_beta = widgets.momentum_sliders(EDIT_FORM, f"{p}edit-")
-                            self.edit_show_advanced = gr.Checkbox(False, label="Show cooldown and weight for each concept")
-                        with gr.Row():
-                            self.edit_btn = gr.Button("Edit", variant="primary", elem_id=f"{p}edit")
-                            self.edit_stop_btn = gr.Button("Stop", variant="stop", elem_id=f"{p}edit-stop")
-                    with gr.Column(scale=4):
-                        self.edited = widgets.result_column("Reconstruction (without edits)", f"{p}edit-")
-                self.edit_examples = None
-                if profile.edit_examples:
-                    # They fill the form only; pressing Edit runs them.
-                    self.edit_examples = gr.Examples(
-                        examples=[[path, source, seed] for _, path, source, _, seed in profile.edit_examples],
-                        example_labels=[label for label, *_ in profile.edit_examples],
-                        inputs=[self.upload, self.source_prompt, self.edit_seed],
-                        label="Images to edit (drawn by the demo model's renderer, not by the model)",
-                    )
+                self.build_edit_tab(p)
 
+    def build_generate_tab(self, p: str) -> None:
+        with gr.Row():
+            with gr.Column(scale=5):
+                self.prompt = gr.Textbox(label="Prompt", lines=2, elem_id=f"{p}prompt",
+                                         placeholder=self.profile.prompt_placeholder)
+                negative_prompt = gr.Textbox(label="Negative prompt", value="", elem_id=f"{p}negative-prompt")
+                self.concept_rows = widgets.ConceptRows(self.loaded, self.limits, f"{p}concept")
+                mask = widgets.mask_choice(self.loaded, "generate", f"{p}mask")
+                self.seed, self.randomize = widgets.seed_row(p, self.form)
+                with gr.Row():
+                    steps = widgets.slider(self.form["steps"], elem_id=f"{p}steps")
+                    guidance = widgets.slider(self.form["guidance_scale"], elem_id=f"{p}guidance")
+                with gr.Row():
+                    width = widgets.slider(self.form["width"], elem_id=f"{p}width")
+                    height = widgets.slider(self.form["height"], elem_id=f"{p}height")
+                    scheduler = gr.Dropdown(list(api.SCHEDULERS), value=self.defaults["scheduler"],
+                                            label="Scheduler", elem_id=f"{p}scheduler")
+                with gr.Accordion("Advanced", open=False):
+                    momentum_scale, momentum_beta = widgets.momentum_sliders(self.form, p)
+                    self.show_advanced = gr.Checkbox(False, label="Show cooldown and weight for each concept")
+                with gr.Row():
+                    self.generate_btn = gr.Button("Generate", variant="primary", elem_id=f"{p}generate")
+                    self.stop_btn = gr.Button("Stop", variant="stop", elem_id=f"{p}stop")
+            with gr.Column(scale=4):
+                self.generated = widgets.result_column("Without edits", p)
+                self.edit_this_btn = gr.Button("Edit this image", size="sm", elem_id=f"{p}edit-this")
+        # Examples fill the form (rows included) and show a lazily cached result.
+        example_concepts = gr.JSON(visible=False)
+        self.generate_examples = gr.Examples(
+            examples=[[prompt, seed, concepts] for _, prompt, concepts, seed in self.profile.examples],
+            example_labels=[label for label, *_ in self.profile.examples],
+            inputs=[self.prompt, self.seed, example_concepts],
+            outputs=self.generated["images"],
+            fn=self.run_example,
+            cache_examples=True,
+            cache_mode="lazy",
+            api_visibility="private",
+        )
         # The settings widgets, by API parameter name: requests are read from (and examples reset) these.
         self.settings = {"negative_prompt": negative_prompt, "steps": steps, "guidance_scale": guidance,
                          "width": width, "height": height, "scheduler": scheduler, "momentum_scale": momentum_scale,
                          "momentum_beta": momentum_beta, "mask": mask}
+
+    def build_edit_tab(self, p: str) -> None:
+        with gr.Row():
+            with gr.Column(scale=5):
+                self.upload = widgets.hand_over_untouched(gr.Image(
+                    label="Your image (PNG, JPEG or WebP)", type="filepath", image_mode=None,
+                    sources=["upload", "clipboard"], height=260, elem_id=f"{p}edit-image",
+                    elem_classes="pixelated"))
+                self.source_prompt = gr.Textbox(label="Source prompt", elem_id=f"{p}edit-source-prompt",
+                                                placeholder="describe your image; empty works too")
+                self.edit_rows = widgets.ConceptRows(self.loaded, self.limits, f"{p}edit-concept", "edit")
+                edit_mask = widgets.mask_choice(self.loaded, "edit", f"{p}edit-mask")
+                self.edit_seed, self.edit_randomize = widgets.seed_row(f"{p}edit-", self.edit_form)
+                with gr.Row():
+                    edit_steps = widgets.slider(self.edit_form["steps"], elem_id=f"{p}edit-steps")
+                    skip = widgets.slider(self.edit_form["skip"], elem_id=f"{p}edit-skip")
+                source_guidance = widgets.slider(self.edit_form["source_guidance_scale"],
+                                                 elem_id=f"{p}edit-guidance")
+                with gr.Accordion("Advanced", open=False):
+                    self.edit_guidance = widgets.number_box(self.edit_form["guidance_scale"],
+                                                            elem_id=f"{p}edit-edit-guidance")
+                    edit_momentum_scale, edit_momentum_beta = widgets.momentum_sliders(self.edit_form, f"{p}edit-")
+                    self.edit_show_advanced = gr.Checkbox(False, label="Show cooldown and weight for each concept")
+                with gr.Row():
+                    self.edit_btn = gr.Button("Edit", variant="primary", elem_id=f"{p}edit")
+                    self.edit_stop_btn = gr.Button("Stop", variant="stop", elem_id=f"{p}edit-stop")
+            with gr.Column(scale=4):
+                self.edited = widgets.result_column("Reconstruction (without edits)", f"{p}edit-")
+        self.edit_examples = None
+        if self.profile.edit_examples:
+            # They fill the form only; pressing Edit runs them.
+            self.edit_examples = gr.Examples(
+                examples=[[path, source, seed] for _, path, source, _, seed in self.profile.edit_examples],
+                example_labels=[label for label, *_ in self.profile.edit_examples],
+                inputs=[self.upload, self.source_prompt, self.edit_seed],
+                label="Images to edit (drawn by the demo model's renderer, not by the model)",
+            )
         self.edit_settings = {"source_prompt": self.source_prompt, "steps": edit_steps, "skip": skip,
                               "guidance_scale": self.edit_guidance, "source_guidance_scale": source_guidance,
                               "momentum_scale": edit_momentum_scale, "momentum_beta": edit_momentum_beta,
@@ -493,9 +484,10 @@ with gr.Blocks(title="SEGA: semantic guidance", delete_cache=(900, 3600)) as dem
     model_choice.change(show_panel, model_choice, [panel.column for panel in PANELS], api_visibility="private",
                         queue=False)
 
-    # Public API: named parameters built from their declarations (validated in server/).
-    api_endpoint("generate", generate_api, "without edits")
-    api_endpoint("edit", edit_api, "reconstruction")
+    # Public API: named parameters built from their declarations (validated in server/); concurrency_limit
+    # "default": the queue's default_concurrency_limit, set in launch().
+    for endpoint in api.ENDPOINTS:
+        gr.api(api_handler(endpoint), api_name=endpoint, concurrency_id="gpu", concurrency_limit="default")
 
 
 async def _http_error(request, exc: StarletteHTTPException):

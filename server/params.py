@@ -211,7 +211,8 @@ EDIT_PARAMS: tuple[Param, ...] = (
     _BY_NAME["concepts"],
     dataclasses.replace(_BY_NAME["seed"], doc="random seed of the inversion's noise (default: random)",
                         keywords=lambda seed: generator_keyword(seed, "invert")),
-    dataclasses.replace(_BY_NAME["steps"], default=_edit_default("steps"), keywords=literal_keywords("invert.num_inference_steps")),
+    dataclasses.replace(_BY_NAME["steps"], default=_edit_default("steps"),
+                        keywords=literal_keywords("invert.num_inference_steps")),
     Param("skip", "float", "how much of the image to keep, in [0, 1): the share of the first denoising steps "
           "skipped; more keeps more of the original",
           check=None, bounds=_fixed(Range(0, 1, high_inclusive=False)), default=_edit_default("skip"),

@@ -143,7 +143,8 @@ def real(args) -> None:
         print("best:", json.dumps(result["best"]))
     else:
         seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-        presets = json.loads(Path(args.presets).read_text()) if args.presets else DEMO_PRESET_TABLES.table("edit", args.mask)
+        presets = (json.loads(Path(args.presets).read_text()) if args.presets
+                   else DEMO_PRESET_TABLES.table("edit", args.mask))
         kinds = REAL_KINDS if args.kinds is None else tuple(k for k in args.kinds.split(",") if k in REAL_KINDS)
         result = evaluate_real(pipe, seeds, presets, {**DEMO_EDIT_DEFAULTS, "mask": args.mask}, kinds=kinds)
         for kind, r in result.items():

@@ -25,7 +25,8 @@ def test_the_edit_tabs_examples_do_what_their_labels_say():
 
     pipe = SegaPipeline.from_pretrained(DEFAULT_MODEL_DIR, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    presets = DEMO_PRESET_TABLES.table("edit", DEMO_EDIT_DEFAULTS["mask"])  # as the app fills the rows: the default mask
+    # as the app fills the rows: the default mask
+    presets = DEMO_PRESET_TABLES.table("edit", DEMO_EDIT_DEFAULTS["mask"])
     for label, path, _source, concepts, seed in DEMO_EDIT_EXAMPLES:
         image, _ = load_image(path, 32)
         edits = [EditConcept(c["prompt"], reverse=c.get("reverse", False), **presets[c["preset"]])
