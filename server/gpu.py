@@ -190,6 +190,7 @@ def follow(gpu_function: Callable[..., Iterator], params: GenerationParams, prev
         while not over.wait(WATCH_SECONDS):
             if not wanted():
                 stop.set()
+                over.wait()
         steps.close()
 
     # The watcher reads Gradio's request state from context variables: give it this thread's.

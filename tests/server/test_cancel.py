@@ -7,7 +7,8 @@ while its request runs; when the page closes, that connection closes, the stream
 marks the session's events as no longer alive (``Queue.clean_events``). A cancel (the Stop button's
 ``cancels=``, ``Job.cancel()``: ``POST /gradio_api/cancel``) ends the event's task, and the queue drops it
 from its active jobs. The run's one watcher (server.gpu.follow) sees either within 0.1 s and sets the run's stop
-file, which the denoising loop checks at the end of each step, in the worker on ZeroGPU.
+file, which the library's denoising loop checks before each step (``pipe(..., stop=...)``), in the worker on
+ZeroGPU.
 """
 
 import time
