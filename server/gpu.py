@@ -12,11 +12,11 @@ The stop path, one per run: the serving side makes a :class:`StopSignal` (a file
 it: it pickles as its path) and passes it to the GPU function, which passes it on as ``stop=`` to
 ``pipe(...)`` and ``pipe.invert(...)``; the library checks it before every step and raises ``sega.Stopped``,
 which :func:`denoise` turns into the run's :class:`Stopped` value. The signal is set by :func:`follow`, where the
-request is served, in two cases: its one watcher thread sees that Gradio let go of the event (a Stop button's
+request is served: when its one watcher thread sees that Gradio let go of the event (a Stop button's
 ``cancels=``, a ``gradio_client`` ``Job.cancel()``, a closed page: :func:`event_alive`, the one place that
-reads Gradio's queue), or the request is over for any other reason (the handler returned, failed, or Gradio
-closed its generator); so a run never outlives its request by more than a step, and ``spaces`` then releases
-the GPU as for any finished call.
+reads Gradio's queue), or when the handler that yields the steps is closed while the run goes on; at the
+request's end the file is discarded, which a run still going reads as a stop too. So a run never outlives its
+request by more than a step, and ``spaces`` then releases the GPU as for any finished call.
 """
 
 from __future__ import annotations
@@ -68,10 +68,9 @@ class Stopped:
 
 
 class StopSignal:
-    """A per-request stop flag that a forked ZeroGPU worker sees too: a file that exists while the request is
-    wanted; :meth:`set` removes it. (A ``threading.Event`` would not do: the worker checks its own copy, made
-    when it was forked.) It pickles as its path, so it travels to the worker as an argument of the GPU function;
-    the request leaves nothing behind, as every request ends by setting it."""
+    """A per-request stop flag that a forked ZeroGPU worker sees too: a file that exists while the request's run
+    is wanted. (A ``threading.Event`` would not do: the worker checks its own copy, made when it was forked.)
+    It pickles as its path, so it travels to the worker as an argument of the GPU function."""
 
     _folder: str | None = None
 
@@ -83,6 +82,11 @@ class StopSignal:
             pass
 
     def set(self) -> None:
+        """Stop the run (its request is no longer wanted)."""
+        self.discard()
+
+    def discard(self) -> None:
+        """The request is over: its file goes (a run still going would read that as a stop)."""
         try:
             os.remove(self.path)
         except FileNotFoundError:
@@ -177,8 +181,8 @@ def follow(gpu_function: Callable[..., Iterator], params: GenerationParams, prev
     worker), yielding its steps as they come, then its result; a stopped run raises ``sega.Stopped``.
 
     The run's one watcher thread asks ``wanted()`` every :data:`WATCH_SECONDS` and sets the run's
-    :class:`StopSignal` when it says no; the signal is set too when this generator ends in any other way
-    (finished, failed, or closed by the handler that yields its steps). The watcher then closes the GPU
+    :class:`StopSignal` when it says no; it is set too when the handler that yields the steps closes this
+    generator while the run goes on, and discarded when the request is over. The watcher then closes the GPU
     function's generator, which waits for a stopped run's last step (on ZeroGPU, for the worker): there, not
     in the thread that closes this generator, which may be Gradio's event loop.
     """
@@ -195,19 +199,23 @@ def follow(gpu_function: Callable[..., Iterator], params: GenerationParams, prev
 
     # The watcher reads Gradio's request state from context variables: give it this thread's.
     threading.Thread(target=contextvars.copy_context().run, args=(watch,), name="sega-watch", daemon=True).start()
+    abandoned = False  # closed while its run goes on (not after its result, its stop or its failure)
     try:
         result = None
         for item in steps:
             if isinstance(item, Stopped):
                 raise sega.Stopped(item.message)
-            if isinstance(item, Step):
-                yield item
-            else:
+            if not isinstance(item, Step):
                 result = item  # the last value: the loop goes on to the generator's end (spaces' release)
+                continue
+            try:
+                yield item
+            except GeneratorExit:
+                abandoned = True
+                raise
         if result is None:
             raise RuntimeError("the GPU function ended without a result")
         yield result
     finally:
-        if not stop.is_set():
-            stop.set()  # the request is over: a run still going stops, and the file is gone
+        (stop.set if abandoned else stop.discard)()
         over.set()
