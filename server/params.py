@@ -7,7 +7,9 @@ parameters used, the pipeline call that :func:`server.service.generate` executes
 (:mod:`server.snippets`), which render the very same keyword mapping as text.
 
 Adding a parameter to ``/generate`` means adding a :class:`Param` to :data:`GENERATE_PARAMS` and, if the UI shows
-it, a widget in ``app.py``.
+it, a widget in ``app.py``. The checks and keywords it uses live by kind: text (:mod:`server.text`), concepts
+(:mod:`server.concepts`), the uploaded image (:mod:`server.uploads`), library keywords (:mod:`server.keywords`),
+limits (:mod:`server.limits`).
 """
 
 from __future__ import annotations
