@@ -15,13 +15,14 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import gradio as gr
+from gradio.data_classes import FileData
 from fastapi.exception_handlers import http_exception_handler
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server import form, gpu, service, snippets
+import sega
+from server import form, gpu, limits, service, snippets, widgets
 from server.images import mask_overlays
 from server import params as api
 from server.loading import LoadedModel, load_models
@@ -53,7 +54,7 @@ DEFAULTS = api.defaults(LOADED)
 # Cached example results belong to one set of weights: other models (or a retrained one) get their own folder.
 os.environ.setdefault("GRADIO_EXAMPLES_CACHE", os.path.join(
     ".gradio", "cached_examples", "-".join(service.model_fingerprint(loaded) for loaded in MODELS.values())))
-QUEUE_SIZE, CONCURRENCY = api.queue_settings()  # SEGA_QUEUE_SIZE, SEGA_CONCURRENCY
+QUEUE_SIZE, CONCURRENCY = limits.queue_settings()  # SEGA_QUEUE_SIZE, SEGA_CONCURRENCY
 # What an API caller gets when the queue is full (gradio's browser client says "This application is currently
 # busy. Please try again.", gradio_client "Queue is full! Please try again.").
 BUSY_MESSAGE = "The server is busy (its queue of waiting requests is full). Please try again in a minute."
@@ -78,85 +79,47 @@ def _gpu_seconds(params: api.GenerationParams, stop: gpu.StopSignal | None = Non
 def run_on_gpu(params: api.GenerationParams, stop: gpu.StopSignal | None = None,
                previews: bool = False) -> Iterator[gpu.Step | gpu.Stopped | service.GenerationResult]:
     # A generator of steps (some with a preview image), then the result (server.gpu); on ZeroGPU it runs in a
-    # worker process, which sees ``stop`` (a file) at the end of every step. Takes only picklable arguments.
+    # worker process, which sees ``stop`` (a file) before every step. Takes only picklable arguments.
     yield from gpu.denoise(MODELS[params.model], params, stop, previews)
 
 
-def _parse(raw: dict, endpoint: str) -> api.GenerationParams:
+def parse(raw: dict, endpoint: str) -> api.GenerationParams:
     try:
         return api.parse_request(MODELS, raw, LIMITS, endpoint, upload_roots=_upload_roots())
     except api.InvalidInput as exc:
         raise gr.Error(str(exc), title="Invalid input", print_exception=False) from None
 
 
-def _failure(exc: Exception) -> gr.Error:
-    """``gr.Error``s pass through unchanged: ours (from server.gpu, with our message) and ZeroGPU's (quota, no
-    GPU free), so the visitor learns why. Anything else is a failure here, outside the GPU function."""
-    if isinstance(exc, gr.Error):
-        return exc
-    logger.error("generation failed", exc_info=exc)
-    return gr.Error(f"Generation failed ({type(exc).__name__}); please try again.", print_exception=False)
-
-
-def _run(raw: dict, request: gr.Request | None, endpoint: str = "generate",
-         wanted=gpu.event_alive) -> tuple[api.GenerationParams, service.GenerationResult]:
-    """Validate and run; stop when the event is cancelled (a Stop button, ``Job.cancel()``) or its page closed:
-    ``wanted()`` (server.gpu.drive) says when, the one way a run is stopped."""
-    params = _parse(raw, endpoint)
-    flag = gpu.StopSignal()
+def run(params: api.GenerationParams, previews: bool = False,
+        wanted=gpu.event_alive) -> Iterator[gpu.Step | service.GenerationResult]:
+    """The one run path of the UI, the examples and the API: the steps, then the result (server.gpu.follow
+    stops the run once ``wanted()`` says no: a Stop, ``Job.cancel()``, a closed page); a stopped run raises
+    ``sega.Stopped``. ``gr.Error``s pass through (ours, and ZeroGPU's: quota, no GPU free); anything else is
+    a failure here, outside the GPU function."""
     try:
-        return params, gpu.drive(run_on_gpu(params, flag), flag, wanted)
-    except service.GenerationStopped:
-        raise  # a message already; the caller decides how it looks (an API error, an example not cached)
+        yield from gpu.follow(run_on_gpu, params, previews, wanted)
+    except (sega.Stopped, gr.Error):
+        raise
     except Exception as exc:
-        raise _failure(exc) from None
-    finally:
-        flag.discard()
+        logger.error("generation failed", exc_info=exc)
+        raise gr.Error(f"Generation failed ({type(exc).__name__}); please try again.",
+                       print_exception=False) from None
+
+
+def result_of(params: api.GenerationParams, wanted=gpu.event_alive) -> service.GenerationResult:
+    """The run's result, for callers without progress (the API, an example's first run); a stop is an error
+    titled "Stopped" (so that a stopped example is not cached)."""
+    try:
+        *_, result = run(params, wanted=wanted)
+    except sega.Stopped as exc:
+        raise gr.Error(str(exc), title="Stopped", print_exception=False) from None
+    return result
 
 
 def _upload_roots() -> tuple[str, ...]:
     """Where an uploaded image may be read from: gradio's upload cache, and the examples' own folder."""
     return (demo.GRADIO_CACHE, *{os.path.dirname(path) for loaded in MODELS.values()
                                  for _, path, *_ in loaded.profile.edit_examples})
-
-
-def generate_api(request: gr.Request, **raw):
-    """Generate the image without edits and the image with edits for one seed.
-
-    Returns the image without edits, the image with edits, and the parameters actually used (seed included).
-    """
-    return _api(raw, request, "generate")
-
-
-def edit_api(request: gr.Request, **raw):
-    """Edit an uploaded image: invert it, then apply the concepts.
-
-    Returns the reconstruction without edits, the image with edits, and the parameters actually used.
-    """
-    return _api(raw, request, "edit")
-
-
-def _api(raw: dict, request: gr.Request, endpoint: str):
-    try:
-        _, result = _run(raw, request, endpoint)
-    except service.GenerationStopped as exc:
-        raise gr.Error(str(exc), title="Stopped", print_exception=False) from None
-    return *_saved(result), result.used
-
-
-def api_signature(params: tuple[api.Param, ...]) -> inspect.Signature:
-    """``(request, *, name=None, ...)`` for an endpoint's declared parameters: gradio reads the API's parameter
-    names and which of them are optional from the handler's signature."""
-    keyword = inspect.Parameter.KEYWORD_ONLY
-    return inspect.Signature([
-        inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request),
-        *(inspect.Parameter(p.name, keyword, **({} if p.default is p.default_from is None else {"default": None}))
-          for p in params),
-    ])
-
-
-generate_api.__signature__ = api_signature(api.GENERATE_PARAMS)
-edit_api.__signature__ = api_signature(api.EDIT_PARAMS)
 
 
 def _saved(result: service.GenerationResult) -> tuple[str | None, str | None]:
@@ -182,8 +145,8 @@ def app_address(request: gr.Request | None) -> str:
     return snippets.app_address(os.environ.get("SPACE_ID"), headers, url)
 
 
-def _run_ui(raw: dict, endpoint: str, before, progress: gr.Progress,
-            request: gr.Request | None = None) -> Iterator[tuple]:
+def run_ui(raw: dict, endpoint: str, before, progress: gr.Progress,
+           request: gr.Request | None = None) -> Iterator[tuple]:
     """Run for the UI, yielding the outputs (see :func:`_outputs`) and the run's state: while the run goes,
     a preview in the "With edits" box every few steps, and in the state the image that box showed before
     (``before``), which the Stop button puts back (a stopped run keeps the previous images; a Stop cancels
@@ -191,11 +154,10 @@ def _run_ui(raw: dict, endpoint: str, before, progress: gr.Progress,
     n = 8 if endpoint == "edit" else 5
     skip = (gr.skip(),) * n
     restore = (gr.skip(), before, *skip[2:], None)
-    params = _parse(raw, endpoint)
-    flag = gpu.StopSignal()  # server.gpu.follow discards it when the run is over
+    params = parse(raw, endpoint)
     yield (*skip, {"before": before})
     try:
-        for item in gpu.follow(run_on_gpu(params, flag, True), flag):
+        for item in run(params, previews=True):
             if not isinstance(item, gpu.Step):
                 yield (*_outputs(params, item, n == 8, request), None)
                 return
@@ -203,12 +165,12 @@ def _run_ui(raw: dict, endpoint: str, before, progress: gr.Progress,
                      desc="Inverting your image" if item.stage == "inversion" else "Denoising")
             if item.preview is not None:
                 yield (gr.skip(), service.save_png(item.preview, demo.GRADIO_CACHE), *skip[2:], gr.skip())
-    except service.GenerationStopped as exc:
+    except sega.Stopped as exc:
         gr.Info(str(exc))
         yield restore
-    except Exception as exc:
+    except Exception:
         yield restore
-        raise _failure(exc) from None
+        raise
 
 
 def stopped(state: dict | None) -> tuple:
@@ -236,17 +198,6 @@ def show_masks(used, edited: str | None):
     return gr.Gallery(value=items or None, visible=bool(items))
 
 
-def mask_choice(loaded: LoadedModel, endpoint: str, elem_id: str) -> gr.Radio:
-    """The "mask" parameter's control, from its declaration (choices, default of the model and endpoint)."""
-    own_presets = (" With masks the presets have values of their own: choosing a mode refills the concepts' "
-                   "numbers from their presets." if endpoint in loaded.profile.mask_presets else "")
-    return gr.Radio(list(api.MASK_MODES), value=api.defaults(loaded, endpoint)["mask"], elem_id=elem_id,
-                    label="Masks (LEDITS++): where each concept may edit",
-                    info="none: SEGA's threshold per latent channel; cross-attention: only where the concept's "
-                         "words attend (the threshold is the share of that map left out); intersect: there and "
-                         "where its edit is strong. The masks are shown beside the result." + own_presets)
-
-
 def keep_seed(seed_used):
     """The seed a run used, for the Seed box (nothing when there is none)."""
     return gr.skip() if seed_used is None else seed_used
@@ -267,196 +218,13 @@ def send_to_edit(image: str | None, used) -> tuple:
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class ConceptRow:
-    """The widgets of one concept row."""
-
-    group: gr.Group
-    advanced: gr.Row  # cooldown and weight, shown with "Show cooldown and weight"
-    text: gr.Textbox
-    direction: gr.Radio
-    preset: gr.Dropdown
-    scale: gr.Slider
-    threshold: gr.Slider
-    warmup: gr.Slider
-    cooldown: gr.Number
-    weight: gr.Slider
-
-    @property
-    def values(self) -> list[gr.components.Component]:
-        return [self.text, self.direction, self.preset, self.scale, self.threshold, self.warmup, self.cooldown,
-                self.weight]
-
-    def read(self, v: dict) -> dict | None:
-        """This row as an API concept, or None when its text is empty (an empty row is not a concept)."""
-        if not (v[self.text] or "").strip():
-            return None
-        return {"prompt": v[self.text], "reverse": v[self.direction] == "remove", "scale": v[self.scale],
-                "threshold": v[self.threshold], "warmup": v[self.warmup], "cooldown": v[self.cooldown],
-                "weight": v[self.weight]}
-
-    def fill(self, values: dict) -> dict:
-        """Widget values for an API concept with every key filled in (a missing prompt clears the row)."""
-        return {self.text: values.get("prompt", ""), self.direction: "remove" if values["reverse"] else "add",
-                self.preset: values["preset"], self.scale: values["scale"], self.threshold: values["threshold"],
-                self.warmup: values["warmup"], self.cooldown: values["cooldown"], self.weight: values["weight"]}
-
-
-class ConceptRows:
-    """Up to the model's most concepts in rows, with add/remove buttons, presets and a cooldown/weight switch.
-
-    ``prefix`` keeps element ids apart when several tabs each have their rows.
-    """
-
-    def __init__(self, loaded: LoadedModel, prefix: str = "concept", endpoint: str = "generate"):
-        self.endpoint, self.profile = endpoint, loaded.profile
-        self.mask = api.defaults(loaded, endpoint)["mask"]  # the form's mask mode at the start and after an example
-        limits = LIMITS[loaded.model_id]
-        max_rows = limits.max_concepts
-        presets = self.profile.presets_for(endpoint, self.mask)
-        self.count = gr.State(1)
-        self.rows: list[ConceptRow] = []
-        d = self.profile.concept_defaults(endpoint=endpoint, mask=self.mask)
-        w = form.concept_widgets(loaded, limits, endpoint)
-        for i in range(max_rows):
-            with gr.Group(visible=i == 0, elem_id=f"{prefix}-{i}") as group:
-                with gr.Row():
-                    text = gr.Textbox(label=f"Concept {i + 1}", scale=3, elem_id=f"{prefix}-{i}-text",
-                                      placeholder=self.profile.concept_placeholder)
-                    direction = gr.Radio(["add", "remove"], value="add", label="Direction", scale=2,
-                                         elem_id=f"{prefix}-{i}-direction")
-                    preset = gr.Dropdown(list(presets), value=d["preset"], label="Preset", scale=2,
-                                         elem_id=f"{prefix}-{i}-preset")
-                with gr.Row():
-                    scale = slider(w["scale"], elem_id=f"{prefix}-{i}-scale")
-                    threshold = slider(w["threshold"], elem_id=f"{prefix}-{i}-threshold")
-                    warmup = slider(w["warmup"], elem_id=f"{prefix}-{i}-warmup")
-                with gr.Row(visible=False) as advanced:
-                    cooldown = number_box(w["cooldown"], elem_id=f"{prefix}-{i}-cooldown")
-                    weight = slider(w["weight"], elem_id=f"{prefix}-{i}-weight")
-            self.rows.append(ConceptRow(group, advanced, text, direction, preset, scale, threshold, warmup,
-                                        cooldown, weight))
-        with gr.Row():
-            add = gr.Button("Add concept", size="sm", elem_id=f"add-{prefix}")
-            remove = gr.Button("Remove last concept", size="sm", elem_id=f"remove-{prefix}")
-        groups = [r.group for r in self.rows]
-        add.click(lambda n: self.show(min(n + 1, max_rows)), self.count, [self.count, *groups],
-                  api_visibility="private")
-        remove.click(lambda n: self.show(max(n - 1, 0)), self.count, [self.count, *groups], api_visibility="private")
-
-    def wire_presets(self, mask: gr.Radio) -> None:
-        """A preset fills its row's numbers from the table of the mask mode chosen; where masked edits have
-        presets of their own, choosing another mask mode refills every row from its preset."""
-        keys = ("scale", "threshold", "warmup")
-
-        def numbers(name: str, mode: str) -> list:
-            return [self.profile.presets_for(self.endpoint, mode)[name][k] for k in keys]
-
-        for row in self.rows:
-            # .input, not .change: filling a row from an example must keep the example's own values.
-            row.preset.input(numbers, [row.preset, mask], [row.scale, row.threshold, row.warmup],
-                             api_visibility="private")
-        if self.endpoint in self.profile.mask_presets:
-            mask.input(lambda mode, *names: [v for name in names for v in numbers(name, mode)],
-                       [mask, *(r.preset for r in self.rows)],
-                       [w for r in self.rows for w in (r.scale, r.threshold, r.warmup)], api_visibility="private")
-
-    def show(self, n: int) -> dict:
-        return {self.count: n, **{r.group: gr.Group(visible=i < n) for i, r in enumerate(self.rows)}}
-
-    def wire_advanced(self, switch: gr.Checkbox) -> None:
-        switch.change(lambda on: [gr.Row(visible=on) for _ in self.rows], switch, [r.advanced for r in self.rows],
-                      api_visibility="private")
-
-    @property
-    def inputs(self) -> list[gr.components.Component]:
-        return [self.count, *(c for r in self.rows for c in r.values)]
-
-    @property
-    def outputs(self) -> list:
-        return [self.count, *(r.group for r in self.rows), *(c for r in self.rows for c in r.values)]
-
-    def read(self, v: dict) -> list[dict]:
-        return [c for c in (r.read(v) for r in self.rows[:v[self.count]]) if c is not None]
-
-    def fill(self, concepts: list[dict]) -> dict:
-        updates = self.show(len(concepts))
-        for i, row in enumerate(self.rows):
-            concept = concepts[i] if i < len(concepts) else {}
-            updates |= row.fill(self.profile.concept_defaults(concept.get("preset"), self.endpoint, self.mask)
-                                | concept)
-        return updates
-
-
-def result_column(first_label: str, prefix: str) -> dict:
-    """The images side by side, the before/after slider, the seed, summary, JSON and "as code"."""
-    with gr.Row():
-        first = gr.Image(label=first_label, format="png", interactive=False, height=260, elem_id=f"{prefix}original",
-                         elem_classes="pixelated", type="filepath")
-        edited = gr.Image(label="With edits", format="png", interactive=False, height=260, elem_id=f"{prefix}edited",
-                          elem_classes="pixelated", type="filepath")
-    slider = gr.ImageSlider(label="Before / after", format="png", interactive=False, max_height=360,
-                            elem_id=f"{prefix}slider", elem_classes="pixelated")
-    seed_used = gr.Number(label="Seed used", precision=0, interactive=False, elem_id=f"{prefix}seed-used")
-    masks = gr.Gallery(label="Where each concept edited (its mask over the image with edits)", columns=4,
-                       height=160, object_fit="contain", interactive=False, visible=False, elem_id=f"{prefix}masks",
-                       elem_classes="pixelated")
-    summary = gr.Markdown(elem_id=f"{prefix}summary")
-    with gr.Accordion("Parameters used (JSON)", open=False):
-        used = gr.JSON(show_label=False)
-    with gr.Accordion("As code", open=False):
-        client_code = gr.Code(language="python", label="gradio_client (call this app)", elem_id=f"{prefix}client-code")
-        library_code = gr.Code(language="python", label="sega library (run it yourself)",
-                               elem_id=f"{prefix}library-code")
-    return {"images": [first, edited, slider, seed_used, used], "details": [summary, client_code, library_code],
-            "used": used, "edited": edited, "seed_used": seed_used, "masks": masks}
-
-
-def hand_over_untouched(image: gr.Image) -> gr.Image:
-    """``image`` (an upload box) gives its handlers the uploaded file as it is, a path: server/images.py checks
-    its size and header, then reads it. ``gr.Image(type="filepath")``'s own preprocess opens every upload with
-    PIL first (a header claiming too many pixels fails there, with gradio's generic error) and re-saves it when
-    its mode is not ``image_mode``. (Set on the instance: a subclass of a gradio component makes gradio write
-    an ``app.pyi`` next to this file.)"""
-    own = image.preprocess
-
-    def preprocess(payload):
-        if payload is None or payload.path is None:  # nothing, or a data URL: gr.Image's own way
-            return own(payload)
-        return payload.path
-
-    image.preprocess = preprocess
-    return image
-
-
-def slider(widget: form.Widget, **kwargs) -> gr.Slider:
-    """A slider as server/form.py declares it."""
-    return gr.Slider(widget.low, widget.high, value=widget.default, step=widget.step, label=widget.label,
-                     info=widget.info, **kwargs)
-
-
-def number_box(widget: form.Widget, **kwargs) -> gr.Number:
-    """A number box as server/form.py declares it (empty when its default is None)."""
-    return gr.Number(widget.default, label=widget.label, info=widget.info, minimum=widget.low,
-                     maximum=widget.high, step=widget.step, precision=0 if widget.integer else None, **kwargs)
-
-
-def seed_row(prefix: str, widgets: dict[str, form.Widget]) -> tuple[gr.Number, gr.Checkbox]:
-    with gr.Row():
-        seed = number_box(widgets["seed"], elem_id=f"{prefix}seed")
-        randomize = gr.Checkbox(True, label="Random seed", elem_id=f"{prefix}randomize")
-    return seed, randomize
-
-
-def momentum_sliders(widgets: dict[str, form.Widget], prefix: str) -> tuple[gr.Slider, gr.Slider]:
-    with gr.Row():
-        scale = slider(widgets["momentum_scale"], elem_id=f"{prefix}momentum-scale")
-        beta = slider(widgets["momentum_beta"], elem_id=f"{prefix}momentum-beta")
-    return scale, beta
-
-
-API_WIDGETS = {"text": gr.Textbox, "json": gr.JSON, "file": gr.File, "int": lambda d: gr.Number(d, precision=0),
-               "float": gr.Number}
+# The API's input types by declared kind (gr.api documents and names the parameters from the handler's signature).
+API_TYPES = {"text": str, "json": list[dict], "int": int, "float": float, "file": FileData}
+# Per endpoint: what it does, and what its first image is.
+API_DESCRIPTIONS = {"generate": ("Generate the image without edits and the image with edits for one seed.",
+                                 "the image without edits"),
+                    "edit": ("Edit an uploaded image: invert it, then apply the concepts.",
+                             "the reconstruction without edits")}
 
 
 def api_default(endpoint: str, name: str):
@@ -466,18 +234,31 @@ def api_default(endpoint: str, name: str):
     return api.defaults(LOADED, endpoint)[name] if len(values) == 1 else None
 
 
-def api_endpoint(name: str, handler, first_label: str) -> None:
-    """A public endpoint with named parameters: hidden inputs made from the declarations, three outputs."""
-    with gr.Group(visible=False):
+def api_handler(endpoint: str):
+    """The public endpoint's function for ``gr.api``: its signature (names, types, defaults) and docstring are
+    made from the declarations; it runs the request as the UI does and returns both images and the JSON."""
+    declared = api.ENDPOINTS[endpoint]
+
+    def handler(*values):
+        result = result_of(parse(dict(zip((p.name for p in declared), values)), endpoint))
+        return *(None if path is None else FileData(path=path) for path in _saved(result)), result.used
+
+    parameters = []
+    for p in declared:
+        required = p.default is None and p.default_from is None
         # A parameter whose default follows another one shows no default of its own.
-        inputs = {p.name: API_WIDGETS[p.kind](None if p.default_from else api_default(name, p.name))
-                  for p in api.ENDPOINTS[name]}
-        outputs = [gr.Image(format="png", label=first_label), gr.Image(format="png", label="with edits"),
-                   gr.JSON(label="parameters used")]
-        button = gr.Button()
-    # concurrency_limit "default": the queue's default_concurrency_limit, set in launch().
-    button.click(handler, inputs_kwargs=inputs, outputs=outputs, api_name=name, preprocess=False,
-                 concurrency_id="gpu", concurrency_limit="default")
+        default = inspect.Parameter.empty if required else None if p.default_from else api_default(endpoint, p.name)
+        kind = API_TYPES[p.kind]
+        parameters.append(inspect.Parameter(p.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
+                                            annotation=kind if required else kind | None))
+    returns = tuple[FileData | None, FileData | None, dict]
+    handler.__signature__ = inspect.Signature(parameters, return_annotation=returns)
+    handler.__annotations__ = {p.name: p.annotation for p in parameters} | {"return": returns}
+    handler.__name__ = endpoint
+    what, first = API_DESCRIPTIONS[endpoint]
+    handler.__doc__ = "\n".join([what, "", "Args:", *(f"    {p.name}: {p.doc}" for p in declared), "Returns:",
+                                 f"    {first}, the image with edits, and the parameters actually used"])
+    return handler
 
 
 def example_index(evt: gr.SelectData) -> int:
@@ -492,7 +273,7 @@ class ModelPanel:
     def __init__(self, loaded: LoadedModel, prefix: str = ""):
         self.loaded, self.profile = loaded, loaded.profile
         self.model_id = loaded.model_id
-        limits = LIMITS[loaded.model_id]
+        self.limits = limits = LIMITS[loaded.model_id]
         self.defaults, self.edit_defaults = api.defaults(loaded), api.defaults(loaded, "edit")
         # Every numeric widget's range, step and starting value, from the API's declarations (server/form.py).
         self.form = form.settings(loaded, limits)
@@ -502,91 +283,94 @@ class ModelPanel:
         self.wire()
 
     def build(self, p: str) -> None:
-        profile, FORM, EDIT_FORM = self.profile, self.form, self.edit_form  # noqa: N806
         gr.Markdown(self.loaded.intro)
         if self.loaded.fallback_reason:
             gr.Markdown(f"**Note:** {self.loaded.fallback_reason}", elem_id=f"{p}fallback-banner")
         with gr.Tabs() as self.tabs:
-            # Generate -----------------------------------------------------------------------------
             with gr.Tab("Generate", id="generate-tab"):
-                with gr.Row():
-                    with gr.Column(scale=5):
-                        self.prompt = gr.Textbox(label="Prompt", lines=2, elem_id=f"{p}prompt",
-                                                 placeholder=profile.prompt_placeholder)
-                        negative_prompt = gr.Textbox(label="Negative prompt", value="", elem_id=f"{p}negative-prompt")
-                        self.concept_rows = ConceptRows(self.loaded, f"{p}concept")
-                        mask = mask_choice(self.loaded, "generate", f"{p}mask")
-                        self.seed, self.randomize = seed_row(p, FORM)
-                        with gr.Row():
-                            steps = slider(FORM["steps"], elem_id=f"{p}steps")
-                            guidance = slider(FORM["guidance_scale"], elem_id=f"{p}guidance")
-                        with gr.Row():
-                            width = slider(FORM["width"], elem_id=f"{p}width")
-                            height = slider(FORM["height"], elem_id=f"{p}height")
-                            scheduler = gr.Dropdown(list(api.SCHEDULERS), value=self.defaults["scheduler"],
-                                                    label="Scheduler", elem_id=f"{p}scheduler")
-                        with gr.Accordion("Advanced", open=False):
-                            momentum_scale, momentum_beta = momentum_sliders(FORM, p)
-                            self.show_advanced = gr.Checkbox(False, label="Show cooldown and weight for each concept")
-                        with gr.Row():
-                            self.generate_btn = gr.Button("Generate", variant="primary", elem_id=f"{p}generate")
-                            self.stop_btn = gr.Button("Stop", variant="stop", elem_id=f"{p}stop")
-                    with gr.Column(scale=4):
-                        self.generated = result_column("Without edits", p)
-                        self.edit_this_btn = gr.Button("Edit this image", size="sm", elem_id=f"{p}edit-this")
-                # Examples fill the form (rows included) and show a lazily cached result.
-                example_concepts = gr.JSON(visible=False)
-                self.generate_examples = gr.Examples(
-                    examples=[[prompt, seed, concepts] for _, prompt, concepts, seed in profile.examples],
-                    example_labels=[label for label, *_ in profile.examples],
-                    inputs=[self.prompt, self.seed, example_concepts],
-                    outputs=self.generated["images"],
-                    fn=self.run_example,
-                    cache_examples=True,
-                    cache_mode="lazy",
-                    api_visibility="private",
-                )
-
-            # Edit an image ------------------------------------------------------------------------
+                self.build_generate_tab(p)
             with gr.Tab("Edit an image", id="edit-tab"):
-                with gr.Row():
-                    with gr.Column(scale=5):
-                        self.upload = hand_over_untouched(gr.Image(
-                            label="Your image (PNG, JPEG or WebP)", type="filepath", image_mode=None,
-                            sources=["upload", "clipboard"], height=260, elem_id=f"{p}edit-image",
-                            elem_classes="pixelated"))
-                        self.source_prompt = gr.Textbox(label="Source prompt", elem_id=f"{p}edit-source-prompt",
-                                                        placeholder="describe your image; empty works too")
-                        self.edit_rows = ConceptRows(self.loaded, f"{p}edit-concept", "edit")
-                        edit_mask = mask_choice(self.loaded, "edit", f"{p}edit-mask")
-                        self.edit_seed, self.edit_randomize = seed_row(f"{p}edit-", EDIT_FORM)
-                        with gr.Row():
-                            edit_steps = slider(EDIT_FORM["steps"], elem_id=f"{p}edit-steps")
-                            skip = slider(EDIT_FORM["skip"], elem_id=f"{p}edit-skip")
-                        source_guidance = slider(EDIT_FORM["source_guidance_scale"], elem_id=f"{p}edit-guidance")
-                        with gr.Accordion("Advanced", open=False):
-                            self.edit_guidance = number_box(EDIT_FORM["guidance_scale"], elem_id=f"{p}edit-edit-guidance")
-                            edit_momentum_scale, edit_momentum_beta = momentum_sliders(EDIT_FORM, f"{p}edit-")
-                            self.edit_show_advanced = gr.Checkbox(False, label="Show cooldown and weight for each concept")
-                        with gr.Row():
-                            self.edit_btn = gr.Button("Edit", variant="primary", elem_id=f"{p}edit")
-                            self.edit_stop_btn = gr.Button("Stop", variant="stop", elem_id=f"{p}edit-stop")
-                    with gr.Column(scale=4):
-                        self.edited = result_column("Reconstruction (without edits)", f"{p}edit-")
-                self.edit_examples = None
-                if profile.edit_examples:
-                    # They fill the form only; pressing Edit runs them.
-                    self.edit_examples = gr.Examples(
-                        examples=[[path, source, seed] for _, path, source, _, seed in profile.edit_examples],
-                        example_labels=[label for label, *_ in profile.edit_examples],
-                        inputs=[self.upload, self.source_prompt, self.edit_seed],
-                        label="Images to edit (drawn by the demo model's renderer, not by the model)",
-                    )
+                self.build_edit_tab(p)
 
+    def build_generate_tab(self, p: str) -> None:
+        with gr.Row():
+            with gr.Column(scale=5):
+                self.prompt = gr.Textbox(label="Prompt", lines=2, elem_id=f"{p}prompt",
+                                         placeholder=self.profile.prompt_placeholder)
+                negative_prompt = gr.Textbox(label="Negative prompt", value="", elem_id=f"{p}negative-prompt")
+                self.concept_rows = widgets.ConceptRows(self.loaded, self.limits, f"{p}concept")
+                mask = widgets.mask_choice(self.loaded, "generate", f"{p}mask")
+                self.seed, self.randomize = widgets.seed_row(p, self.form)
+                with gr.Row():
+                    steps = widgets.slider(self.form["steps"], elem_id=f"{p}steps")
+                    guidance = widgets.slider(self.form["guidance_scale"], elem_id=f"{p}guidance")
+                with gr.Row():
+                    width = widgets.slider(self.form["width"], elem_id=f"{p}width")
+                    height = widgets.slider(self.form["height"], elem_id=f"{p}height")
+                    scheduler = gr.Dropdown(list(api.SCHEDULERS), value=self.defaults["scheduler"],
+                                            label="Scheduler", elem_id=f"{p}scheduler")
+                with gr.Accordion("Advanced", open=False):
+                    momentum_scale, momentum_beta = widgets.momentum_sliders(self.form, p)
+                    self.show_advanced = gr.Checkbox(False, label="Show cooldown and weight for each concept")
+                with gr.Row():
+                    self.generate_btn = gr.Button("Generate", variant="primary", elem_id=f"{p}generate")
+                    self.stop_btn = gr.Button("Stop", variant="stop", elem_id=f"{p}stop")
+            with gr.Column(scale=4):
+                self.generated = widgets.result_column("Without edits", p)
+                self.edit_this_btn = gr.Button("Edit this image", size="sm", elem_id=f"{p}edit-this")
+        # Examples fill the form (rows included) and show a lazily cached result.
+        example_concepts = gr.JSON(visible=False)
+        self.generate_examples = gr.Examples(
+            examples=[[prompt, seed, concepts] for _, prompt, concepts, seed in self.profile.examples],
+            example_labels=[label for label, *_ in self.profile.examples],
+            inputs=[self.prompt, self.seed, example_concepts],
+            outputs=self.generated["images"],
+            fn=self.run_example,
+            cache_examples=True,
+            cache_mode="lazy",
+            api_visibility="private",
+        )
         # The settings widgets, by API parameter name: requests are read from (and examples reset) these.
         self.settings = {"negative_prompt": negative_prompt, "steps": steps, "guidance_scale": guidance,
                          "width": width, "height": height, "scheduler": scheduler, "momentum_scale": momentum_scale,
                          "momentum_beta": momentum_beta, "mask": mask}
+
+    def build_edit_tab(self, p: str) -> None:
+        with gr.Row():
+            with gr.Column(scale=5):
+                self.upload = widgets.hand_over_untouched(gr.Image(
+                    label="Your image (PNG, JPEG or WebP)", type="filepath", image_mode=None,
+                    sources=["upload", "clipboard"], height=260, elem_id=f"{p}edit-image",
+                    elem_classes="pixelated"))
+                self.source_prompt = gr.Textbox(label="Source prompt", elem_id=f"{p}edit-source-prompt",
+                                                placeholder="describe your image; empty works too")
+                self.edit_rows = widgets.ConceptRows(self.loaded, self.limits, f"{p}edit-concept", "edit")
+                edit_mask = widgets.mask_choice(self.loaded, "edit", f"{p}edit-mask")
+                self.edit_seed, self.edit_randomize = widgets.seed_row(f"{p}edit-", self.edit_form)
+                with gr.Row():
+                    edit_steps = widgets.slider(self.edit_form["steps"], elem_id=f"{p}edit-steps")
+                    skip = widgets.slider(self.edit_form["skip"], elem_id=f"{p}edit-skip")
+                source_guidance = widgets.slider(self.edit_form["source_guidance_scale"],
+                                                 elem_id=f"{p}edit-guidance")
+                with gr.Accordion("Advanced", open=False):
+                    self.edit_guidance = widgets.number_box(self.edit_form["guidance_scale"],
+                                                            elem_id=f"{p}edit-edit-guidance")
+                    edit_momentum_scale, edit_momentum_beta = widgets.momentum_sliders(self.edit_form, f"{p}edit-")
+                    self.edit_show_advanced = gr.Checkbox(False, label="Show cooldown and weight for each concept")
+                with gr.Row():
+                    self.edit_btn = gr.Button("Edit", variant="primary", elem_id=f"{p}edit")
+                    self.edit_stop_btn = gr.Button("Stop", variant="stop", elem_id=f"{p}edit-stop")
+            with gr.Column(scale=4):
+                self.edited = widgets.result_column("Reconstruction (without edits)", f"{p}edit-")
+        self.edit_examples = None
+        if self.profile.edit_examples:
+            # They fill the form only; pressing Edit runs them.
+            self.edit_examples = gr.Examples(
+                examples=[[path, source, seed] for _, path, source, _, seed in self.profile.edit_examples],
+                example_labels=[label for label, *_ in self.profile.edit_examples],
+                inputs=[self.upload, self.source_prompt, self.edit_seed],
+                label="Images to edit (drawn by the demo model's renderer, not by the model)",
+            )
         self.edit_settings = {"source_prompt": self.source_prompt, "steps": edit_steps, "skip": skip,
                               "guidance_scale": self.edit_guidance, "source_guidance_scale": source_guidance,
                               "momentum_scale": edit_momentum_scale, "momentum_beta": edit_momentum_beta,
@@ -632,14 +416,14 @@ class ModelPanel:
             raw = {"prompt": v[self.prompt], "concepts": concept_rows.read(v), "model": model_id,
                    "seed": None if v[self.randomize] else v[self.seed],
                    **{name: v[widget] for name, widget in settings.items()}}
-            yield from _run_ui(raw, "generate", v[generated["images"][1]], progress, request)
+            yield from run_ui(raw, "generate", v[generated["images"][1]], progress, request)
 
         gen_event = gr.on([self.generate_btn.click, self.prompt.submit], generate_ui,
                           {self.prompt, self.randomize, self.seed, generated["images"][1], *settings.values(),
                            *concept_rows.inputs},
                           [*generated["images"], generate_run], api_visibility="private", concurrency_id="gpu",
                           concurrency_limit="default")
-        # Stop cancels this tab's run (and an example's first run), nothing else: server.gpu.drive notices.
+        # Stop cancels this tab's run (and an example's first run), nothing else: server.gpu.follow notices.
         self.stop_btn.click(stopped, generate_run, [generated["images"][1], generate_run],
                             cancels=[gen_event, self.generate_examples.cache_event], show_progress="hidden",
                             api_visibility="private")
@@ -649,7 +433,7 @@ class ModelPanel:
             raw = {"image": v[self.upload], "concepts": edit_rows.read(v), "model": model_id,
                    "seed": None if v[self.edit_randomize] else v[self.edit_seed],
                    **{name: v[widget] for name, widget in edit_settings.items()}}
-            yield from _run_ui(raw, "edit", v[edited["images"][1]], progress, request)
+            yield from run_ui(raw, "edit", v[edited["images"][1]], progress, request)
 
         edit_event = self.edit_btn.click(edit_ui, {self.upload, self.edit_randomize, self.edit_seed,
                                                    edited["images"][1], *edit_settings.values(), *edit_rows.inputs},
@@ -663,15 +447,12 @@ class ModelPanel:
         if hasattr(concepts, "model_dump"):
             concepts = concepts.model_dump()
         # gr.Examples computes an example's first result outside the queue, inside the example's own queued
-        # event (which the Stop button cancels): the run follows that event. A stop raises, so that nothing is
-        # cached.
-        event = gpu.session_event(getattr(request, "session_hash", None), {self.generate_examples.cache_event["id"]})
-        raw = {"prompt": prompt_text, "seed": example_seed, "concepts": concepts, "model": self.model_id}
-        try:
-            params, result = _run(raw, request, wanted=functools.partial(gpu.event_alive, event))
-        except service.GenerationStopped as exc:
-            raise gr.Error(str(exc), title="Stopped", print_exception=False) from None
-        return _outputs(params, result, details=False)
+        # event (which the Stop button cancels): the run follows that event.
+        wanted = functools.partial(gpu.event_alive, session_hash=getattr(request, "session_hash", None),
+                                   fn_ids=frozenset({self.generate_examples.cache_event["id"]}))
+        params = parse({"prompt": prompt_text, "seed": example_seed, "concepts": concepts, "model": self.model_id},
+                       "generate")
+        return _outputs(params, result_of(params, wanted), details=False)
 
     def fill_generate_form(self, evt: gr.SelectData) -> dict:
         """The clicked example's concepts in the rows, every other setting back to its default (each click:
@@ -703,9 +484,10 @@ with gr.Blocks(title="SEGA: semantic guidance", delete_cache=(900, 3600)) as dem
     model_choice.change(show_panel, model_choice, [panel.column for panel in PANELS], api_visibility="private",
                         queue=False)
 
-    # Public API: named parameters built from their declarations (validated in server/).
-    api_endpoint("generate", generate_api, "without edits")
-    api_endpoint("edit", edit_api, "reconstruction")
+    # Public API: named parameters built from their declarations (validated in server/); concurrency_limit
+    # "default": the queue's default_concurrency_limit, set in launch().
+    for endpoint in api.ENDPOINTS:
+        gr.api(api_handler(endpoint), api_name=endpoint, concurrency_id="gpu", concurrency_limit="default")
 
 
 async def _http_error(request, exc: StarletteHTTPException):

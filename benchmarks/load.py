@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"concurrent ({args.clients} clients): {len(outcomes)} requests in {wall:.2f} s = "
           f"{len(ok) / wall:.2f} valid requests/s ({len(outcomes) / wall:.2f} requests/s in all)")
     print(f"  valid: {len(ok)} of {len(valid)} completed; latency {_seconds([o.seconds for o in ok])} "
-          f"(submit to images on the client, queueing included)")
+          "(submit to images on the client, queueing included)")
     named = sum(o.names_the_field for o in invalid)
     print(f"  invalid: {sum(o.error is not None and not o.busy for o in invalid)} of {len(invalid)} answered with "
           f"an error, {named} naming the field; latency {_seconds([o.seconds for o in invalid])}")

@@ -7,12 +7,48 @@ and beta 0.6, guidance scale 7. The bundled demo model has its own, in :mod:`seg
 
 from __future__ import annotations
 
-SD_PRESETS: dict[str, dict] = {
-    "object": {"scale": 5.0, "threshold": 0.95, "warmup": 10},
-    "style": {"scale": 7.0, "threshold": 0.9, "warmup": 5},
-    "face": {"scale": 5.0, "threshold": 0.975, "warmup": 10},
-    "custom": {"scale": 5.0, "threshold": 0.95, "warmup": 10},
-}
+from dataclasses import dataclass
+
+
+def preset_table(**presets: tuple[float, float, int]) -> dict[str, dict]:
+    """A table of presets, one ``name=(scale, threshold, warmup)`` each."""
+    return {name: {"scale": scale, "threshold": threshold, "warmup": warmup}
+            for name, (scale, threshold, warmup) in presets.items()}
+
+
+@dataclass(frozen=True)
+class PresetTables:
+    """One model kind's per-concept presets (scale, threshold, warmup by preset name): for generation, and for
+    uploaded images (the inverted image keeps its layout), each without and with an implicit mask (LEDITS++: the
+    threshold is then the share of the mask left out, so a model may need other values). A missing table is
+    the unmasked one of the same endpoint, then generation's. An endpoint's tables have the same preset names."""
+
+    generate: dict[str, dict]
+    edit: dict[str, dict] | None = None
+    masked_generate: dict[str, dict] | None = None
+    masked_edit: dict[str, dict] | None = None
+
+    def table(self, endpoint: str = "generate", mask: str = "none") -> dict[str, dict]:
+        """The presets of ``endpoint`` ("generate" or "edit") under ``mask`` (a mode of sega.masks.MASK_MODES):
+        the one lookup, for the app, its model profiles and the demo model's evaluation."""
+        unmasked = self.edit if endpoint == "edit" and self.edit else self.generate
+        if mask == "none":
+            return unmasked
+        return (self.masked_edit if endpoint == "edit" else self.masked_generate) or unmasked
+
+    def has_masked(self, endpoint: str = "generate") -> bool:
+        """Whether masked edits of ``endpoint`` have presets of their own."""
+        return (self.masked_edit if endpoint == "edit" else self.masked_generate) is not None
+
+    def tables(self) -> list[dict[str, dict]]:
+        """Every table (both endpoints, with and without masks)."""
+        return [self.table(endpoint, mask) for endpoint in ("generate", "edit") for mask in ("none", "masked")]
+
+
+SD_PRESETS: dict[str, dict] = preset_table(
+    object=(5.0, 0.95, 10), style=(7.0, 0.9, 5), face=(5.0, 0.975, 10), custom=(5.0, 0.95, 10),
+)
+SD_PRESET_TABLES = PresetTables(SD_PRESETS)
 SD_DEFAULTS: dict = {"steps": 50, "guidance_scale": 7.0, "momentum_scale": 0.3, "momentum_beta": 0.6,
                      "default_preset": "face", "mask": "none"}
 
@@ -22,12 +58,10 @@ SD_DEFAULTS: dict = {"steps": 50, "guidance_scale": 7.0, "momentum_scale": 0.3, 
 # edit_threshold 0.9, warmup 0; its example adds "tomato" at scale 10, threshold 0.85 and removes "tennis ball"
 # at 5, 0.9, after inverting with skip 0.2 and source guidance 3.5).
 SDXL_PRESETS: dict[str, dict] = {name: dict(values) for name, values in SD_PRESETS.items()}
-SDXL_EDIT_PRESETS: dict[str, dict] = {
-    "object": {"scale": 10.0, "threshold": 0.85, "warmup": 0},
-    "style": {"scale": 5.0, "threshold": 0.9, "warmup": 0},
-    "face": {"scale": 5.0, "threshold": 0.9, "warmup": 0},
-    "custom": {"scale": 5.0, "threshold": 0.9, "warmup": 0},
-}
+SDXL_EDIT_PRESETS: dict[str, dict] = preset_table(
+    object=(10.0, 0.85, 0), style=(5.0, 0.9, 0), face=(5.0, 0.9, 0), custom=(5.0, 0.9, 0),
+)
+SDXL_PRESET_TABLES = PresetTables(SDXL_PRESETS, edit=SDXL_EDIT_PRESETS)
 SDXL_DEFAULTS: dict = {"steps": 50, "guidance_scale": 5.0, "momentum_scale": 0.3, "momentum_beta": 0.6,
                        "default_preset": "face", "mask": "none"}
 SDXL_EDIT_DEFAULTS: dict = {"steps": 50, "skip": 0.2, "source_guidance_scale": 3.5, "mask": "none"}

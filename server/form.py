@@ -127,7 +127,7 @@ def concept_widgets(model: Model, limits: api.Limits, endpoint: str = "generate"
     (of every preset table: both endpoints, with and without masks, so that any row can hold any of them)."""
     profile = model.profile
     defaults = profile.concept_defaults(endpoint=endpoint)
-    presets = [*(p for table in profile.preset_tables() for p in table.values()), defaults]
+    presets = [*(p for table in profile.presets.tables() for p in table.values()), defaults]
     return {name: _widget(name, CONCEPT_RANGES[name], look, defaults[name],
                           [p[name] for p in presets if p.get(name) is not None], model, limits)
             for name, look in CONCEPT_LOOKS.items()}

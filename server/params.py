@@ -7,193 +7,47 @@ parameters used, the pipeline call that :func:`server.service.generate` executes
 (:mod:`server.snippets`), which render the very same keyword mapping as text.
 
 Adding a parameter to ``/generate`` means adding a :class:`Param` to :data:`GENERATE_PARAMS` and, if the UI shows
-it, a widget in ``app.py``.
+it, a widget in ``app.py``. The checks and keywords it uses live by kind: text (:mod:`server.text`), concepts
+(:mod:`server.concepts`), the uploaded image (:mod:`server.uploads`), library keywords (:mod:`server.keywords`),
+limits (:mod:`server.limits`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import os
 import secrets
-import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-import PIL.Image
-import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from typing import Any, Generic, TypeVar
 
 from sega.attention import quarter_resolution_layers
 from sega.concepts import EditConcept, Range, show_value
 from sega.inversion import performed_steps
 from sega.masks import MASK_MODES
 
+from .concepts import check_concepts
+from .context import Context
 from .errors import InvalidInput
-from .images import read_upload, upload_path
-from .loading import LoadedModel, ModelFacts, on_zero_gpu
+from .keywords import (
+    APP_KEYWORDS,
+    SCHEDULERS,
+    Keyword,
+    concepts_keyword,
+    generator_keyword,
+    literal_keywords,
+    mask_keyword,
+    scheduler_keyword,
+)
+from .limits import Limits, limits_for
+from .loading import LoadedModel, ModelFacts
+from .text import text
+from .uploads import UploadedImage, check_image, image_keyword
 
 MAX_SEED = 2**32 - 1
 MAX_GUIDANCE_SCALE = 30.0
 MAX_MOMENTUM_SCALE = 10.0
-SCHEDULERS = {"DDIM": DDIMScheduler, "DPM-Solver++": DPMSolverMultistepScheduler, "Euler": EulerDiscreteScheduler}
 DEFAULT_SCHEDULER = "DDIM"
-CONCEPT_KEYS = ("prompt", "scale", "threshold", "warmup", "reverse", "cooldown", "weight", "preset")
-
-
-# ----------------------------------------------------------------------------------------------
-# Limits
-# ----------------------------------------------------------------------------------------------
-
-
-def _env_int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"environment variable {name} must be a positive integer, got {raw!r}") from None
-    if value < 1:
-        raise ValueError(f"environment variable {name} must be a positive integer, got {raw!r}")
-    return value
-
-
-# ZeroGPU's documented limits (https://huggingface.co/docs/hub/spaces-zerogpu, "Usage Tiers" and "Duration
-# Management"): a daily GPU quota of 2 minutes for unauthenticated visitors, 3.5 minutes for free accounts and
-# 25 minutes for PRO; a call reserves its declared duration (60 s unless set), and a shorter one gets a better
-# place in ZeroGPU's queue. A request whose reservation exceeds what the visitor has left is refused outright
-# ("You have exceeded your ... quota (Ns requested vs. Ms left)"), so on ZeroGPU the default limits keep the
-# largest request's reservation (server.service.gpu_duration: 60 steps, 6 concepts, 768 px -> 64 s) to about half of
-# an anonymous visitor's day. SEGA_MAX_STEPS, SEGA_MAX_SIZE and SEGA_MAX_CONCEPTS still raise them.
-ZERO_GPU_LIMITS = {"max_steps": 60, "max_size": 768, "max_concepts": 6}
-# Each ZeroGPU call runs in its own forked worker on its own GPU slice, and a call waits in ZeroGPU's own queue
-# (up to 60 s, "No GPU was available after 60s") while it holds a Gradio slot. One slot would make every
-# visitor wait behind one visitor's ZeroGPU queueing; four lets that many calls be scheduled at once while
-# bounding the forked workers (each a copy-on-write copy of this process) a burst can start.
-ZERO_GPU_CONCURRENCY = 4
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Server-side bounds on a request; set with SEGA_MAX_STEPS, SEGA_MAX_SIZE, SEGA_MAX_CONCEPTS,
-    SEGA_MAX_PROMPT_CHARS, SEGA_MAX_IMAGE_MB and SEGA_MAX_IMAGE_PIXELS (on a ZeroGPU Space the defaults of the
-    first three are :data:`ZERO_GPU_LIMITS`)."""
-
-    max_steps: int = 100
-    max_size: int = 1024
-    max_concepts: int = 6
-    max_prompt_chars: int = 1000
-    max_image_mb: int = 25  # an uploaded image's file size
-    max_image_pixels: int = 50_000_000  # its decoded size (a 50-megapixel photo); bigger is refused unread
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, zero_gpu_limits: Mapping[str, int] | None = None) -> Limits:
-        """``zero_gpu_limits``: the served model's defaults on ZeroGPU (its profile's), else ZERO_GPU_LIMITS."""
-        env = os.environ if env is None else env
-        base = cls(**(zero_gpu_limits or ZERO_GPU_LIMITS)) if on_zero_gpu(env) else cls()
-        return cls(
-            max_steps=_env_int(env, "SEGA_MAX_STEPS", base.max_steps),
-            max_size=_env_int(env, "SEGA_MAX_SIZE", base.max_size),
-            max_concepts=_env_int(env, "SEGA_MAX_CONCEPTS", base.max_concepts),
-            max_prompt_chars=_env_int(env, "SEGA_MAX_PROMPT_CHARS", base.max_prompt_chars),
-            max_image_mb=_env_int(env, "SEGA_MAX_IMAGE_MB", base.max_image_mb),
-            max_image_pixels=_env_int(env, "SEGA_MAX_IMAGE_PIXELS", base.max_image_pixels),
-        )
-
-
-def queue_settings(env: Mapping[str, str] | None = None) -> tuple[int, int]:
-    """``(queue size, concurrency)`` from SEGA_QUEUE_SIZE (requests that may wait, default 32) and
-    SEGA_CONCURRENCY (generations that run at the same time; default 1, on ZeroGPU :data:`ZERO_GPU_CONCURRENCY`,
-    as each call there runs in its own worker)."""
-    env = os.environ if env is None else env
-    concurrency = ZERO_GPU_CONCURRENCY if on_zero_gpu(env) else 1
-    return _env_int(env, "SEGA_QUEUE_SIZE", 32), _env_int(env, "SEGA_CONCURRENCY", concurrency)
-
-
-# ----------------------------------------------------------------------------------------------
-# Checks shared by the declarations
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Context:
-    """What a check may look at besides the value: the served model, the limits, notices to add."""
-
-    loaded: LoadedModel
-    limits: Limits
-    upload_roots: tuple[str, ...] = ()  # where uploaded files may be read from (gradio's cache)
-    endpoint: str = "generate"
-    notices: list[str] = field(default_factory=list)
-    served: tuple[str, ...] = ()  # the models a request may choose (default: the one loaded)
-    mask: str = "none"  # the request's mask mode: a concept's preset comes from that mode's table
-
-
-def clean_text(name: str, value, max_chars: int) -> tuple[str, list[str]]:
-    """Text without control characters (tabs and newlines become spaces), stripped; with notices."""
-    if not isinstance(value, str):
-        raise InvalidInput(f"{name} must be a string, got {type(value).__name__}")
-    if len(value) > max_chars:
-        raise InvalidInput(f"{name} must be at most {max_chars} characters, got {len(value)}")
-    kept, removed = [], 0
-    for ch in value:
-        if unicodedata.category(ch) == "Cc":
-            removed += 1
-            if ch in "\t\n\r":
-                kept.append(" ")
-        else:
-            kept.append(ch)
-    notices = [f"{name}: removed {removed} control character(s)."] if removed else []
-    return "".join(kept).strip(), notices
-
-
-def text(name: str, value, ctx: Context, *, required: bool = False) -> str:
-    """A prompt-like text: cleaned, with a notice when the tokenizer will truncate it."""
-    cleaned, notices = clean_text(name, value, ctx.limits.max_prompt_chars)
-    if required and not cleaned:
-        raise InvalidInput(f"{name} must be non-empty text")
-    ctx.notices += notices
-    dropped = ctx.loaded.pipe.truncated_text(cleaned) if cleaned else None
-    if dropped:
-        limit = ctx.loaded.pipe.tokenizer.model_max_length
-        ctx.notices.append(f"{name} is longer than the model's {limit}-token limit; this part was ignored: {dropped!r}.")
-    return cleaned
-
-
-def parse_concept(index: int, raw, ctx: Context) -> EditConcept:
-    """One API concept (a dict) as an EditConcept; its ``preset`` (or the default one) fills missing keys."""
-    where = f"concepts[{index}]"
-    if not isinstance(raw, Mapping):
-        raise InvalidInput(f"{where} must be an object with the keys {', '.join(CONCEPT_KEYS)}; "
-                           f"got {type(raw).__name__}")
-    unknown = sorted(str(k) for k in raw if k not in CONCEPT_KEYS)
-    if unknown:
-        raise InvalidInput(f"{where} has unknown key(s) {', '.join(unknown)}; allowed: {', '.join(CONCEPT_KEYS)}")
-    if raw.get("prompt") is None:
-        raise InvalidInput(f"{where}.prompt is required (the concept's text, e.g. \"smiling\")")
-    prompt = text(f"{where}.prompt", raw["prompt"], ctx, required=True)
-    profile = ctx.loaded.profile
-    preset = raw.get("preset")
-    presets = profile.presets_for(ctx.endpoint, ctx.mask)
-    if preset is not None and (not isinstance(preset, str) or preset not in presets):
-        raise InvalidInput(f"{where}.preset must be one of {', '.join(presets)}; got {show_value(preset)}")
-    values = profile.concept_defaults(preset, ctx.endpoint, ctx.mask)
-    values.pop("preset")
-    values.update({k: v for k, v in raw.items() if k not in ("prompt", "preset") and v is not None})
-    try:
-        return EditConcept(prompt=prompt, **values)
-    except ValueError as exc:
-        raise InvalidInput(f"{where}.{exc}") from None
-
-
-def _concepts(value, ctx: Context) -> tuple[EditConcept, ...]:
-    limit = ctx.limits.max_concepts
-    if not isinstance(value, (list, tuple)):
-        raise InvalidInput(f"concepts must be a list of objects (up to {limit}), got {type(value).__name__}")
-    if len(value) > limit:
-        raise InvalidInput(f"concepts may hold at most {limit} concepts, got {len(value)}")
-    return tuple(parse_concept(i, item, ctx) for i, item in enumerate(value))
+T = TypeVar("T")
 
 
 def _steps(model: LoadedModel | ModelFacts, limits: Limits) -> Range:
@@ -219,11 +73,6 @@ def _mask(value, ctx: Context) -> str:
     return value
 
 
-def _mask_keyword(mode: str) -> list[Keyword]:
-    """"none" adds no keyword (plain SEGA); the others LEDITS++'s flag (sega.masks.MASK_MODES)."""
-    return [Keyword.literal(name, value) for name, value in MASK_MODES[mode].items()]
-
-
 MASK_DOC = ("implicit masks (LEDITS++): none (SEGA's threshold per channel), cross-attention (each concept edits "
             "only where its words attend; threshold = share of the map left out) or intersect (that, and only "
             "where its edit is strong); the JSON's masks show where each concept edited")
@@ -241,63 +90,6 @@ def _scheduler(value, ctx: Context) -> str:
     if not isinstance(value, str) or value not in SCHEDULERS:
         raise InvalidInput(f"scheduler must be one of {', '.join(SCHEDULERS)}; got {show_value(value)}")
     return value
-
-
-# ----------------------------------------------------------------------------------------------
-# Library keywords, as values and as source text
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Keyword:
-    """One keyword of a library call: Python source, and how to build the same value for a pipeline.
-
-    ``call`` is the call it belongs to: ``"pipe"`` (``pipe(...)``) or ``"invert"`` (``pipe.invert(...)``).
-    ``imports`` are the lines the source needs. :func:`server.service.generate` calls ``build(pipe)``;
-    :mod:`server.snippets` writes ``source``.
-    """
-
-    name: str
-    source: str
-    build: Callable[[Any], Any]
-    imports: tuple[str, ...] = ()
-    call: str = "pipe"
-
-    @classmethod
-    def literal(cls, name: str, value, call: str = "pipe") -> Keyword:
-        return cls(name, repr(value), lambda _pipe: value, call=call)
-
-
-def _generator_keyword(seed: int, call: str = "pipe") -> list[Keyword]:
-    return [Keyword("generator", f'torch.Generator("cpu").manual_seed({seed})',
-                    lambda _pipe: torch.Generator("cpu").manual_seed(seed), ("import torch",), call)]
-
-
-def _scheduler_keyword(name: str) -> list[Keyword]:
-    cls = SCHEDULERS[name]
-    return [Keyword("scheduler", f"{cls.__name__}.from_config(pipe.scheduler.config)",
-                    lambda pipe: cls.from_config(pipe.scheduler.config), (f"from diffusers import {cls.__name__}",))]
-
-
-def _concepts_keyword(concepts: tuple[EditConcept, ...]) -> list[Keyword]:
-    if not concepts:
-        return []  # no concepts: a plain Stable Diffusion run
-    items = "".join(
-        "\n        EditConcept(" + ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(c).items()) + "),"
-        for c in concepts
-    )
-    return [Keyword("concepts", f"[{items}\n    ]", lambda _pipe: list(concepts), ("from sega import EditConcept",))]
-
-
-def _as(*keywords: str, convert: Callable[[Any], Any] = lambda v: v) -> Callable[[Any], list[Keyword]]:
-    """The value as literal keyword(s): ``"name"`` for ``pipe(...)``, ``"invert.name"`` for ``pipe.invert(...)``."""
-    def build(value) -> list[Keyword]:
-        out = []
-        for keyword in keywords:
-            call, _, name = keyword.rpartition(".")
-            out.append(Keyword.literal(name, convert(value), call or "pipe"))
-        return out
-    return build
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,79 +160,42 @@ def _model_id(loaded: LoadedModel) -> str:
 # The order is the API's positional order (new parameters go last, so positional callers keep working).
 GENERATE_PARAMS: tuple[Param, ...] = (
     Param("prompt", "text", "what the image shows (required)",
-          check=lambda v, ctx: text("prompt", v, ctx, required=True), default=None, keywords=_as("prompt")),
+          check=lambda v, ctx: text("prompt", v, ctx, required=True), default=None, keywords=literal_keywords("prompt")),
     Param("concepts", "json", "edit concepts: objects with prompt (required), scale, threshold, warmup, reverse, "
           "cooldown, weight, preset; a preset fills the keys not given (with a mask: from the model's presets for "
           "masks, where it has them)",
-          check=_concepts, default=lambda _loaded: [], keywords=_concepts_keyword,
+          check=check_concepts, default=lambda _loaded: [], keywords=concepts_keyword,
           to_json=lambda concepts: [dataclasses.asdict(c) for c in concepts]),
     Param("seed", "int", f"random seed in [0, {MAX_SEED}] (default: random, returned in the JSON)",
           check=None, bounds=_fixed(Range(0, MAX_SEED, integer=True)), default=_random_seed,
-          keywords=_generator_keyword),
+          keywords=generator_keyword),
     Param("steps", "int", "denoising steps", check=None, bounds=_steps, default=_profile_default("steps"),
-          keywords=_as("num_inference_steps")),
+          keywords=literal_keywords("num_inference_steps")),
     Param("guidance_scale", "float", f"classifier-free guidance in [0, {MAX_GUIDANCE_SCALE:g}]",
           check=None, bounds=_fixed(Range(0, MAX_GUIDANCE_SCALE)),
-          default=_profile_default("guidance_scale"), keywords=_as("guidance_scale")),
+          default=_profile_default("guidance_scale"), keywords=literal_keywords("guidance_scale")),
     Param("negative_prompt", "text", "what the image should not show",
           check=lambda v, ctx: text("negative_prompt", v, ctx), default=_empty_text,
-          keywords=_as("negative_prompt", convert=lambda v: v or None)),
+          keywords=literal_keywords("negative_prompt", convert=lambda v: v or None)),
     Param("width", "int", "width in pixels, a multiple of 8", check=None, bounds=_size, default=_native_size,
-          keywords=_as("width")),
+          keywords=literal_keywords("width")),
     Param("height", "int", "height in pixels, a multiple of 8", check=None, bounds=_size, default=_native_size,
-          keywords=_as("height")),
+          keywords=literal_keywords("height")),
     Param("momentum_scale", "float", f"SEGA momentum scale in [0, {MAX_MOMENTUM_SCALE:g}]",
           check=None, bounds=_fixed(Range(0, MAX_MOMENTUM_SCALE)),
-          default=_profile_default("momentum_scale"), keywords=_as("edit_momentum_scale")),
+          default=_profile_default("momentum_scale"), keywords=literal_keywords("edit_momentum_scale")),
     Param("momentum_beta", "float", "SEGA momentum beta in [0, 1)",
           check=None, bounds=_fixed(Range(0, 1, high_inclusive=False)),
-          default=_profile_default("momentum_beta"), keywords=_as("edit_mom_beta")),
+          default=_profile_default("momentum_beta"), keywords=literal_keywords("edit_mom_beta")),
     Param("scheduler", "text", f"sampler: {', '.join(SCHEDULERS)}", check=_scheduler,
-          default=lambda _loaded: DEFAULT_SCHEDULER, keywords=_scheduler_keyword),
-    Param("mask", "text", MASK_DOC, check=_mask, default=_profile_default("mask"), keywords=_mask_keyword),
+          default=lambda _loaded: DEFAULT_SCHEDULER, keywords=scheduler_keyword),
+    Param("mask", "text", MASK_DOC, check=_mask, default=_profile_default("mask"), keywords=mask_keyword),
     # Which served model runs the request: its own limits, presets and defaults apply (the library snippet
     # loads it with from_pretrained, so it adds no keyword).
     Param("model", "text", "which of the served models (hub id or folder, as the JSON's model says; default: "
           "the first served)", check=_model, default=_model_id, keywords=lambda _model: []),
 )
 API_PARAMS: tuple[str, ...] = tuple(p.name for p in GENERATE_PARAMS)
-# Fixed keywords of every app call: both images, in one pass (one UNet call per step for both) without the re-edit
-# cache, so that every UNet batch depends on the request alone and an answer never depends on what earlier
-# visitors left in the cache.
-APP_KEYWORDS = [Keyword.literal("return_original", True), Keyword.literal("use_reedit_cache", False)]
-
-
-# ----------------------------------------------------------------------------------------------
-# Editing an uploaded image: /edit
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class UploadedImage:
-    """An uploaded image made ready for the model, and what names it in the JSON of the parameters used."""
-
-    image: PIL.Image.Image
-    name: str  # the file's name as uploaded
-    sha256: str  # of the prepared image's pixels
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "sha256": self.sha256, "width": self.image.width, "height": self.image.height}
-
-
-def _image(value, ctx: Context) -> UploadedImage:
-    path = upload_path(value, ctx.upload_roots)
-    image, notes = read_upload(path, ctx.loaded.native_size, ctx.limits.max_image_mb, ctx.limits.max_image_pixels)
-    ctx.notices += notes
-    name = (value.get("orig_name") if isinstance(value, Mapping) else None) or path.name
-    return UploadedImage(image, str(name), hashlib.sha256(image.tobytes()).hexdigest())
-
-
-def _image_keyword(upload: UploadedImage) -> list[Keyword]:
-    size = max(upload.image.size)
-    return [Keyword("image", f"load_image({upload.name!r}, size={size})[0]", lambda _pipe: upload.image,
-                    ("from sega.images import load_image",), "invert")]
-
-
 def _edit_default(key: str) -> Callable[[LoadedModel], Any]:
     return lambda loaded: loaded.profile.edit_defaults[key]
 
@@ -450,24 +205,25 @@ _BY_NAME = {p.name: p for p in GENERATE_PARAMS}
 # seed; concepts, guidance and momentum act in the edit, as in /generate.
 EDIT_PARAMS: tuple[Param, ...] = (
     Param("image", "file", "the image to edit: PNG, JPEG or WebP (gradio_client.handle_file(path))",
-          check=_image, default=None, keywords=_image_keyword, to_json=UploadedImage.to_json,
+          check=check_image, default=None, keywords=image_keyword, to_json=UploadedImage.to_json,
           client_source=lambda upload: f"handle_file({upload['name']!r})"),
     Param("source_prompt", "text", "what the image shows (optional; empty works too)",
           check=lambda v, ctx: text("source_prompt", v, ctx), default=_empty_text,
-          keywords=_as("prompt", "invert.source_prompt")),
+          keywords=literal_keywords("prompt", "invert.source_prompt")),
     _BY_NAME["concepts"],
     dataclasses.replace(_BY_NAME["seed"], doc="random seed of the inversion's noise (default: random)",
-                        keywords=lambda seed: _generator_keyword(seed, "invert")),
-    dataclasses.replace(_BY_NAME["steps"], default=_edit_default("steps"), keywords=_as("invert.num_inference_steps")),
+                        keywords=lambda seed: generator_keyword(seed, "invert")),
+    dataclasses.replace(_BY_NAME["steps"], default=_edit_default("steps"),
+                        keywords=literal_keywords("invert.num_inference_steps")),
     Param("skip", "float", "how much of the image to keep, in [0, 1): the share of the first denoising steps "
           "skipped; more keeps more of the original",
           check=None, bounds=_fixed(Range(0, 1, high_inclusive=False)), default=_edit_default("skip"),
-          keywords=_as("invert.skip")),
+          keywords=literal_keywords("invert.skip")),
     Param("source_guidance_scale", "float",
           f"classifier-free guidance of the source prompt, in the inversion and (by default) the edit, in "
           f"[0, {MAX_GUIDANCE_SCALE:g}]",
           check=None, bounds=_fixed(Range(0, MAX_GUIDANCE_SCALE)),
-          default=_edit_default("source_guidance_scale"), keywords=_as("invert.source_guidance_scale")),
+          default=_edit_default("source_guidance_scale"), keywords=literal_keywords("invert.source_guidance_scale")),
     # The edit's guidance defaults to the inversion's: only then is the image without edits the input itself.
     dataclasses.replace(_BY_NAME["guidance_scale"], default=None, default_from="source_guidance_scale",
                         doc="classifier-free guidance of the edit (default: source_guidance_scale, which "
@@ -477,11 +233,9 @@ EDIT_PARAMS: tuple[Param, ...] = (
     dataclasses.replace(_BY_NAME["mask"], default=_edit_default("mask")),
     _BY_NAME["model"],
 )
-EDIT_KEYWORDS = [Keyword.literal("return_original", True)]  # the reconstruction without edits, too
 
-# Every endpoint's parameters, by API name, and the fixed keywords of its library calls.
+# Every endpoint's parameters, by API name.
 ENDPOINTS: dict[str, tuple[Param, ...]] = {"generate": GENERATE_PARAMS, "edit": EDIT_PARAMS}
-ENDPOINT_KEYWORDS: dict[str, list[Keyword]] = {"generate": APP_KEYWORDS, "edit": EDIT_KEYWORDS}
 
 
 def defaults(loaded: LoadedModel, endpoint: str = "generate") -> dict:
@@ -494,12 +248,26 @@ def defaults(loaded: LoadedModel, endpoint: str = "generate") -> dict:
     return {p.name: values[p.default_from] if p.default_from else values[p.name] for p in params}
 
 
+class Declared(Generic[T]):
+    """A declared parameter's value read as an attribute of :class:`GenerationParams` (``params.steps``): a
+    typed view of ``params.values``, named by the attribute, which tooling sees (unlike ``__getattr__``)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, params: GenerationParams | None, owner: type | None = None) -> T:
+        if params is None:
+            return self  # type: ignore[return-value]  # the descriptor itself, on the class
+        return params.values[self.name]
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """A validated request: every parameter of its endpoint filled in, enough to reproduce its images.
 
-    The values are read as attributes (``params.steps``, ``params.concepts``). Picklable (ZeroGPU sends it to a
-    worker process): the declarations are found by the endpoint's name.
+    ``values`` holds every declared parameter by name; :class:`Declared` attributes read the ones the server's
+    code uses. Picklable (ZeroGPU sends it
+    to a worker process): the declarations are found by the endpoint's name.
     """
 
     values: Mapping[str, Any]
@@ -507,12 +275,16 @@ class GenerationParams:
     notices: tuple[str, ...] = field(default=(), compare=False)
     endpoint: str = "generate"
 
-    def __getattr__(self, name: str):
-        # Only called for names that are not fields; "values" is missing while unpickling.
-        values = self.__dict__.get("values")
-        if values is None or name not in values:
-            raise AttributeError(name)
-        return values[name]
+    # Typed views of the declared parameters the server's code reads (each must name one: a test checks).
+    seed = Declared[int]()
+    steps = Declared[int]()
+    concepts = Declared[tuple[EditConcept, ...]]()
+    guidance_scale = Declared[float]()
+    scheduler = Declared[str]()
+    width = Declared[int]()  # /generate's size (an edit's is its image's)
+    height = Declared[int]()
+    image = Declared[UploadedImage]()  # /edit's
+    skip = Declared[float]()  # /edit's
 
     @property
     def declarations(self) -> tuple[Param, ...]:
@@ -529,7 +301,7 @@ class GenerationParams:
     def pipeline_keywords(self, call: str = "pipe") -> dict[str, Keyword]:
         """The library call (``"pipe"`` or ``"invert"``) that gives this request's images, keyword by keyword."""
         keywords = [k for p in self.declarations for k in p.keywords(self.values[p.name])]
-        keywords += ENDPOINT_KEYWORDS[self.endpoint]
+        keywords += APP_KEYWORDS
         return {k.name: k for k in keywords if k.call == call}
 
 
@@ -554,16 +326,6 @@ Served = LoadedModel | Mapping[str, LoadedModel]
 def served_models(served: Served) -> dict[str, LoadedModel]:
     """The models an app serves, by the id a request names them with (the first is the default)."""
     return dict(served) if isinstance(served, Mapping) else {served.model_id: served}
-
-
-def limits_for(loaded: LoadedModel, limits: Limits | Mapping[str, Limits] | None = None) -> Limits:
-    """The limits a request on ``loaded`` is checked against: ``limits`` itself, or its entry for the model, or
-    (None) the environment's, on ZeroGPU with the model profile's defaults."""
-    if isinstance(limits, Limits):
-        return limits
-    if limits is not None and loaded.model_id in limits:
-        return limits[loaded.model_id]
-    return Limits.from_env(zero_gpu_limits=loaded.profile.zero_gpu_limits)
 
 
 def parse_request(served: Served, raw: Mapping, limits: Limits | Mapping[str, Limits] | None = None,

@@ -6,27 +6,22 @@ placeholders. The served model's native size comes from the pipeline itself (:fu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sega.demo.editing import (
-    DEMO_EDIT_DEFAULTS,
-    DEMO_EDIT_EXAMPLES,
-    DEMO_EDIT_MASK_PRESETS,
-    DEMO_EDIT_PRESETS,
-)
-from sega.demo.presets import DEMO_DEFAULTS, DEMO_EXAMPLES, DEMO_MASK_PRESETS, DEMO_PRESETS
+from sega.demo.editing import DEMO_EDIT_DEFAULTS, DEMO_EDIT_EXAMPLES
+from sega.demo.presets import DEMO_DEFAULTS, DEMO_EXAMPLES, DEMO_PRESET_TABLES
 from sega.demo.previews import DEMO_LATENT_RGB_BIAS, DEMO_LATENT_RGB_FACTORS
 from sega.demo.shapes import BACKGROUNDS, COLORS, SHAPES, SIZES, VOCAB_WORDS
-from sega.masks import MASK_MODES
 from sega.pipeline import SegaPipeline
 from sega.pipeline_xl import SegaXLPipeline
 from sega.presets import (
     SD_DEFAULTS,
-    SD_PRESETS,
+    SD_PRESET_TABLES,
     SDXL_DEFAULTS,
     SDXL_EDIT_DEFAULTS,
-    SDXL_EDIT_PRESETS,
-    SDXL_PRESETS,
+    SDXL_PRESET_TABLES,
+    PresetTables,
 )
 from sega.previews import SD15_LATENT_RGB_FACTORS, SDXL_LATENT_RGB_BIAS, SDXL_LATENT_RGB_FACTORS
 
@@ -39,56 +34,50 @@ class ModelProfile:
     """Everything the app shows or defaults to that depends on the kind of model served."""
 
     name: str
-    presets: dict[str, dict]
+    presets: PresetTables  # per endpoint and mask mode: presets.table(endpoint, mask)
     defaults: dict  # steps, guidance_scale, momentum_scale, momentum_beta, default_preset, mask
     examples: list[Example]
     intro: str  # Markdown; "{size}" stands for the native size in pixels
     prompt_placeholder: str
     concept_placeholder: str
     edit_defaults: dict  # /edit: steps, skip, source_guidance_scale, mask
-    edit_presets: dict[str, dict] | None = None  # presets for uploaded images (None: the same as ``presets``)
-    # Presets for requests with an implicit mask, per endpoint ("generate", "edit"): with a mask the threshold is
-    # the mask's quantile, not SEGA's per-channel share, so a model may need other values (none: the same).
-    mask_presets: dict[str, dict[str, dict]] = field(default_factory=dict)
     # The "Edit an image" tab's examples: (label, image path, source prompt, concepts, seed); none for SD.
     edit_examples: list = field(default_factory=list)
     # GPU time (server.service.gpu_duration): seconds per UNet sample of 512x512 px (scaled by area), headroom
     # included, and a fixed allowance per request (text encoding, decoding, start-up).
     gpu_seconds_per_sample: float = 0.04
     gpu_fixed_seconds: float = 10.0
-    # Limits on a ZeroGPU Space (None: server.params.ZERO_GPU_LIMITS), so that the largest request's
+    # Limits on a ZeroGPU Space (None: server.limits.ZERO_GPU_LIMITS), so that the largest request's
     # reservation stays within an anonymous visitor's daily quota.
     zero_gpu_limits: dict | None = None
     # Live previews without the VAE: the latent-to-RGB factors for this family (sega.previews: ComfyUI's for SD
     # and SDXL; sega.demo.previews: fitted to the demo model's VAE).
     preview_factors: tuple = SD15_LATENT_RGB_FACTORS
     preview_bias: tuple | None = None
+    # Whether a loaded pipeline is of this kind (PROFILES asks each in turn; the last one takes any pipeline).
+    serves: Callable[[SegaPipeline], bool] = lambda _pipe: True
 
     @property
     def default_preset(self) -> str:
         return self.defaults["default_preset"]
 
-    def presets_for(self, endpoint: str = "generate", mask: str = "none") -> dict[str, dict]:
-        """The preset table of an endpoint and mask mode: uploaded images (/edit) and masked edits may have
-        their own (every table has the same preset names)."""
-        if mask != "none" and endpoint in self.mask_presets:
-            return self.mask_presets[endpoint]
-        return self.edit_presets if endpoint == "edit" and self.edit_presets else self.presets
-
-    def preset_tables(self) -> list[dict[str, dict]]:
-        """Every preset table of the profile (both endpoints, with and without masks)."""
-        return [self.presets_for(endpoint, mask) for endpoint in ("generate", "edit") for mask in MASK_MODES]
-
     def concept_defaults(self, preset: str | None = None, endpoint: str = "generate", mask: str = "none") -> dict:
         """Every key of a concept but its text, from ``preset`` (default: the profile's default preset)."""
         name = preset or self.default_preset
-        return {"preset": name, **self.presets_for(endpoint, mask)[name], "reverse": False, "cooldown": None,
+        return {"preset": name, **self.presets.table(endpoint, mask)[name], "reverse": False, "cooldown": None,
                 "weight": 1.0}
+
+
+def is_demo_model(pipe: SegaPipeline) -> bool:
+    """The bundled shapes model (or a copy of it, e.g. a training checkpoint) has its own tiny vocabulary."""
+    vocab = pipe.tokenizer.get_vocab()
+    return len(vocab) < 100 and set(VOCAB_WORDS) <= set(vocab)
 
 
 DEMO_PROFILE = ModelProfile(
     name="demo",
-    presets=DEMO_PRESETS,
+    serves=lambda pipe: not isinstance(pipe, SegaXLPipeline) and is_demo_model(pipe),
+    presets=DEMO_PRESET_TABLES,
     defaults=DEMO_DEFAULTS,
     examples=DEMO_EXAMPLES,
     intro=("The bundled **demo model** draws {size}×{size} px shapes; it knows only these words: "
@@ -97,8 +86,6 @@ DEMO_PROFILE = ModelProfile(
     prompt_placeholder="a large red circle on a white background",
     concept_placeholder="e.g. blue (leave empty to skip)",
     edit_defaults=DEMO_EDIT_DEFAULTS,
-    edit_presets=DEMO_EDIT_PRESETS,
-    mask_presets={"generate": DEMO_MASK_PRESETS, "edit": DEMO_EDIT_MASK_PRESETS},
     edit_examples=DEMO_EDIT_EXAMPLES,
     preview_factors=DEMO_LATENT_RGB_FACTORS,
     preview_bias=DEMO_LATENT_RGB_BIAS,
@@ -106,7 +93,7 @@ DEMO_PROFILE = ModelProfile(
 
 SD_PROFILE = ModelProfile(
     name="stable-diffusion",
-    presets=SD_PRESETS,
+    presets=SD_PRESET_TABLES,
     defaults=SD_DEFAULTS,
     examples=[
         ("face: smile, glasses, curls, beard (the authors' example)", "a photo of the face of a woman", [
@@ -134,14 +121,14 @@ SD_PROFILE = ModelProfile(
 
 SDXL_PROFILE = ModelProfile(
     name="stable-diffusion-xl",
-    presets=SDXL_PRESETS,
+    serves=lambda pipe: isinstance(pipe, SegaXLPipeline),
+    presets=SDXL_PRESET_TABLES,
     defaults=SDXL_DEFAULTS,
     examples=SD_PROFILE.examples,
     intro=SD_PROFILE.intro + " Stable Diffusion XL works best at {size}×{size} px.",
     prompt_placeholder=SD_PROFILE.prompt_placeholder,
     concept_placeholder=SD_PROFILE.concept_placeholder,
     edit_defaults=SDXL_EDIT_DEFAULTS,
-    edit_presets=SDXL_EDIT_PRESETS,
     # An estimate, not a measurement (no GPU has been lent to this project yet; `python -m benchmarks.sdxl
     # --device cuda` prints the measured figure): an SDXL UNet sample at 1024 px costs about 3.5 times an
     # SD 1.5 sample at 512 px, i.e. 70 ms for SD's 20 ms, doubled like SD's: 0.14 s per 1024 px sample,
@@ -156,17 +143,13 @@ SDXL_PROFILE = ModelProfile(
 )
 
 
-def is_demo_model(pipe: SegaPipeline) -> bool:
-    """The bundled shapes model (or a copy of it, e.g. a training checkpoint) has its own tiny vocabulary."""
-    vocab = pipe.tokenizer.get_vocab()
-    return len(vocab) < 100 and set(VOCAB_WORDS) <= set(vocab)
+# Every kind of model the app serves, asked in turn (a new kind is one more profile here); SD's takes the rest.
+PROFILES: tuple[ModelProfile, ...] = (SDXL_PROFILE, DEMO_PROFILE, SD_PROFILE)
 
 
 def profile_for(pipe: SegaPipeline) -> ModelProfile:
-    """The demo model's profile for the bundled model, SDXL's for SDXL, Stable Diffusion's for the others."""
-    if isinstance(pipe, SegaXLPipeline):
-        return SDXL_PROFILE
-    return DEMO_PROFILE if is_demo_model(pipe) else SD_PROFILE
+    """The first profile in :data:`PROFILES` that serves ``pipe``."""
+    return next(profile for profile in PROFILES if profile.serves(pipe))
 
 
 def native_size(pipe: SegaPipeline) -> int:

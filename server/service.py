@@ -21,15 +21,12 @@ from sega.concepts import EditConcept
 from sega.inversion import performed_steps
 from sega.masks import mean_masks
 from sega.previews import preview_images
+from sega.stopping import StopFlag
 
 from .images import mask_to_data_url
 from .loading import LoadedModel
 from .params import GenerationParams
 from .profiles import ModelProfile
-
-
-class GenerationStopped(Exception):
-    """The request was stopped (Stop, a cancelled API call, a closed page); raised from a step callback."""
 
 
 def model_fingerprint(loaded: LoadedModel) -> str:
@@ -71,7 +68,7 @@ class GenerationResult:
     edited: PIL.Image.Image | None
     used: dict
     summary: str
-    cache_hit: bool
+    inversion_reused: bool  # /edit: the inversion came from the pipeline's inversion cache
     seconds: float
 
 
@@ -82,19 +79,18 @@ def describe_concept(c: EditConcept) -> str:
     return f"{sign}{c.prompt!r} (scale {c.scale:g}, threshold {c.threshold:g}, from step {c.warmup}{extra})"
 
 
-def summarize(params: GenerationParams, seconds: float, cache_hit: bool, extra: list[str] = ()) -> str:
+def summarize(params: GenerationParams, seconds: float, inversion_reused: bool = False,
+              extra: list[str] = ()) -> str:
     edits = "; ".join(describe_concept(c) for c in params.concepts) or "no edits"
     if params.endpoint == "edit":
         image = params.image.image
         line = (f"{edits} · your image {image.width}×{image.height} px, {params.steps} steps, skip {params.skip:g} · "
                 f"seed {params.seed} · guidance {params.guidance_scale:g} · {seconds:.1f} s")
-        if cache_hit:
+        if inversion_reused:
             line += " · inversion reused from cache"
     else:
         line = (f"{edits} · seed {params.seed} · {params.steps} steps {params.scheduler} · "
                 f"{params.width}×{params.height} px · guidance {params.guidance_scale:g} · {seconds:.1f} s")
-        if cache_hit:
-            line += " · image without edits reused from cache"
     notes = [*params.notices, *extra]
     return line + ("  Note: " + " ".join(notes) if notes else "")
 
@@ -104,7 +100,7 @@ def preview_interval(steps: int) -> int:
     return max(1, math.ceil(steps / 10))
 
 
-def generate(loaded: LoadedModel, params: GenerationParams,
+def generate(loaded: LoadedModel, params: GenerationParams, stop: StopFlag | None = None,
              progress_callback: Callable[..., None] | None = None, previews: bool = False) -> GenerationResult:
     """Run the pipeline once: the image without edits and the image with edits for ``params.seed``.
 
@@ -113,8 +109,8 @@ def generate(loaded: LoadedModel, params: GenerationParams,
     the n denoising steps that ``skip`` leaves (n when the inversion comes from the cache). With ``previews``,
     every :func:`preview_interval` denoising steps but the last it also gets ``preview=``, a PIL image of what
     the image with edits is becoming (:mod:`sega.previews`: a linear map of the latents, the model profile's
-    factors), made here, in the process that runs the loop. It stops the run
-    by raising (e.g. :class:`GenerationStopped`), which this request's pipeline call passes on.
+    factors), made here, in the process that runs the loop. ``stop`` goes to the library calls as their
+    ``stop=``: once it is set they raise ``sega.Stopped`` before their next step.
     """
     pipe = loaded.pipe
     n = performed_steps(params.steps, params.skip) if params.endpoint == "edit" else params.steps
@@ -129,7 +125,6 @@ def generate(loaded: LoadedModel, params: GenerationParams,
         report(k + 1, stage="inversion")
 
     def on_step_end(_pipe, i: int, _t, tensors: dict) -> dict:
-        # Stop per request by raising here, never with pipe._interrupt: that flag is shared by every request.
         extra = {}
         if every and (i + 1) % every == 0 and i + 1 < n:
             extra["preview"] = preview_images(tensors["pred_original_sample"][:1], None,
@@ -142,13 +137,13 @@ def generate(loaded: LoadedModel, params: GenerationParams,
     invert = {name: keyword.build(pipe) for name, keyword in params.pipeline_keywords("invert").items()}
     if invert:  # /edit: invert the uploaded image (or take its inversion from the cache), then edit it
         counted["total"] = 2 * n
-        keywords["inversion"] = pipe.invert(**invert, callback_on_step_end=on_inversion_step)
+        keywords["inversion"] = pipe.invert(**invert, stop=stop, callback_on_step_end=on_inversion_step)
         if keywords["inversion"].cache_hit:
             counted["total"] = n  # no inversion step was run
         else:
             counted["before"] = n
     tensors = ["latents", "pred_original_sample"] if every else ["latents"]
-    out = pipe(**keywords, callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=tensors,
+    out = pipe(**keywords, stop=stop, callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=tensors,
                output_type="pil")
     seconds = time.perf_counter() - start
     original, edited = out.original_images[0], out.images[0]
@@ -159,15 +154,15 @@ def generate(loaded: LoadedModel, params: GenerationParams,
     if out.nsfw_content_detected and out.nsfw_content_detected[0]:
         edited = None
         flagged.append("The image with edits was flagged by the safety checker and is not shown.")
-    # /edit: whether the inversion was reused; /generate: whether the run without edits was.
-    cache_hit = bool(out.inversion_cache_hit if params.endpoint == "edit" else out.cache_hit)
-    summary = summarize(params, seconds, cache_hit, flagged)
+    # "cache_hit" in the JSON: whether /edit's inversion was reused (a /generate call has nothing to reuse).
+    inversion_reused = bool(out.inversion_cache_hit)
+    summary = summarize(params, seconds, inversion_reused, flagged)
     # Notices (truncation, removed control characters...) and the summary travel with the result, for API
     # callers too.
     used = {**params.to_json(), "notices": [*params.notices, *flagged], "summary": summary,
-            "cache_hit": cache_hit, "masks": concept_masks(params.concepts, out.edit_masks)}
+            "cache_hit": inversion_reused, "masks": concept_masks(params.concepts, out.edit_masks)}
     return GenerationResult(original=original, edited=edited, used=used, summary=summary,
-                            cache_hit=cache_hit, seconds=seconds)
+                            inversion_reused=inversion_reused, seconds=seconds)
 
 
 def concept_masks(concepts, edit_masks) -> list[dict]:

@@ -246,7 +246,8 @@ def install_recorder() -> None:
     real_set = gpu.StopSignal.set
 
     def recording_set(self) -> None:
-        record("stop_set")
+        if not self.is_set():  # the moment the run is signalled (a set signal may be set again: a no-op)
+            record("stop_set")
         real_set(self)
 
     gpu.StopSignal.set = recording_set

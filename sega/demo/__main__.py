@@ -126,8 +126,9 @@ def main(argv: list[str] | None = None) -> None:
 def real(args) -> None:
     """``eval --real`` / ``sweep --real``: editing uploads drawn by the renderer, through the inversion."""
     from ..caching import LRUCache
-    from .editing import DEMO_EDIT_DEFAULTS, REAL_KINDS, edit_presets_for_mask, evaluate_real, sweep_real
+    from .editing import DEMO_EDIT_DEFAULTS, REAL_KINDS, evaluate_real, sweep_real
     from .evaluate import load
+    from .presets import DEMO_PRESET_TABLES
 
     pipe = load(args.model)
     # Every kind and setting edits the same uploads: keep each one's inversion for the run.
@@ -142,7 +143,8 @@ def real(args) -> None:
         print("best:", json.dumps(result["best"]))
     else:
         seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-        presets = json.loads(Path(args.presets).read_text()) if args.presets else edit_presets_for_mask(args.mask)
+        presets = (json.loads(Path(args.presets).read_text()) if args.presets
+                   else DEMO_PRESET_TABLES.table("edit", args.mask))
         kinds = REAL_KINDS if args.kinds is None else tuple(k for k in args.kinds.split(",") if k in REAL_KINDS)
         result = evaluate_real(pipe, seeds, presets, {**DEMO_EDIT_DEFAULTS, "mask": args.mask}, kinds=kinds)
         for kind, r in result.items():

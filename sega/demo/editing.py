@@ -24,33 +24,6 @@ EXAMPLE_IMAGES: dict[str, tuple[ShapeSpec, int]] = {
     "yellow-triangle.png": (ShapeSpec("small", "yellow", "triangle", "white"), 7),
 }
 
-# Per-concept presets for uploaded images, chosen by sweep_real on tuning images 0-5 (colour, shape, background;
-# the model card has the table); the inverted image keeps its layout, so colour and shape start late.
-DEMO_EDIT_PRESETS: dict[str, dict] = {
-    "color": {"scale": 5.0, "threshold": 0.7, "warmup": 10},
-    "background": {"scale": 30.0, "threshold": 0.5, "warmup": 0},
-    "shape": {"scale": 7.5, "threshold": 0.3, "warmup": 10},
-    "size": {"scale": 7.5, "threshold": 0.5, "warmup": 6},
-    "custom": {"scale": 7.5, "threshold": 0.5, "warmup": 6},
-}
-
-# The same with an implicit mask (LEDITS++; the threshold is the share of the mask left out), chosen by
-# ``python -m sega.demo sweep --real --mask intersect`` on tuning images 0-7 (the model card has the table); size
-# and custom were not swept and take the values colour and shape both chose.
-DEMO_EDIT_MASK_PRESETS: dict[str, dict] = {
-    "color": {"scale": 5.0, "threshold": 0.2, "warmup": 8},
-    "background": {"scale": 50.0, "threshold": 0.3, "warmup": 0},
-    "shape": {"scale": 5.0, "threshold": 0.2, "warmup": 8},
-    "size": {"scale": 5.0, "threshold": 0.2, "warmup": 8},
-    "custom": {"scale": 5.0, "threshold": 0.2, "warmup": 8},
-}
-
-
-def edit_presets_for_mask(mask: str) -> dict[str, dict]:
-    """The upload presets for a mask mode (masked edits have their own)."""
-    return DEMO_EDIT_PRESETS if mask == "none" else DEMO_EDIT_MASK_PRESETS
-
-
 # /edit's defaults on the demo model: 25 steps as for generation, a fifth of them skipped (keeps the layout).
 DEMO_EDIT_DEFAULTS: dict = {"steps": 25, "skip": 0.2, "source_guidance_scale": 5.0, "mask": "none"}
 

@@ -19,7 +19,7 @@ import torch
 
 from ..concepts import EditConcept
 from ..masks import MASK_MODES
-from .presets import DEMO_DEFAULTS, DEMO_MASK_PRESETS, DEMO_PRESETS
+from .presets import DEMO_DEFAULTS, DEMO_PRESET_TABLES
 from .shapes import BACKGROUNDS, COLORS, SHAPES, SIZES, ShapeSpec, describe, mask_iou, random_spec
 
 EDIT_KINDS = ("color", "background", "shape", "size", "removal", "three")
@@ -188,7 +188,7 @@ class Evaluator:
     def edits(self, kind: str, seeds: list[int], settings: dict[str, dict] | None = None) -> dict:
         """Success rate of one edit kind, overall and per direction; for colour swaps also the composition IoU
         of SEGA and of changing the prompt instead (same seed), against the image without edits."""
-        settings = settings or presets_for_mask(self.mask_mode)
+        settings = settings or DEMO_PRESET_TABLES.table("generate", self.mask_mode)
         cases = [edit_case(kind, s, settings) for s in seeds]
         images = self.outcomes(cases)
         result = self.score(cases, images)
@@ -200,12 +200,6 @@ class Evaluator:
             result["iou_prompt_change"] = float(np.mean([mask_iou(b, describe(r).mask)
                                                          for b, r in zip(before, reprompted)]))
         return result
-
-
-def presets_for_mask(mask: str) -> dict[str, dict]:
-    """The demo model's generation presets for a mask mode: masked edits have their own (the threshold is then
-    the share of the mask left out)."""
-    return DEMO_PRESETS if mask == "none" else DEMO_MASK_PRESETS
 
 
 def grid(scales=(10.0, 15.0, 20.0), thresholds=(0.5, 0.8), warmups=(2, 5, 8)) -> list[dict]:
@@ -249,7 +243,7 @@ def sweep(pipe, seeds: list[int], kinds=EDIT_KINDS, grids: dict[str, list[dict]]
     concepts run as one batch, settings after one another.
     """
     ev = Evaluator(pipe, mask=mask)
-    base = dict(base or presets_for_mask(mask))
+    base = dict(base or DEMO_PRESET_TABLES.table("generate", mask))
     grids = dict(grids or {})
     table: dict[str, list[dict]] = {}
     for kind in kinds:
@@ -281,7 +275,7 @@ def run_eval(model_dir: str | Path, n_seeds: int = 48, first_seed: int = 1000, o
     t0 = time.time()
     pipe = load(model_dir)
     ev = Evaluator(pipe, mask=mask)
-    presets = presets or presets_for_mask(mask)
+    presets = presets or DEMO_PRESET_TABLES.table("generate", mask)
     seeds = list(range(first_seed, first_seed + n_seeds))
     report: dict = {"seeds": [seeds[0], seeds[-1]], "steps": ev.steps, "guidance_scale": ev.guidance_scale,
                     "momentum_scale": ev.momentum_scale, "momentum_beta": ev.momentum_beta, "presets": presets,

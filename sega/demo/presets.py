@@ -1,27 +1,39 @@
-"""Per-concept presets and generation defaults for the bundled shapes model."""
+"""Per-concept presets (all four tables: :class:`sega.presets.PresetTables`) and generation defaults for the
+bundled shapes model."""
 
 from __future__ import annotations
 
+from sega.presets import PresetTables, preset_table
+
 # The bundled shapes model: chosen by the sweep in its model card (assets/shapes-model/README.md).
-DEMO_PRESETS: dict[str, dict] = {
-    "color": {"scale": 10.0, "threshold": 0.8, "warmup": 10},
-    "background": {"scale": 40.0, "threshold": 0.0, "warmup": 0},
-    "shape": {"scale": 15.0, "threshold": 0.5, "warmup": 2},
-    "size": {"scale": 10.0, "threshold": 0.5, "warmup": 2},
-    "removal": {"scale": 30.0, "threshold": 0.5, "warmup": 5},
-    "custom": {"scale": 10.0, "threshold": 0.5, "warmup": 8},
-}
+DEMO_PRESETS: dict[str, dict] = preset_table(
+    color=(10.0, 0.8, 10), background=(40.0, 0.0, 0), shape=(15.0, 0.5, 2), size=(10.0, 0.5, 2),
+    removal=(30.0, 0.5, 5), custom=(10.0, 0.5, 8),
+)
 # With an implicit mask (LEDITS++) the threshold is the share of the concept's mask left out, not SEGA's
 # per-channel share: presets of their own, chosen by ``python -m sega.demo sweep --mask intersect`` on tuning seeds
 # (the model card's "Implicit masks" section).
-DEMO_MASK_PRESETS: dict[str, dict] = {
-    "color": {"scale": 10.0, "threshold": 0.1, "warmup": 10},
-    "background": {"scale": 40.0, "threshold": 0.2, "warmup": 0},
-    "shape": {"scale": 15.0, "threshold": 0.2, "warmup": 0},
-    "size": {"scale": 10.0, "threshold": 0.2, "warmup": 2},
-    "removal": {"scale": 30.0, "threshold": 0.2, "warmup": 5},
-    "custom": {"scale": 10.0, "threshold": 0.3, "warmup": 8},
-}
+DEMO_MASK_PRESETS: dict[str, dict] = preset_table(
+    color=(10.0, 0.1, 10), background=(40.0, 0.2, 0), shape=(15.0, 0.2, 0), size=(10.0, 0.2, 2),
+    removal=(30.0, 0.2, 5), custom=(10.0, 0.3, 8),
+)
+# Per-concept presets for uploaded images, chosen by sweep_real on tuning images 0-5 (colour, shape, background;
+# the model card has the table); the inverted image keeps its layout, so colour and shape start late.
+DEMO_EDIT_PRESETS: dict[str, dict] = preset_table(
+    color=(5.0, 0.7, 10), background=(30.0, 0.5, 0), shape=(7.5, 0.3, 10), size=(7.5, 0.5, 6),
+    custom=(7.5, 0.5, 6),
+)
+# The same with an implicit mask (LEDITS++; the threshold is the share of the mask left out), chosen by
+# ``python -m sega.demo sweep --real --mask intersect`` on tuning images 0-7 (the model card has the table); size
+# and custom were not swept and take the values colour and shape both chose.
+DEMO_EDIT_MASK_PRESETS: dict[str, dict] = preset_table(
+    color=(5.0, 0.2, 8), background=(50.0, 0.3, 0), shape=(5.0, 0.2, 8), size=(5.0, 0.2, 8),
+    custom=(5.0, 0.2, 8),
+)
+
+
+DEMO_PRESET_TABLES = PresetTables(DEMO_PRESETS, edit=DEMO_EDIT_PRESETS, masked_generate=DEMO_MASK_PRESETS,
+                                  masked_edit=DEMO_EDIT_MASK_PRESETS)
 DEMO_DEFAULTS: dict = {"steps": 25, "guidance_scale": 5.0, "momentum_scale": 0.3, "momentum_beta": 0.6,
                        "default_preset": "color", "mask": "none"}
 

@@ -63,8 +63,7 @@ def test_every_kind_has_a_preset_and_examples_use_known_presets():
 
 def test_presets_for_masks_have_the_same_names():
     """The app's rows keep their preset when the mask mode changes: every table names the same presets."""
-    from sega.demo.editing import DEMO_EDIT_MASK_PRESETS, DEMO_EDIT_PRESETS
-    from sega.demo.presets import DEMO_MASK_PRESETS
+    from sega.demo.presets import DEMO_EDIT_MASK_PRESETS, DEMO_EDIT_PRESETS, DEMO_MASK_PRESETS
 
     assert set(DEMO_MASK_PRESETS) == set(DEMO_PRESETS) and set(DEMO_EDIT_MASK_PRESETS) == set(DEMO_EDIT_PRESETS)
     assert DEMO_MASK_PRESETS != DEMO_PRESETS and DEMO_EDIT_MASK_PRESETS != DEMO_EDIT_PRESETS

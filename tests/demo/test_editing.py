@@ -18,13 +18,15 @@ def test_the_edit_tabs_examples_do_what_their_labels_say():
     import torch
 
     from sega import EditConcept, SegaPipeline
-    from sega.demo.editing import DEMO_EDIT_DEFAULTS, DEMO_EDIT_EXAMPLES, edit_presets_for_mask, edit_upload
+    from sega.demo.editing import DEMO_EDIT_DEFAULTS, DEMO_EDIT_EXAMPLES, edit_upload
+    from sega.demo.presets import DEMO_PRESET_TABLES
     from sega.demo.shapes import DEFAULT_MODEL_DIR
     from sega.images import load_image
 
     pipe = SegaPipeline.from_pretrained(DEFAULT_MODEL_DIR, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    presets = edit_presets_for_mask(DEMO_EDIT_DEFAULTS["mask"])  # as the app fills the rows: the default mask
+    # as the app fills the rows: the default mask
+    presets = DEMO_PRESET_TABLES.table("edit", DEMO_EDIT_DEFAULTS["mask"])
     for label, path, _source, concepts, seed in DEMO_EDIT_EXAMPLES:
         image, _ = load_image(path, 32)
         edits = [EditConcept(c["prompt"], reverse=c.get("reverse", False), **presets[c["preset"]])

@@ -150,7 +150,7 @@ def test_a_failure_inside_one_generation_reaches_only_that_request(client, app_m
 
     real = app_module.run_on_gpu
 
-    def fail_once(params, stop=None):
+    def fail_once(params, stop=None, previews=False):
         monkeypatch.setattr(app_module, "run_on_gpu", real)
         raise RuntimeError("injected fault")
 

@@ -142,7 +142,7 @@ def test_two_concepts_one_removed_shows_both_images(server, tmp_path):
         summary = page.locator("#summary")
         expect(summary).to_contain_text("seed 7", timeout=30_000)
         text = summary.inner_text()
-        custom = DEMO_PROFILE.presets["custom"]
+        custom = DEMO_PROFILE.presets.table()["custom"]
         # removed, with the custom preset's values
         assert "+'blue'" in text and f"−'red' (scale {custom['scale']:g}, threshold {custom['threshold']:g}," in text
         assert "25 steps" in text
@@ -293,7 +293,7 @@ def try_every_preset(page, endpoint: str, prefix: str, button: str) -> None:
         page.locator(f"#{mask_id} input[value={mask}]").check()
         current = page.locator(f"#{row}-preset input").input_value()
         expect_row(page, row, {"prompt": "blue", "preset": current}, endpoint, mask)  # refilled for the mode
-        for name, values in DEMO_PROFILE.presets_for(endpoint, mask).items():
+        for name, values in DEMO_PROFILE.presets.table(endpoint, mask).items():
             pick_preset(page, row, name)
             expect_row(page, row, {"prompt": "blue", "preset": name}, endpoint, mask)
             seed = run(page, button, prefix)
@@ -312,7 +312,7 @@ def test_each_preset_of_a_row_generates(server):
         expect(page.get_by_text("Higher edits LESS of the image").first).to_be_visible()
         text_field(page, "prompt").fill("a large red circle on a white background")
         text_field(page, "concept-0-text").fill("blue")
-        assert FEW_STEPS > max(p["warmup"] for table in DEMO_PROFILE.preset_tables()
+        assert FEW_STEPS > max(p["warmup"] for table in DEMO_PROFILE.presets.tables()
                                for p in table.values())  # every preset still applies
         set_number(page, "steps", FEW_STEPS)
         try_every_preset(page, "generate", "", "#generate")
@@ -331,7 +331,7 @@ def test_each_preset_of_an_edit_row_edits(server):
         text_field(page, "edit-concept-0-text").fill("blue")
         steps = FEW_STEPS + 3
         assert performed_steps(steps, DEMO_PROFILE.edit_defaults["skip"]) > max(
-            p["warmup"] for table in DEMO_PROFILE.preset_tables()
+            p["warmup"] for table in DEMO_PROFILE.presets.tables()
             for p in table.values())  # what skip leaves is past every warmup
         set_number(page, "edit-steps", steps)
         try_every_preset(page, "edit", "edit-", "#edit")

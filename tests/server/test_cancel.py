@@ -6,8 +6,9 @@ How Gradio learns that a page went away: the page holds an event stream (``GET /
 while its request runs; when the page closes, that connection closes, the stream ends, and Gradio's queue
 marks the session's events as no longer alive (``Queue.clean_events``). A cancel (the Stop button's
 ``cancels=``, ``Job.cancel()``: ``POST /gradio_api/cancel``) ends the event's task, and the queue drops it
-from its active jobs. The app's watcher (server.gpu.drive) sees either within 0.1 s and sets the run's stop
-file, which the denoising loop checks at the end of each step, in the worker on ZeroGPU.
+from its active jobs. The run's one watcher (server.gpu.follow) sees either within 0.1 s and sets the run's stop
+file, which the library's denoising loop checks before each step (``pipe(..., stop=...)``), in the worker on
+ZeroGPU.
 """
 
 import time
@@ -63,7 +64,7 @@ def check_stopped(server, mark: int, seed: int, stopped_at: float) -> None:
     signalled = min(e["t"] for e in events if e["event"] == "stop_set" and e["t"] >= stopped_at)
     after = [e["done"] for e in steps if e["t"] > signalled]
     assert len(after) <= STEPS_AFTER_STOP, after
-    assert steps[-1]["done"] < LONG and ends[0]["outcome"] == "GenerationStopped"
+    assert steps[-1]["done"] < LONG and ends[0]["outcome"] == "Stopped"
 
     _, _, used = Client(server.url, verbose=False).predict(prompt=PROMPT, steps=2, seed=1, api_name="/generate")
     assert used["seed"] == 1

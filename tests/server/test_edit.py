@@ -61,6 +61,24 @@ def test_a_second_edit_of_the_same_image_reuses_its_inversion(client):
     assert np.array_equal(reconstruction, first_reconstruction)
 
 
+def test_the_same_edit_gives_the_same_answer_whatever_ran_before(client):
+    """Bit-identical images and the same parameters for one request, first (its inversion computed) and again
+    after other requests on the same server: another image, the same image with other concepts, a
+    /generate (its inversion then comes from the cache, which must not change the answer)."""
+    request = {"concepts": SWAP, "seed": 13, "momentum_scale": 0.3}
+    reconstruction, edited, used = edit(client, RED_CIRCLE, **request)
+    edit(client, EXAMPLES_DIR / "yellow-triangle.png", concepts=[{"prompt": "blue"}], seed=13)
+    edit(client, RED_CIRCLE, concepts=[{"prompt": "square", "preset": "shape"}], seed=13)
+    client.predict(prompt="a small blue square on a black background", concepts=[{"prompt": "red"}], seed=13,
+                   steps=STEPS, api_name="/generate")
+    reconstruction_again, edited_again, used_again = edit(client, RED_CIRCLE, **request)
+    assert np.array_equal(reconstruction, reconstruction_again) and np.array_equal(edited, edited_again)
+    assert np.abs(reconstruction.astype(int) - edited.astype(int)).mean() > 1.0  # the edit did something
+    volatile = ("summary", "cache_hit")  # the time taken; whether the inversion was reused
+    assert {k: v for k, v in used.items() if k not in volatile} == \
+        {k: v for k, v in used_again.items() if k not in volatile}
+
+
 def test_the_library_snippet_reproduces_an_edit(client, app_module, tmp_path, monkeypatch):
     reconstruction, edited, used = edit(client, RED_CIRCLE, concepts=SWAP, seed=5)
     raw = {k: used[k] for k in api.API_PARAMS if k in used} | {"image": str(RED_CIRCLE)}

@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 
 from sega.concepts import CONCEPT_RANGES, Range
-from server import form
+from server import form, limits
 from server import params as api
 from server.loading import ModelFacts
 from server.profiles import DEMO_PROFILE, SD_PROFILE
@@ -18,7 +18,7 @@ MODELS = {
     "demo": ModelFacts(DEMO_PROFILE, native_size=32, min_size=8),
     "sd": ModelFacts(SD_PROFILE, native_size=512, min_size=64),
 }
-LIMITS = {"default": api.Limits(), "zerogpu": api.Limits(**api.ZERO_GPU_LIMITS)}
+LIMITS = {"default": api.Limits(), "zerogpu": api.Limits(**limits.ZERO_GPU_LIMITS)}
 CASES = [pytest.param(MODELS[m], LIMITS[lim], id=f"{m}-{lim}") for m in MODELS for lim in LIMITS]
 ENDPOINTS = ("generate", "edit")
 
@@ -36,7 +36,7 @@ def concept_values(model, endpoint: str):
     each example's concepts (filled from their preset, as the form fills a row)."""
     profile = model.profile
     for mask in api.MASK_MODES:
-        for name in profile.presets_for(endpoint, mask):
+        for name in profile.presets.table(endpoint, mask):
             yield f"preset {name} (mask {mask})", profile.concept_defaults(name, endpoint, mask)
     examples = profile.examples if endpoint == "generate" else [(label, prompt, c, seed) for label, _, prompt, c, seed
                                                                  in profile.edit_examples]
@@ -55,7 +55,7 @@ def test_every_preset_and_example_concept_fits_its_widget(model, limits, endpoin
         for name, widget in widgets.items():
             assert widget.fits(concept[name]), f"{where}: {name}={concept[name]} does not fit {widget}"
             seen += 1
-    assert seen >= len(widgets) * len(model.profile.presets_for(endpoint))
+    assert seen >= len(widgets) * len(model.profile.presets.table(endpoint))
     for name, widget in widgets.items():
         assert within(widget, CONCEPT_RANGES[name]), widget
         assert widget.fits(widget.default)
@@ -88,9 +88,9 @@ def test_example_seeds_fit_the_seed_box(model, limits):
 def test_a_slider_covers_the_presets_beyond_its_declared_top():
     # The demo model's background preset pulls at 40; the scale slider's declared top is 20.
     top = form.CONCEPT_LOOKS["scale"].top(MODELS["demo"], api.Limits())
-    assert DEMO_PROFILE.presets["background"]["scale"] > top
+    assert DEMO_PROFILE.presets.table()["background"]["scale"] > top
     assert form.concept_widgets(MODELS["demo"], api.Limits())["scale"].high == max(
-        p["scale"] for table in DEMO_PROFILE.preset_tables() for p in table.values())  # with masks, too
+        p["scale"] for table in DEMO_PROFILE.presets.tables() for p in table.values())  # with masks, too
     assert form.concept_widgets(MODELS["sd"], api.Limits())["scale"].high == top  # SD's presets fit under it
 
 
@@ -99,7 +99,7 @@ def test_the_limits_narrow_the_form_as_they_narrow_the_api():
     widgets = form.settings(MODELS["demo"], small)
     assert widgets["steps"].high == 12 and widgets["width"].high == widgets["height"].high == 40
     assert form.concept_widgets(MODELS["demo"], small)["warmup"].high == max(
-        12, *(p["warmup"] for p in DEMO_PROFILE.presets.values()))
+        12, *(p["warmup"] for p in DEMO_PROFILE.presets.table().values()))
 
 
 def test_an_open_top_ends_one_step_below_it():

@@ -7,6 +7,7 @@ import gradio as gr
 import pytest
 import torch
 
+import sega
 from sega.pipeline import SegaPipeline
 from server import gpu, loading, service
 from server import params as api
@@ -50,20 +51,18 @@ def counting_generate(monkeypatch) -> list[int]:
     return done
 
 
-def test_a_set_stop_signal_ends_the_run_after_the_step_under_way(tiny, monkeypatch):
+def test_a_set_stop_signal_ends_the_run_before_its_next_step(tiny, monkeypatch):
     done = counting_generate(monkeypatch)
     stop = gpu.StopSignal()
     items = []
-    try:
-        for item in gpu.denoise(tiny, parse(tiny, steps=200), stop):
-            items.append(item)
-            if item == gpu.Step(2, 200):
-                stop.set()
-    finally:
-        stop.discard()
-    # the stop lands at the end of step 2 (if it came before the loop looked) or of step 3 (under way)
+    for item in gpu.denoise(tiny, parse(tiny, steps=200), stop):
+        items.append(item)
+        if item == gpu.Step(2, 200):
+            stop.set()
+    # the library looks before every step: the stop lands before step 3 (if it came before the loop looked)
+    # or before step 4 (step 3 under way)
     assert items[-1] in (gpu.Stopped("Stopped after 2 of 200 steps."), gpu.Stopped("Stopped after 3 of 200 steps."))
-    assert max(done) == int(items[-1].message.split()[2]) and not stop.is_set()
+    assert max(done) == int(items[-1].message.split()[2])
 
 
 def test_closing_the_generator_ends_the_run_before_close_returns(tiny, monkeypatch):
@@ -71,27 +70,51 @@ def test_closing_the_generator_ends_the_run_before_close_returns(tiny, monkeypat
     steps = gpu.denoise(tiny, parse(tiny, steps=200))
     assert next(steps) == gpu.Step(1, 200)
     steps.close()
-    finished = max(done)
-    assert finished <= 3  # the steps already under way, no more
+    assert max(done) <= 3  # the steps already under way, no more
     assert not any(t.name == "sega-denoise" and t.is_alive() for t in threading.enumerate())
 
 
-def test_drive_stops_when_the_request_is_no_longer_wanted(tiny, monkeypatch):
+def follow_in_process(loaded):
+    return lambda params, stop, previews: gpu.denoise(loaded, params, stop, previews)
+
+
+def test_follow_stops_the_run_when_the_request_is_no_longer_wanted(tiny, monkeypatch):
     done = counting_generate(monkeypatch)
     wanted = threading.Event()
     wanted.set()
     seen = []
+    with pytest.raises(sega.Stopped, match=r"Stopped after \d+ of 200 steps"):
+        for step in gpu.follow(follow_in_process(tiny), parse(tiny, steps=200), wanted=wanted.is_set):
+            seen.append(step)
+            if step.done == 2:
+                wanted.clear()  # as when Gradio drops a cancelled event: the watcher sees it within 0.1 s
+    assert max(done) < 200 and seen[:2] == [gpu.Step(1, 200), gpu.Step(2, 200)]
 
-    def on_step(step):
-        seen.append(step)
-        if step.done == 2:
-            wanted.clear()  # as when Gradio drops a cancelled event
 
-    stop = gpu.StopSignal()
-    with pytest.raises(service.GenerationStopped, match=r"Stopped after \d+ of 200 steps"):
-        gpu.drive(gpu.denoise(tiny, parse(tiny, steps=200), stop), stop, wanted.is_set, on_step)
-    stop.discard()
-    assert max(done) <= 2 + 2 and seen[:2] == [gpu.Step(1, 200), gpu.Step(2, 200)]
+def test_follow_gives_the_result_and_leaves_no_stop_file(tiny, monkeypatch):
+    made = []
+    real = gpu.StopSignal.__init__
+
+    def init(self):
+        real(self)
+        made.append(self)
+
+    monkeypatch.setattr(gpu.StopSignal, "__init__", init)
+    *steps, result = gpu.follow(follow_in_process(tiny), parse(tiny, steps=3))
+    assert steps == [gpu.Step(1, 3), gpu.Step(2, 3), gpu.Step(3, 3)]
+    assert isinstance(result, service.GenerationResult)
+    assert len(made) == 1 and made[0].is_set()  # the request is over: its file is gone
+
+
+def test_an_abandoned_follower_still_ends_its_run(tiny, monkeypatch):
+    done = counting_generate(monkeypatch)
+    followed = gpu.follow(follow_in_process(tiny), parse(tiny, steps=200), wanted=lambda: True)
+    assert next(followed) == gpu.Step(1, 200)
+    followed.close()  # as when Gradio closes the handler that yielded its steps
+    deadline = threading.Event()
+    while any(t.name in ("sega-denoise", "sega-watch") and t.is_alive() for t in threading.enumerate()):
+        assert not deadline.wait(0.05) and max(done) < 200
+    assert max(done) < 200  # stopped well before its end
 
 
 @pytest.mark.parametrize(("fault", "message"), [
@@ -116,9 +139,6 @@ def test_what_crosses_a_zerogpu_worker_boundary_pickles():
         assert pickle.loads(pickle.dumps(value)) == value
     stop = gpu.StopSignal()
     copy = pickle.loads(pickle.dumps(stop))
-    try:
-        stop.set()
-        assert copy.is_set()  # the worker's copy sees the server's flag
-    finally:
-        stop.discard()
     assert not copy.is_set()
+    stop.set()
+    assert copy.is_set()  # the worker's copy sees the server's flag

@@ -14,7 +14,6 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-import torch
 
 from sega import SegaPipeline
 from server import loading, profiles, service
@@ -160,8 +159,8 @@ def test_generated_files_are_deleted_after_a_while(app_module, monkeypatch):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_the_reedit_and_embedding_caches_stay_within_their_bounds():
-    pipe = SegaPipeline(**tiny_components(), reedit_cache_size=2, embedding_cache_size=5)
+def test_the_embedding_cache_stays_within_its_bound():
+    pipe = SegaPipeline(**tiny_components(), embedding_cache_size=5)
     pipe.set_progress_bar_config(disable=True)
     loaded = loading.LoadedModel(pipe=pipe, model_id="tiny", profile=profiles.DEMO_PROFILE, fallback_reason=None, device="cpu")
     words = ["red", "green", "blue", "yellow", "circle", "square", "triangle", "large", "small"]
@@ -172,25 +171,11 @@ def test_the_reedit_and_embedding_caches_stay_within_their_bounds():
         service.generate(loaded, params)
         embeddings.append(len(pipe.embedding_cache))
     assert max(embeddings) == 5  # filled up, never beyond
-    # The app computes the pair in one pass and never fills the re-edit cache (it would only hold memory).
-    assert len(pipe.reedit_cache) == 0
-    # Library callers do use it: it fills up to its bound, and an eviction drops the oldest entries.
-    def run(i: int, **kw):
-        return pipe(f"a {words[i]} shape", num_inference_steps=2, height=32, width=32, output_type="np",
-                    generator=torch.Generator().manual_seed(i), return_original=True, **kw)
-
-    sizes = []
-    for i in range(4):
-        run(i)
-        sizes.append(len(pipe.reedit_cache))
-    assert sizes == [1, 2, 2, 2]
-    assert run(3, concepts=[{"prompt": "small"}]).cache_hit
-    assert not run(0, concepts=[{"prompt": "small"}]).cache_hit
 
 
 def test_the_served_pipeline_has_bounded_caches(app_module):
     pipe = app_module.LOADED.pipe
-    assert 0 < pipe.reedit_cache.max_entries <= 16 and 0 < pipe.embedding_cache.max_entries <= 1024
+    assert 0 < pipe.embedding_cache.max_entries <= 1024
 
 
 # ------------------------------------------------------------------------------------------------

@@ -106,7 +106,7 @@ def test_previews_come_from_the_worker_and_stop_puts_the_previous_image_back(spa
             expect(page.get_by_text("Stopped").first).to_be_visible(timeout=WAIT * 1000)
         finally:
             space.control()
-        assert run_end(space, mark, 72)["outcome"] == "GenerationStopped"
+        assert run_end(space, mark, 72)["outcome"] == "Stopped"
         expect(page.locator("#summary")).to_contain_text("seed 71")  # the previous run's details stay
 
 
@@ -136,7 +136,7 @@ def test_stopping_an_edit_leaves_the_same_pages_generate_run_going(space):
             page.locator("#edit-stop").click()
             wait_for(space, mark, lambda e: e["event"] == "stop_set", "stop")
             space.control(hold={"seed": 61, "step": 3})  # the edit goes on, to its stop
-            assert run_end(space, mark, 62)["outcome"] == "GenerationStopped"
+            assert run_end(space, mark, 62)["outcome"] == "Stopped"
             assert len([e for e in space.events(mark) if e["event"] == "stop_set"]) == 1
             assert not [e for e in space.events(mark) if e["event"] == "run_end" and e["seed"] == 61]
         finally:
@@ -166,7 +166,7 @@ def test_a_stopped_examples_first_run_says_stopped_and_caches_nothing(space):
             wait_for(space, mark, lambda e: e["event"] == "stop_set", "stop")
         finally:
             space.control()
-        assert run_end(space, mark, seed)["outcome"] == "GenerationStopped"
+        assert run_end(space, mark, seed)["outcome"] == "Stopped"
         assert not page.locator("#edited").get_by_text("Error").count()
         assert cached_examples(space) == []
 

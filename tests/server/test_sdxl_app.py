@@ -197,7 +197,7 @@ def test_two_models_switch_in_the_browser(two_models_server, sdxl_folder):
         # SDXL's own form: its sizes, its presets.
         assert page.locator("#m1-width input[type=range]").get_attribute("max") == str(2 * NATIVE)
         page.locator("#m1-concept-0-preset input").click()
-        for name in SDXL_PROFILE.presets:
+        for name in SDXL_PROFILE.presets.table():
             expect(page.get_by_role("option", name=name, exact=True)).to_be_visible()
         page.keyboard.press("Escape")
         page.locator("#m1-prompt textarea").fill("a red circle")

@@ -3,6 +3,7 @@
 
 import ast
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import sega
 from sega import SegaPipeline
-from server import loading, profiles, service, snippets
+from server import limits, loading, profiles, service, snippets
 from server import params as api
+from server.concepts import CONCEPT_KEYS
 from server.loading import LoadedModel, load_pipeline
 from server.profiles import DEMO_PROFILE, SD_PROFILE
 from tests.tiny import tiny_components
@@ -54,10 +57,10 @@ def error(loaded, **raw) -> str:
 def test_defaults_fill_every_optional_parameter(tiny):
     p = parse(tiny)
     d = tiny.profile.defaults
-    assert (p.steps, p.guidance_scale, p.momentum_scale, p.momentum_beta) == (
+    assert (p.steps, p.guidance_scale, p.values["momentum_scale"], p.values["momentum_beta"]) == (
         d["steps"], d["guidance_scale"], d["momentum_scale"], d["momentum_beta"])
     assert p.width == p.height == tiny.native_size == 16
-    assert p.concepts == () and p.negative_prompt == "" and p.scheduler == "DDIM"
+    assert p.concepts == () and p.values["negative_prompt"] == "" and p.scheduler == "DDIM"
     assert 0 <= p.seed <= api.MAX_SEED
 
 
@@ -104,8 +107,8 @@ def test_prompt_is_required_and_text(tiny):
 
 def test_control_characters_are_removed_with_a_notice(tiny):
     p = parse(tiny, prompt="a red\x00 circle\non\ta white\x1b background\x7f", negative_prompt="blue\r")
-    assert p.prompt == "a red circle on a white background"
-    assert p.negative_prompt == "blue"
+    assert p.values["prompt"] == "a red circle on a white background"
+    assert p.values["negative_prompt"] == "blue"
     assert any("prompt: removed 5 control" in n for n in p.notices)
     assert any("negative_prompt: removed 1" in n for n in p.notices)
 
@@ -156,7 +159,7 @@ def test_the_error_names_which_concept(tiny):
 
 
 def test_presets_fill_missing_keys_and_explicit_keys_win(tiny):
-    presets = tiny.profile.presets
+    presets = tiny.profile.presets.table()
     default = presets[tiny.profile.defaults["default_preset"]]
     p = parse(tiny, concepts=[{"prompt": "blue"}, {"prompt": "black background", "preset": "background", "scale": 2},
                               {"prompt": "large", "reverse": True, "cooldown": 8, "weight": 0.5}])
@@ -170,7 +173,7 @@ def test_presets_fill_missing_keys_and_explicit_keys_win(tiny):
 def test_sd_presets_are_used_for_sd_models(tiny):
     sd = LoadedModel(pipe=tiny.pipe, model_id="sd", profile=SD_PROFILE, fallback_reason=None, device="cpu")
     p = api.parse_request(sd, {"prompt": "a woman", "concepts": [{"prompt": "smile", "preset": "face"}]}, LIMITS)
-    assert p.concepts[0].threshold == SD_PROFILE.presets["face"]["threshold"]
+    assert p.concepts[0].threshold == SD_PROFILE.presets.table()["face"]["threshold"]
     assert "preset must be one of object, style, face, custom" in str(
         pytest.raises(api.InvalidInput, api.parse_request, sd,
                       {"prompt": "x", "concepts": [{"prompt": "y", "preset": "color"}]}, LIMITS).value)
@@ -208,12 +211,12 @@ def test_limits_from_env():
 
 
 def test_queue_settings_from_env():
-    assert api.queue_settings({}) == (32, 1)
-    assert api.queue_settings({"SEGA_QUEUE_SIZE": "1", "SEGA_CONCURRENCY": "3"}) == (1, 3)
+    assert limits.queue_settings({}) == (32, 1)
+    assert limits.queue_settings({"SEGA_QUEUE_SIZE": "1", "SEGA_CONCURRENCY": "3"}) == (1, 3)
     with pytest.raises(ValueError, match="SEGA_CONCURRENCY must be a positive integer, got 'many'"):
-        api.queue_settings({"SEGA_CONCURRENCY": "many"})
+        limits.queue_settings({"SEGA_CONCURRENCY": "many"})
     with pytest.raises(ValueError, match="SEGA_QUEUE_SIZE must be a positive integer"):
-        api.queue_settings({"SEGA_QUEUE_SIZE": "0"})
+        limits.queue_settings({"SEGA_QUEUE_SIZE": "0"})
 
 
 json_values = st.recursive(
@@ -221,7 +224,7 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=8,
 )
-concept_strategy = st.dictionaries(st.sampled_from(api.CONCEPT_KEYS + ("bogus",)), json_values, max_size=5)
+concept_strategy = st.dictionaries(st.sampled_from(CONCEPT_KEYS + ("bogus",)), json_values, max_size=5)
 
 def field_strategy(p: api.Param, image: str) -> st.SearchStrategy:
     """Any JSON for one field, plus values of its own kind (so that valid requests are drawn too)."""
@@ -265,7 +268,7 @@ def test_any_payload_is_accepted_or_gets_the_documented_error(tiny, upload, endp
             assert str(exc).startswith(names), str(exc)
             return
         assert 1 <= p.steps <= LIMITS.max_steps and len(p.concepts) <= LIMITS.max_concepts
-        assert p.prompt.strip() if endpoint == "generate" else max(p.image.image.size) == tiny.native_size
+        assert p.values["prompt"].strip() if endpoint == "generate" else max(p.image.image.size) == tiny.native_size
 
     check()
 
@@ -298,9 +301,8 @@ def test_generate_returns_both_images_and_the_used_parameters(tiny):
     assert r.used["seed"] == 3
     assert api.params_from_json(tiny, r.used, LIMITS) == p
     assert "+'blue'" in r.summary and "seed 3" in r.summary
-    # The same request again: the same pair, computed again in one pass (the app does not use the re-edit cache).
+    # The same request again: the same pair.
     r2 = service.generate(tiny, p)
-    assert not r2.cache_hit
     assert np.array_equal(np.asarray(r.original), np.asarray(r2.original))
     assert np.array_equal(np.asarray(r.edited), np.asarray(r2.edited))
 
@@ -317,25 +319,21 @@ def test_the_same_request_gives_the_same_pair_whatever_the_caches_hold(tiny):
     def answer():
         r = service.generate(tiny, p)
         out = pipe(**{name: k.build(pipe) for name, k in keywords.items()}, output_type="np")
-        assert not r.cache_hit and not out.cache_hit
         return np.asarray(r.original), np.asarray(r.edited), out.original_images, out.images
 
-    def library_call(request):  # a library user's caching call on the same pipeline
-        return pipe(**{name: k.build(pipe) for name, k in request.pipeline_keywords("pipe").items()
-                       if name != "use_reedit_cache"})
+    def library_call(request):  # a library user's call on the same pipeline
+        return pipe(**{name: k.build(pipe) for name, k in request.pipeline_keywords("pipe").items()})
 
-    pipe.reedit_cache.clear()
     pipe.embedding_cache.clear()
     cold = answer()
-    assert len(pipe.reedit_cache) == 0  # the app's calls neither read nor fill it
     assert not np.array_equal(cold[2], cold[3])
     service.generate(tiny, parse(tiny, prompt="a blue square", seed=8, steps=5, concepts=[{"prompt": "red"}]))
     library_call(parse(tiny, prompt="a green circle", seed=9, steps=5, concepts=[{"prompt": "large", "warmup": 1}]))
     after_others = answer()
     other_concepts = parse(tiny, seed=7, steps=5, momentum_scale=0.3, concepts=[{"prompt": "red", "warmup": 3}])
     service.generate(tiny, other_concepts)
-    library_call(other_concepts)  # the re-edit cache now holds this prompt and seed's run without edits
-    assert library_call(p).cache_hit
+    library_call(other_concepts)  # any cache now holds this prompt and seed's run without edits
+    library_call(p)
     after_same_prompt = answer()
     for warm in (after_others, after_same_prompt):
         for a, b in zip(cold, warm):
@@ -348,16 +346,16 @@ def test_generate_without_concepts_gives_the_same_image_twice(tiny):
     assert r.summary.startswith("no edits")
 
 
-def test_a_raising_step_callback_stops_the_run_at_that_step(tiny):
-    seen = []
+def test_a_set_stop_ends_the_run_before_its_next_step(tiny):
+    seen, stop = [], threading.Event()
 
     def progress(done, total):
         seen.append((done, total))
         if done == 2:
-            raise service.GenerationStopped(f"Stopped after {done} of {total} steps.")
+            stop.set()
 
-    with pytest.raises(service.GenerationStopped, match="after 2 of 6 steps"):
-        service.generate(tiny, parse(tiny, seed=1, steps=6), progress_callback=progress)
+    with pytest.raises(sega.Stopped, match="after 2 of 6 steps"):
+        service.generate(tiny, parse(tiny, seed=1, steps=6), stop=stop, progress_callback=progress)
     assert seen == [(1, 6), (2, 6)]
 
 
@@ -524,11 +522,11 @@ def test_uploaded_images_have_their_own_presets_on_the_demo_model(tiny, tmp_path
     Image.new("RGB", (32, 32), "red").save(tmp_path / "a.png")
     raw = {"image": str(tmp_path / "a.png"), "concepts": [{"prompt": "blue", "preset": "color"}]}
     edit = api.parse_request(tiny, raw, LIMITS, "edit", upload_roots=(str(tmp_path),))
-    want = DEMO_PROFILE.edit_presets["color"]
+    want = DEMO_PROFILE.presets.table("edit")["color"]
     assert (edit.concepts[0].scale, edit.concepts[0].threshold, edit.concepts[0].warmup) == (
         want["scale"], want["threshold"], want["warmup"])
     generate = parse(tiny, concepts=[{"prompt": "blue", "preset": "color"}])
-    assert generate.concepts[0].threshold == DEMO_PROFILE.presets["color"]["threshold"]
+    assert generate.concepts[0].threshold == DEMO_PROFILE.presets.table()["color"]["threshold"]
 
 
 @pytest.mark.parametrize("endpoint", ["generate", "edit"])
@@ -544,9 +542,9 @@ def test_a_masked_request_takes_its_presets_from_the_mask_table(tmp_path, endpoi
     if endpoint == "edit":
         raw.pop("prompt")
     profile = DEMO_PROFILE
-    assert endpoint in profile.mask_presets  # the demo model has presets of its own for masked edits
+    assert profile.presets.has_masked(endpoint)  # the demo model has presets of its own for masked edits
     for mask in api.MASK_MODES:
-        for name, want in profile.presets_for(endpoint, mask).items():
+        for name, want in profile.presets.table(endpoint, mask).items():
             concepts = [{"prompt": "blue", "preset": name}, {"prompt": "red", "preset": name, "scale": 2.5}]
             p = api.parse_request(tiny, {**raw, "concepts": concepts, "mask": mask}, LIMITS, endpoint,
                                   upload_roots=(str(tmp_path),))
@@ -556,4 +554,13 @@ def test_a_masked_request_takes_its_presets_from_the_mask_table(tmp_path, endpoi
             if endpoint == "generate":  # the JSON of the parameters used parses back to the same request
                 assert api.params_from_json(tiny, p.to_json(), LIMITS, endpoint) == p
     # the tables differ where the mask changes the threshold's meaning
-    assert profile.presets_for(endpoint, "intersect") != profile.presets_for(endpoint, "none")
+    assert profile.presets.table(endpoint, "intersect") != profile.presets.table(endpoint, "none")
+
+
+def test_every_attribute_of_a_request_reads_a_declared_parameter(tiny):
+    """GenerationParams' attributes are a view of the declarations, never a second list of parameters."""
+    declared = {p.name for params in api.ENDPOINTS.values() for p in params}
+    views = {name for name, value in vars(api.GenerationParams).items() if isinstance(value, api.Declared)}
+    assert "seed" in views and views <= declared
+    p = parse(tiny, seed=5, steps=3)
+    assert (p.seed, p.steps, p.width) == (5, 3, tiny.native_size) and p.values["seed"] == 5

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
+from server import limits, service
 from server import params as api
-from server import service
 from server.loading import LoadedModel
 from server.profiles import DEMO_PROFILE
 from tests.zerogpu import fake_ip_token, serve_app
@@ -173,9 +173,9 @@ def test_zerogpu_defaults_keep_the_largest_request_within_an_anonymous_visitors_
     off = api.Limits.from_env({})
     assert service.gpu_duration(off.max_steps, off.max_concepts, off.max_size, off.max_size) > 120
     assert api.Limits.from_env({"SPACES_ZERO_GPU": "true", "SEGA_MAX_STEPS": "900"}).max_steps == 900
-    assert api.queue_settings({"SPACES_ZERO_GPU": "true"}) == (32, api.ZERO_GPU_CONCURRENCY)
-    assert api.ZERO_GPU_CONCURRENCY > 1
-    assert api.queue_settings({"SPACES_ZERO_GPU": "true", "SEGA_CONCURRENCY": "1"})[1] == 1
+    assert limits.queue_settings({"SPACES_ZERO_GPU": "true"}) == (32, limits.ZERO_GPU_CONCURRENCY)
+    assert limits.ZERO_GPU_CONCURRENCY > 1
+    assert limits.queue_settings({"SPACES_ZERO_GPU": "true", "SEGA_CONCURRENCY": "1"})[1] == 1
 
 
 
