@@ -176,7 +176,8 @@ class SegaFluxPipeline(FluxPipeline):
             [schnell].
     """
 
-    _callback_tensor_inputs = ["latents"]
+    # "pred_original_sample": the clean latents the step's velocity predicts, unpacked (B, ch, H, W), for previews.
+    _callback_tensor_inputs = ["latents", "pred_original_sample"]
 
     # ------------------------------------------------------------------------------------------
     # Steps of a call
@@ -325,6 +326,7 @@ class SegaFluxPipeline(FluxPipeline):
         plain = latents  # the same tensor as long as both runs are one
         for i, t in enumerate(self.progress_bar(state.timesteps)):
             check_stop(stop, i, len(state.timesteps))
+            z_t = latents
             separate = return_original and (i >= state.diverge or plain is not latents)
             base_segments, needed = state.base_segments, state.needed[i]
             parts = [(plain, base_segments)] if separate else []
@@ -338,6 +340,7 @@ class SegaFluxPipeline(FluxPipeline):
                 term = self.edit_term(state, i, base, chunks[len(base_segments):])
                 if term is not None:
                     velocity = velocity + term
+            sigma = self.scheduler.sigmas[i]  # before the step: the scheduler's index is this step's
             if separate:  # one scheduler step for both runs: it counts its steps
                 stepped = self.scheduler.step(torch.cat([velocity, plain_velocity]), t,
                                               torch.cat([latents, plain]), return_dict=False)[0]
@@ -345,7 +348,13 @@ class SegaFluxPipeline(FluxPipeline):
             else:
                 latents = plain = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
             if callback_on_step_end is not None:
-                result = callback_on_step_end(self, i, t, {k: latents for k in callback_on_step_end_tensor_inputs})
+                tensors = {"latents": latents}
+                if "pred_original_sample" in callback_on_step_end_tensor_inputs:
+                    # Flow matching: x_t = (1 - sigma) x0 + sigma noise and v = noise - x0, so x0 = x_t - sigma v.
+                    x0 = z_t - sigma.to(z_t.device) * velocity
+                    tensors["pred_original_sample"] = unpack(x0, state.height, state.width, self.vae_scale_factor)
+                tensors = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
+                result = callback_on_step_end(self, i, t, tensors)
                 latents = (result or {}).get("latents", latents)  # the run without edits goes on without it
         return latents, plain
 
@@ -437,7 +446,9 @@ class SegaFluxPipeline(FluxPipeline):
                 before the first edit, then ride in the same transformer call.
             callback_on_step_end: called after each step as ``f(pipe, i, t, {"latents": ...})``; may return
                 ``{"latents": new}`` for the edited run.
-            callback_on_step_end_tensor_inputs: the tensors passed to it (only "latents").
+            callback_on_step_end_tensor_inputs: the tensors passed to it: "latents" (packed) and
+                "pred_original_sample", the clean latents x0 = x_t - sigma_t v that the step predicts, unpacked
+                (B, ch, H, W) in the pipeline's scaled latent space (for previews, e.g. :mod:`sega.previews`).
             stop: an object with ``is_set() -> bool`` (e.g. ``threading.Event``), checked before each step; once
                 set, :class:`sega.stopping.Stopped` is raised.
 

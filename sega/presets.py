@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .pipeline_flux import DEFAULT_WARMUP_FRACTION
+
 
 def preset_table(**presets: tuple[float, float, int]) -> dict[str, dict]:
     """A table of presets, one ``name=(scale, threshold, warmup)`` each."""
@@ -65,3 +67,23 @@ SDXL_PRESET_TABLES = PresetTables(SDXL_PRESETS, edit=SDXL_EDIT_PRESETS)
 SDXL_DEFAULTS: dict = {"steps": 50, "guidance_scale": 5.0, "momentum_scale": 0.3, "momentum_beta": 0.6,
                        "default_preset": "face", "mask": "none"}
 SDXL_EDIT_DEFAULTS: dict = {"steps": 50, "skip": 0.2, "source_guidance_scale": 3.5, "mask": "none"}
+
+# FLUX.1 (sega.pipeline_flux.SegaFluxPipeline). No published per-concept numbers, so one preset: SegaFluxPipeline's
+# defaults, which are diffusers' community FLUX SEGA pipeline's (examples/community/pipeline_flux_semantic_guidance.py:
+# edit scale 5, threshold 0.9, momentum scale 0.1, beta 0.4), but with the warmup scaled to the steps: 15% of them
+# (sega.pipeline_flux.DEFAULT_WARMUP_FRACTION), where the community pipeline's fixed 8 would never edit on
+# [schnell]'s 4 steps. Steps and guidance: [dev] 28 steps at guidance 3.5 (diffusers' FluxPipeline defaults, as on
+# the model card); [schnell] 4 steps (distilled for them; no guidance embedding, so no guidance scale).
+FLUX_DEV_STEPS, FLUX_SCHNELL_STEPS = 28, 4
+
+
+def flux_preset_tables(steps: int) -> PresetTables:
+    """The FLUX preset for ``steps`` denoising steps (the warmup is a share of them)."""
+    return PresetTables(preset_table(default=(5.0, 0.9, round(DEFAULT_WARMUP_FRACTION * steps))))
+
+
+FLUX_DEV_PRESET_TABLES = flux_preset_tables(FLUX_DEV_STEPS)
+FLUX_SCHNELL_PRESET_TABLES = flux_preset_tables(FLUX_SCHNELL_STEPS)
+FLUX_DEV_DEFAULTS: dict = {"steps": FLUX_DEV_STEPS, "guidance_scale": 3.5, "momentum_scale": 0.1,
+                           "momentum_beta": 0.4, "default_preset": "default", "mask": "none"}
+FLUX_SCHNELL_DEFAULTS: dict = {**FLUX_DEV_DEFAULTS, "steps": FLUX_SCHNELL_STEPS, "guidance_scale": None}

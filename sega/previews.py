@@ -35,6 +35,28 @@ SDXL_LATENT_RGB_FACTORS: tuple[tuple[float, float, float], ...] = (
     (-0.3165, -0.2492, -0.2188),
 )
 SDXL_LATENT_RGB_BIAS: tuple[float, float, float] = (0.1084, -0.0175, -0.0011)
+# ComfyUI comfy/latent_formats.py, class Flux (Comfy-Org/ComfyUI a125cd84): latent_rgb_factors and
+# latent_rgb_factors_bias, for FLUX.1's 16-channel latents as the pipeline keeps them ((z - shift) * scale, which
+# is ComfyUI's process_in), unpacked to (B, 16, H, W): SegaFluxPipeline's "pred_original_sample".
+FLUX_LATENT_RGB_FACTORS: tuple[tuple[float, float, float], ...] = (
+    (-0.0346, 0.0244, 0.0681),
+    (0.0034, 0.0210, 0.0687),
+    (0.0275, -0.0668, -0.0433),
+    (-0.0174, 0.0160, 0.0617),
+    (0.0859, 0.0721, 0.0329),
+    (0.0004, 0.0383, 0.0115),
+    (0.0405, 0.0861, 0.0915),
+    (-0.0236, -0.0185, -0.0259),
+    (-0.0245, 0.0250, 0.1180),
+    (0.1008, 0.0755, -0.0421),
+    (-0.0515, 0.0201, 0.0011),
+    (0.0428, -0.0012, -0.0036),
+    (0.0817, 0.0765, 0.0749),
+    (-0.1264, -0.0522, -0.1103),
+    (-0.0280, -0.0881, -0.0499),
+    (-0.1262, -0.0982, -0.0778),
+)
+FLUX_LATENT_RGB_BIAS: tuple[float, float, float] = (-0.0329, -0.0718, -0.0851)
 
 
 def predicted_original(model_input: torch.Tensor, estimate: torch.Tensor, alpha_prod,
@@ -80,7 +102,8 @@ def preview_images(latents: torch.Tensor, vae=None, factors=SD15_LATENT_RGB_FACT
                    bias=None) -> list[PIL.Image.Image]:
     """Previews of clean latents x0: through ``vae`` (an AutoencoderKL: exact, for small models) or, without
     one, through ``factors`` and ``bias`` (default SD 1.5's; SDXL: :data:`SDXL_LATENT_RGB_FACTORS` and
-    :data:`SDXL_LATENT_RGB_BIAS`), a picture at latent resolution, 1/8 of the image's side."""
+    :data:`SDXL_LATENT_RGB_BIAS`; FLUX: :data:`FLUX_LATENT_RGB_FACTORS` and :data:`FLUX_LATENT_RGB_BIAS`), a
+    picture at latent resolution, 1/8 of the image's side."""
     if vae is None:
         return to_pil(latent_rgb(latents, factors, bias))
     decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]

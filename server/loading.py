@@ -12,9 +12,10 @@ import torch
 
 from sega.demo.shapes import DEFAULT_MODEL_DIR
 from sega.pipeline import SegaPipeline
+from sega.pipeline_flux import SegaFluxPipeline
 from sega.pipeline_xl import SegaXLPipeline
 
-from .profiles import ModelProfile, min_size, native_size, profile_for
+from .profiles import ModelProfile, min_size, native_size, profile_for, size_multiple
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class ModelFacts:
     min_size: int = 8
     train_timesteps: int = 1000  # the scheduler's training timesteps: the most steps it can sample
     model_id: str = ""  # the "model" parameter's default
+    size_multiple: int = 8  # what a width or height must be a multiple of
 
 
 @dataclass
@@ -63,12 +65,17 @@ class LoadedModel:
         return min_size(self.pipe)
 
     @property
+    def size_multiple(self) -> int:
+        return size_multiple(self.pipe)
+
+    @property
     def train_timesteps(self) -> int:
         return int(self.pipe.scheduler.config.num_train_timesteps)
 
     @property
     def facts(self) -> ModelFacts:
-        return ModelFacts(self.profile, self.native_size, self.min_size, self.train_timesteps, self.model_id)
+        return ModelFacts(self.profile, self.native_size, self.min_size, self.train_timesteps, self.model_id,
+                          self.size_multiple)
 
     @property
     def intro(self) -> str:
@@ -91,13 +98,21 @@ def default_model(env: Mapping[str, str] | None = None) -> str:
     return SD_MODEL_ID if gpu_present(env) else str(DEFAULT_MODEL_DIR)
 
 
+def pipeline_class_for(config: Mapping) -> type[SegaPipeline]:
+    """The pipeline for a checkpoint's ``model_index.json``: :class:`SegaFluxPipeline` for FLUX.1 (a
+    FluxPipeline, or a FluxTransformer2DModel as its transformer), :class:`SegaXLPipeline` for SDXL (a second
+    text encoder), :class:`SegaPipeline` for Stable Diffusion 1.x/2.x."""
+    transformer = config.get("transformer") or (None, None)
+    if config.get("_class_name") == "FluxPipeline" or transformer[-1] == "FluxTransformer2DModel":
+        return SegaFluxPipeline
+    return SegaXLPipeline if "text_encoder_2" in config else SegaPipeline
+
+
 def pipeline_class(model: str) -> type[SegaPipeline]:
-    """:class:`SegaXLPipeline` for an SDXL checkpoint (its model_index.json lists a second text encoder),
-    :class:`SegaPipeline` for Stable Diffusion 1.x/2.x."""
+    """:func:`pipeline_class_for` the config of ``model`` (a hub id or a local folder)."""
     from diffusers import DiffusionPipeline
 
-    config = DiffusionPipeline.load_config(model)
-    return SegaXLPipeline if "text_encoder_2" in config else SegaPipeline
+    return pipeline_class_for(DiffusionPipeline.load_config(model))
 
 
 def pipeline_class_name(model: str) -> str:
@@ -108,8 +123,32 @@ def pipeline_class_name(model: str) -> str:
         return SegaPipeline.__name__
 
 
-def _load(model: str, device: str, dtype: torch.dtype, safety_checker: bool) -> SegaPipeline:
+class NeedsGPU(RuntimeError):
+    """A model too large to serve without a GPU (its fallback reason says so)."""
+
+
+def failure_reason(exc: Exception) -> str:
+    """Why a model could not be loaded, in a few words: our own refusal's message, else the error's kind (a
+    gated repository, such as FLUX.1-dev's, needs an access token)."""
+    if isinstance(exc, NeedsGPU):
+        return str(exc)
+    if type(exc).__name__ == "GatedRepoError":
+        return "GatedRepoError: a gated model; accept its licence on the hub and set HF_TOKEN"
+    return type(exc).__name__
+
+
+# On a GPU: FLUX.1 in bfloat16 (its weights' own type; float16 overflows in its activations), the others float16.
+GPU_DTYPES: dict[type, torch.dtype] = {SegaFluxPipeline: torch.bfloat16}
+
+
+def _load(model: str, device: str, safety_checker: bool) -> SegaPipeline:
     cls = pipeline_class(model)
+    on_gpu = device.startswith("cuda")
+    if cls is SegaFluxPipeline and not on_gpu and not Path(model).is_dir():
+        # FLUX.1's 12B transformer and T5-XXL: tens of GB to download and minutes per step on a CPU. A local
+        # folder (small test components) still loads.
+        raise NeedsGPU(f"{model} is a FLUX.1 model, which needs a GPU")
+    dtype = GPU_DTYPES.get(cls, torch.float16) if on_gpu else torch.float32
     kwargs: dict = {"dtype": dtype}
     if cls is SegaPipeline and not safety_checker:  # SDXL checkpoints have no safety checker
         kwargs["safety_checker"] = None
@@ -121,23 +160,24 @@ def _load(model: str, device: str, dtype: torch.dtype, safety_checker: bool) -> 
 def load_pipeline(model: str | None = None, device: str | None = None, safety_checker: bool = True) -> LoadedModel:
     """Load ``model`` (a hub id or local folder; default: ``$SEGA_MODEL``, else :func:`default_model`).
 
-    fp16 on CUDA, fp32 on the CPU. When the model cannot be loaded (no hub access, a missing folder...),
+    fp16 on CUDA (FLUX: bf16, :data:`GPU_DTYPES`), fp32 on the CPU. When the model cannot be loaded (no hub
+    access, a missing folder, FLUX from the hub without a GPU...),
     log a warning and serve the bundled demo model instead, with the reason in ``fallback_reason``.
     """
     requested = model or os.environ.get("SEGA_MODEL") or default_model()
     if device is None:
         device = "cuda" if gpu_present() else "cpu"
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
     bundled = str(DEFAULT_MODEL_DIR)
     try:
-        pipe = _load(requested, device, dtype, safety_checker)
+        pipe = _load(requested, device, safety_checker)
         model_id, reason = requested, None
     except Exception as exc:  # any failure to load: fall back rather than not start at all
         if Path(requested).resolve() == DEFAULT_MODEL_DIR.resolve():
             raise
-        reason = f"Could not load the model {requested!r} ({type(exc).__name__}); serving the bundled demo model instead."
+        reason = (f"Could not load the model {requested!r} ({failure_reason(exc)}); serving the bundled demo model "
+                  "instead.")
         logger.warning("%s Details: %s", reason, str(exc).splitlines()[0][:300] if str(exc) else "")
-        pipe = _load(bundled, device, dtype, safety_checker)
+        pipe = _load(bundled, device, safety_checker)
         model_id = bundled
     pipe.set_progress_bar_config(desc="Denoising", leave=False)
     return LoadedModel(pipe=pipe, model_id=model_id, profile=profile_for(pipe), fallback_reason=reason,

@@ -40,6 +40,7 @@ from .keywords import (
 )
 from .limits import Limits, limits_for
 from .loading import LoadedModel, ModelFacts
+from .profiles import ModelProfile, profile_named
 from .text import text
 from .uploads import UploadedImage, check_image, image_keyword
 
@@ -56,7 +57,7 @@ def _steps(model: LoadedModel | ModelFacts, limits: Limits) -> Range:
 
 
 def _size(model: LoadedModel | ModelFacts, limits: Limits) -> Range:
-    return Range(model.min_size, limits.max_size, integer=True, multiple_of=8)
+    return Range(model.min_size, limits.max_size, integer=True, multiple_of=model.size_multiple)
 
 
 def _fixed(bounds: Range) -> Callable[[Any, Limits], Range]:
@@ -177,9 +178,9 @@ GENERATE_PARAMS: tuple[Param, ...] = (
     Param("negative_prompt", "text", "what the image should not show",
           check=lambda v, ctx: text("negative_prompt", v, ctx), default=_empty_text,
           keywords=literal_keywords("negative_prompt", convert=lambda v: v or None)),
-    Param("width", "int", "width in pixels, a multiple of 8", check=None, bounds=_size, default=_native_size,
+    Param("width", "int", "width in pixels, a multiple of 8 (FLUX: 16)", check=None, bounds=_size, default=_native_size,
           keywords=literal_keywords("width")),
-    Param("height", "int", "height in pixels, a multiple of 8", check=None, bounds=_size, default=_native_size,
+    Param("height", "int", "height in pixels, a multiple of 8 (FLUX: 16)", check=None, bounds=_size, default=_native_size,
           keywords=literal_keywords("height")),
     Param("momentum_scale", "float", f"SEGA momentum scale in [0, {MAX_MOMENTUM_SCALE:g}]",
           check=None, bounds=_fixed(Range(0, MAX_MOMENTUM_SCALE)),
@@ -241,10 +242,13 @@ ENDPOINTS: dict[str, tuple[Param, ...]] = {"generate": GENERATE_PARAMS, "edit": 
 def defaults(loaded: LoadedModel, endpoint: str = "generate") -> dict:
     """What every optional parameter takes when it is not given (the UI starts with the same values).
 
-    The seed's default is random per request, so it shows here as None.
+    The seed's default is random per request, so it shows here as None; so do the parameters the model does
+    not use (its profile's ``unused_params``).
     """
     params = ENDPOINTS[endpoint]
-    values = {p.name: None if p.default in (None, _random_seed) else p.default(loaded) for p in params}
+    unused = loaded.profile.unused_params
+    values = {p.name: None if p.default in (None, _random_seed) or p.name in unused else p.default(loaded)
+              for p in params}
     return {p.name: values[p.default_from] if p.default_from else values[p.name] for p in params}
 
 
@@ -274,6 +278,7 @@ class GenerationParams:
     model: str = ""
     notices: tuple[str, ...] = field(default=(), compare=False)
     endpoint: str = "generate"
+    profile: str = ""  # the model's profile, by name (server.profiles.profile_named); "" for none
 
     # Typed views of the declared parameters the server's code reads (each must name one: a test checks).
     seed = Declared[int]()
@@ -300,12 +305,17 @@ class GenerationParams:
 
     def pipeline_keywords(self, call: str = "pipe") -> dict[str, Keyword]:
         """The library call (``"pipe"`` or ``"invert"``) that gives this request's images, keyword by keyword."""
-        keywords = [k for p in self.declarations for k in p.keywords(self.values[p.name])]
+        # A parameter the model does not use is None, and adds no keyword; the model's own keywords come last.
+        keywords = [k for p in self.declarations if self.values[p.name] is not None
+                    for k in p.keywords(self.values[p.name])]
         keywords += APP_KEYWORDS
+        if self.profile:
+            keywords += [Keyword.literal(name, value)
+                         for name, value in profile_named(self.profile).library_keywords.items()]
         return {k.name: k for k in keywords if k.call == call}
 
 
-def _notices_across_fields(values: Mapping[str, Any]) -> list[str]:
+def _notices_across_fields(values: Mapping[str, Any], profile: ModelProfile) -> list[str]:
     notices = []
     # An edit of an uploaded image runs the steps that skip leaves; warmup counts from the first of them.
     steps = performed_steps(values["steps"], values["skip"]) if "skip" in values else values["steps"]
@@ -313,12 +323,20 @@ def _notices_across_fields(values: Mapping[str, Any]) -> list[str]:
         if concept.warmup >= steps:
             notices.append(f"concepts[{i}] ({concept.prompt!r}) is never applied: its warmup {concept.warmup} "
                            f"is not below the {steps} steps{' that skip leaves' if 'skip' in values else ''}.")
-    if values.get("concepts") and values["guidance_scale"] <= 1:
+    if values.get("concepts") and profile.classifier_free_guidance and values["guidance_scale"] <= 1:
         notices.append(f"guidance_scale {values['guidance_scale']:g} <= 1 turns classifier-free guidance off: both "
                        "images follow the prompt alone (any value from 0 to 1 gives the same pair), and the edits "
                        "are added to the image with edits.")
     return notices
 
+
+# Why a model may not use a parameter (server.profiles.ModelProfile.unused_params), for the API's refusal.
+UNUSED_REASONS = {
+    "negative_prompt": "FLUX runs without true classifier-free guidance here, so it takes no negative prompt",
+    "scheduler": "FLUX keeps its own flow-matching scheduler",
+    "mask": "implicit masks come from a UNet's cross-attention, which FLUX does not have",
+    "guidance_scale": "this model has no guidance embedding (FLUX.1-schnell), so a guidance scale would be ignored",
+}
 
 Served = LoadedModel | Mapping[str, LoadedModel]
 
@@ -345,12 +363,27 @@ def parse_request(served: Served, raw: Mapping, limits: Limits | Mapping[str, Li
     loaded = models[choice]
     ctx = Context(loaded, limits_for(loaded, limits), tuple(str(r) for r in upload_roots), endpoint,
                   served=tuple(models))
+    profile = loaded.profile
+    if endpoint == "edit" and not profile.edits_uploads:
+        raise InvalidInput(f"Editing an uploaded image needs a Stable Diffusion or SDXL model; {loaded.model_id} is "
+                           f"a {profile.name} model, which /edit does not support. Use /generate with it.")
+    # Left out, empty, or mask "none" (no mask): what a request that does not use them sends.
+    unused = sorted(name for name in profile.unused_params
+                    if raw.get(name) not in (None, "") and not (name == "mask" and raw[name] == "none"))
+    if unused:
+        raise InvalidInput(f"the model {loaded.model_id} ({profile.name}) does not use "
+                           + "; ".join(f"{name}: {UNUSED_REASONS[name]}" for name in unused)
+                           + ". Leave it out.")
     # Then the mask: it chooses the preset table that fills the concepts.
     mask = next(p for p in ENDPOINTS[endpoint] if p.name == "mask")
-    ctx.mask = mask.validate(mask.default(loaded) if raw.get("mask") is None else raw["mask"], ctx)
+    if "mask" not in profile.unused_params:
+        ctx.mask = mask.validate(mask.default(loaded) if raw.get("mask") is None else raw["mask"], ctx)
     values = {}
     for p in ENDPOINTS[endpoint]:
         value = raw.get(p.name)
+        if p.name in profile.unused_params:
+            values[p.name] = None
+            continue
         if value is None:
             if p.default_from is not None:
                 values[p.name] = values[p.default_from]
@@ -359,8 +392,9 @@ def parse_request(served: Served, raw: Mapping, limits: Limits | Mapping[str, Li
                 raise InvalidInput(f"{p.name} is required")
             value = p.default(loaded)
         values[p.name] = p.validate(value, ctx)
-    ctx.notices += _notices_across_fields(values)
-    return GenerationParams(values=values, model=loaded.model_id, notices=tuple(ctx.notices), endpoint=endpoint)
+    ctx.notices += _notices_across_fields(values, loaded.profile)
+    return GenerationParams(values=values, model=loaded.model_id, notices=tuple(ctx.notices), endpoint=endpoint,
+                            profile=loaded.profile.name)
 
 
 def params_from_json(served: Served, used: Mapping, limits: Limits | Mapping[str, Limits] | None = None,

@@ -6,6 +6,7 @@ placeholders. The served model's native size comes from the pipeline itself (:fu
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -14,8 +15,13 @@ from sega.demo.presets import DEMO_DEFAULTS, DEMO_EXAMPLES, DEMO_PRESET_TABLES
 from sega.demo.previews import DEMO_LATENT_RGB_BIAS, DEMO_LATENT_RGB_FACTORS
 from sega.demo.shapes import BACKGROUNDS, COLORS, SHAPES, SIZES, VOCAB_WORDS
 from sega.pipeline import SegaPipeline
+from sega.pipeline_flux import SegaFluxPipeline
 from sega.pipeline_xl import SegaXLPipeline
 from sega.presets import (
+    FLUX_DEV_DEFAULTS,
+    FLUX_DEV_PRESET_TABLES,
+    FLUX_SCHNELL_DEFAULTS,
+    FLUX_SCHNELL_PRESET_TABLES,
     SD_DEFAULTS,
     SD_PRESET_TABLES,
     SDXL_DEFAULTS,
@@ -23,7 +29,13 @@ from sega.presets import (
     SDXL_PRESET_TABLES,
     PresetTables,
 )
-from sega.previews import SD15_LATENT_RGB_FACTORS, SDXL_LATENT_RGB_BIAS, SDXL_LATENT_RGB_FACTORS
+from sega.previews import (
+    FLUX_LATENT_RGB_BIAS,
+    FLUX_LATENT_RGB_FACTORS,
+    SD15_LATENT_RGB_FACTORS,
+    SDXL_LATENT_RGB_BIAS,
+    SDXL_LATENT_RGB_FACTORS,
+)
 
 # (label, prompt, concepts as the API takes them, seed)
 Example = tuple[str, str, list[dict], int]
@@ -56,6 +68,16 @@ class ModelProfile:
     preview_bias: tuple | None = None
     # Whether a loaded pipeline is of this kind (PROFILES asks each in turn; the last one takes any pipeline).
     serves: Callable[[SegaPipeline], bool] = lambda _pipe: True
+    # Whether guidance_scale is classifier-free guidance (two estimates per image: with and without the prompt);
+    # FLUX's is distilled into the model (one estimate). server.service.gpu_duration counts the estimates.
+    classifier_free_guidance: bool = True
+    # The API parameters this kind of model has no use for: the form leaves them out, the API refuses a value
+    # for them (server.params), and they add nothing to the library call.
+    unused_params: frozenset[str] = frozenset()
+    # Keywords every library call on this kind of model gets (e.g. FLUX's T5 length).
+    library_keywords: dict = field(default_factory=dict)
+    # Whether /edit (inverting an uploaded image) works with it: SD and SDXL only.
+    edits_uploads: bool = True
 
     @property
     def default_preset(self) -> str:
@@ -143,8 +165,63 @@ SDXL_PROFILE = ModelProfile(
 )
 
 
+
+def is_flux(pipe: SegaPipeline, guidance_embeds: bool) -> bool:
+    """A FLUX.1 pipeline: [dev] (and other guidance-distilled ones) embeds a guidance scale, [schnell] has none."""
+    return isinstance(pipe, SegaFluxPipeline) and bool(pipe.transformer.config.guidance_embeds) == guidance_embeds
+
+
+FLUX_DEV_PROFILE = ModelProfile(
+    name="flux-dev",
+    serves=lambda pipe: is_flux(pipe, guidance_embeds=True),
+    presets=FLUX_DEV_PRESET_TABLES,
+    defaults=FLUX_DEV_DEFAULTS,
+    examples=[
+        ("portrait: add glasses", "a photo of the face of a woman", [
+            {"prompt": "glasses, wearing glasses", "preset": "default"}], 21),
+        ("street: remove the cars", "a crowded city street with cars, photo", [
+            {"prompt": "cars, traffic", "reverse": True, "preset": "default"}], 7),
+    ],
+    intro=("**FLUX.1** with semantic guidance: describe an image, then add **concepts** to steer it towards (add) "
+           "or away from (remove) an idea. FLUX works best at {size}×{size} px. Editing uploaded images needs a "
+           "Stable Diffusion or SDXL model."),
+    prompt_placeholder=SD_PROFILE.prompt_placeholder,
+    concept_placeholder=SD_PROFILE.concept_placeholder,
+    edit_defaults={},
+    edits_uploads=False,
+    classifier_free_guidance=False,
+    # No negative prompt (true CFG would double the cost; the app leaves it off), FLUX's own flow-matching
+    # scheduler, and no implicit masks (they are read from a UNet's cross-attention).
+    unused_params=frozenset({"negative_prompt", "scheduler", "mask"}),
+    library_keywords={"max_sequence_length": 512},
+    # An estimate, not a measurement (no GPU has been lent to this project yet): FLUX.1's 12B transformer takes
+    # about 0.2 s per 1024 px sample on an H100 in bfloat16, doubled for headroom like SD's: 0.4 s per 1024 px
+    # sample, 0.1 per 512 px of area. The fixed part covers CLIP and T5-XXL encoding and the VAE decodes.
+    gpu_seconds_per_sample=0.1,
+    gpu_fixed_seconds=20.0,
+    # Largest request on ZeroGPU: 28 steps, 3 concepts, 1024 px -> 20 + 28 * 5 * 0.4 = 76 s, within an
+    # anonymous visitor's 120 s a day.
+    zero_gpu_limits={"max_steps": 28, "max_size": 1024, "max_concepts": 3},
+    preview_factors=FLUX_LATENT_RGB_FACTORS,
+    preview_bias=FLUX_LATENT_RGB_BIAS,
+)
+
+FLUX_SCHNELL_PROFILE = dataclasses.replace(
+    FLUX_DEV_PROFILE,
+    name="flux-schnell",
+    serves=lambda pipe: is_flux(pipe, guidance_embeds=False),
+    presets=FLUX_SCHNELL_PRESET_TABLES,
+    defaults=FLUX_SCHNELL_DEFAULTS,
+    # No guidance embedding: the guidance scale would be ignored.
+    unused_params=FLUX_DEV_PROFILE.unused_params | {"guidance_scale"},
+    library_keywords={"max_sequence_length": 256},  # FLUX.1-schnell's T5 length (diffusers' docs)
+    # Largest request on ZeroGPU: 8 steps, 4 concepts, 1024 px -> 20 + 8 * 6 * 0.4 = 40 s.
+    zero_gpu_limits={"max_steps": 8, "max_size": 1024, "max_concepts": 4},
+)
+
+
 # Every kind of model the app serves, asked in turn (a new kind is one more profile here); SD's takes the rest.
-PROFILES: tuple[ModelProfile, ...] = (SDXL_PROFILE, DEMO_PROFILE, SD_PROFILE)
+PROFILES: tuple[ModelProfile, ...] = (FLUX_DEV_PROFILE, FLUX_SCHNELL_PROFILE, SDXL_PROFILE, DEMO_PROFILE, SD_PROFILE)
 
 
 def profile_for(pipe: SegaPipeline) -> ModelProfile:
@@ -152,11 +229,26 @@ def profile_for(pipe: SegaPipeline) -> ModelProfile:
     return next(profile for profile in PROFILES if profile.serves(pipe))
 
 
+def profile_named(name: str) -> ModelProfile:
+    """The profile called ``name`` (a request carries its model's profile by name: it travels pickled)."""
+    return next(profile for profile in PROFILES if profile.name == name)
+
+
 def native_size(pipe: SegaPipeline) -> int:
-    """The model's training resolution in pixels (512 for SD 1.5, 32 for the demo model)."""
+    """The model's training resolution in pixels (512 for SD 1.5, 32 for the demo model, 1024 for FLUX.1)."""
+    if isinstance(pipe, SegaFluxPipeline):
+        return int(pipe.default_sample_size * pipe.vae_scale_factor)
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
 
+def size_multiple(pipe: SegaPipeline) -> int:
+    """What a width or height must be a multiple of: one latent pixel, or for FLUX one packed 2x2 patch of them."""
+    return 2 * pipe.vae_scale_factor if isinstance(pipe, SegaFluxPipeline) else 8
+
+
 def min_size(pipe: SegaPipeline) -> int:
-    """The smallest image the UNet can take: one latent pixel after its last downsampling."""
+    """The smallest image the denoiser can take: one latent pixel after the UNet's last downsampling (FLUX:
+    one packed patch)."""
+    if isinstance(pipe, SegaFluxPipeline):
+        return max(8, size_multiple(pipe))
     return max(8, int(pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)))

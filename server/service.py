@@ -31,7 +31,9 @@ from .profiles import ModelProfile
 
 def model_fingerprint(loaded: LoadedModel) -> str:
     """A short id of the served weights (model id plus a few UNet weights), e.g. to keep caches apart."""
-    sample = loaded.pipe.unet.conv_in.weight.detach().flatten()[:256].float().cpu().numpy().tobytes()
+    denoiser = getattr(loaded.pipe, "unet", None) or loaded.pipe.transformer  # FLUX has a transformer
+    first = next(denoiser.parameters())
+    sample = first.detach().flatten()[:256].float().cpu().numpy().tobytes()
     return hashlib.sha256(loaded.model_id.encode() + sample).hexdigest()[:12]
 
 
@@ -89,8 +91,11 @@ def summarize(params: GenerationParams, seconds: float, inversion_reused: bool =
         if inversion_reused:
             line += " · inversion reused from cache"
     else:
-        line = (f"{edits} · seed {params.seed} · {params.steps} steps {params.scheduler} · "
-                f"{params.width}×{params.height} px · guidance {params.guidance_scale:g} · {seconds:.1f} s")
+        # A setting the model does not use (None: FLUX's scheduler, FLUX.1-schnell's guidance) is not shown.
+        scheduler = f" {params.scheduler}" if params.scheduler is not None else ""
+        guidance = f" · guidance {params.guidance_scale:g}" if params.guidance_scale is not None else ""
+        line = (f"{edits} · seed {params.seed} · {params.steps} steps{scheduler} · "
+                f"{params.width}×{params.height} px{guidance} · {seconds:.1f} s")
     notes = [*params.notices, *extra]
     return line + ("  Note: " + " ".join(notes) if notes else "")
 
@@ -148,19 +153,22 @@ def generate(loaded: LoadedModel, params: GenerationParams, stop: StopFlag | Non
     seconds = time.perf_counter() - start
     original, edited = out.original_images[0], out.images[0]
     flagged = []
-    if out.original_nsfw_content_detected and out.original_nsfw_content_detected[0]:
+    # FLUX's output has no safety checker's flags, no inversion and no masks: read as absent.
+    original_flagged = getattr(out, "original_nsfw_content_detected", None)
+    edited_flagged = getattr(out, "nsfw_content_detected", None)
+    if original_flagged and original_flagged[0]:
         original = None
         flagged.append("The image without edits was flagged by the safety checker and is not shown.")
-    if out.nsfw_content_detected and out.nsfw_content_detected[0]:
+    if edited_flagged and edited_flagged[0]:
         edited = None
         flagged.append("The image with edits was flagged by the safety checker and is not shown.")
     # "cache_hit" in the JSON: whether /edit's inversion was reused (a /generate call has nothing to reuse).
-    inversion_reused = bool(out.inversion_cache_hit)
+    inversion_reused = bool(getattr(out, "inversion_cache_hit", False))
     summary = summarize(params, seconds, inversion_reused, flagged)
     # Notices (truncation, removed control characters...) and the summary travel with the result, for API
     # callers too.
     used = {**params.to_json(), "notices": [*params.notices, *flagged], "summary": summary,
-            "cache_hit": inversion_reused, "masks": concept_masks(params.concepts, out.edit_masks)}
+            "cache_hit": inversion_reused, "masks": concept_masks(params.concepts, getattr(out, "edit_masks", None))}
     return GenerationResult(original=original, edited=edited, used=used, summary=summary,
                             inversion_reused=inversion_reused, seconds=seconds)
 
@@ -176,16 +184,17 @@ def concept_masks(concepts, edit_masks) -> list[dict]:
 
 
 def gpu_duration(steps: int, n_concepts: int, width: int, height: int, inversion: bool = False,
-                 per_sample: float = 0.04, fixed: float = 10.0) -> int:
+                 per_sample: float = 0.04, fixed: float = 10.0, per_image: int = 2) -> int:
     """Seconds to reserve on a ZeroGPU Space for one request (``@spaces.GPU(duration=...)``).
 
     Per step the UNet sees 2 samples for the image without edits and 2 + n_concepts for the edited one
     (fewer before the first warmup ends), and an inversion 2 more (source prompt and unconditional); about
     20 ms per 512x512 sample on a ZeroGPU H200 in fp16, doubled for headroom, plus a fixed allowance for text
     encoding, decoding, the safety checker and start-up. ``per_sample`` and ``fixed`` are the model's
-    (:class:`server.profiles.ModelProfile`; SD 1.5's by default).
+    (:class:`server.profiles.ModelProfile`; SD 1.5's by default); ``per_image`` the estimates per image, 2 with
+    classifier-free guidance, 1 for FLUX's distilled guidance (``ModelProfile.classifier_free_guidance``).
     """
-    samples_per_step = 2 + (2 + n_concepts if n_concepts else 0) + (2 if inversion else 0)
+    samples_per_step = per_image + (per_image + n_concepts if n_concepts else 0) + (2 if inversion else 0)
     area = max(width * height / 512**2, 1 / 16)
     estimate = fixed + steps * samples_per_step * per_sample * area
     return int(min(max(math.ceil(estimate), 15), 300))
@@ -195,7 +204,8 @@ def gpu_seconds(params: GenerationParams, profile: ModelProfile | None = None) -
     """:func:`gpu_duration` for a request of either endpoint (an edit runs the steps that skip leaves), with
     the served model's costs (``profile``; SD 1.5's when None)."""
     cost = {} if profile is None else {"per_sample": profile.gpu_seconds_per_sample,
-                                       "fixed": profile.gpu_fixed_seconds}
+                                       "fixed": profile.gpu_fixed_seconds,
+                                       "per_image": 2 if profile.classifier_free_guidance else 1}
     if params.endpoint == "edit":
         width, height = params.image.image.size
         steps = performed_steps(params.steps, params.skip)

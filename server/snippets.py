@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
+import torch
+
 from sega.demo.shapes import DEFAULT_MODEL_DIR
 
-from .loading import pipeline_class_name
+from .loading import GPU_DTYPES, pipeline_class_name
 from .params import GenerationParams, Keyword
 
 
@@ -92,6 +94,7 @@ def library_snippet(params: GenerationParams) -> str:
     third_party = sorted((i for i in imports if "sega" not in i), key=lambda i: (i.startswith("from"), i))
     ours = sorted(i for i in imports if "sega" in i)
     model_expr = "DEFAULT_MODEL_DIR" if bundled else repr(params.model)
+    gpu_dtype = str(next((d for c, d in GPU_DTYPES.items() if c.__name__ == cls), torch.float16)).removeprefix("torch.")
     calls = ""
     if invert:
         calls += "inversion = " + _call("pipe.invert", invert)
@@ -100,7 +103,7 @@ def library_snippet(params: GenerationParams) -> str:
     first = "original" if params.endpoint == "generate" else "reconstruction"
     return (
         "\n".join(third_party) + "\n\n" + "\n".join(ours) + "\n\n"
-        "# float32 on the CPU; on a GPU use dtype=torch.float16 and pipe.to(\"cuda\") (as the app does there)\n"
+        f"# float32 on the CPU; on a GPU use dtype=torch.{gpu_dtype} and pipe.to(\"cuda\") (as the app does there)\n"
         f"pipe = {cls}.from_pretrained({model_expr}, dtype=torch.float32)\n"
         f"{calls}"
         f'out.original_images[0].save("{first}.png")\n'

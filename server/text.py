@@ -32,7 +32,9 @@ def text(name: str, value, ctx: Context, *, required: bool = False) -> str:
     if required and not cleaned:
         raise InvalidInput(f"{name} must be non-empty text")
     ctx.notices += notices
-    dropped = ctx.loaded.pipe.truncated_text(cleaned) if cleaned else None
+    # SegaFluxPipeline has no truncation report (T5 takes 256 or 512 tokens; CLIP's 77 feed only its pooled vector).
+    truncated = getattr(ctx.loaded.pipe, "truncated_text", None)
+    dropped = truncated(cleaned) if cleaned and truncated else None
     if dropped:
         limit = ctx.loaded.pipe.tokenizer.model_max_length
         ctx.notices.append(f"{name} is longer than the model's {limit}-token limit; this part was ignored: {dropped!r}.")

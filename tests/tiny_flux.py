@@ -14,15 +14,18 @@ T5_TOKENS = 16  # max_sequence_length for the tests: the T5 tokenizer pads every
 PROMPT = "a large red circle on white background"
 
 
-def tiny_flux_components(guidance_embeds: bool, seed: int = 0) -> dict:
+def tiny_flux_components(guidance_embeds: bool, seed: int = 0, latent_channels: int = 1) -> dict:
     """FluxPipeline's components with random weights: [dev]-like with ``guidance_embeds``, else [schnell]-like.
+
+    ``latent_channels``: the VAE's (FLUX.1 has 16: the app's tests take that many, so that FLUX's latent-to-RGB
+    preview factors apply); the transformer sees 4 times as many, packed 2x2.
 
     The tokenizers are the demo model's word-level one (CLIP's 77 tokens for the first; the second pads to the
     call's ``max_sequence_length``), so prompts must use its words (see ``sega.demo.shapes``).
     """
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        patch_size=1, in_channels=4 * latent_channels, num_layers=1, num_single_layers=1, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
         guidance_embeds=guidance_embeds,
     )
@@ -42,7 +45,7 @@ def tiny_flux_components(guidance_embeds: bool, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     vae = AutoencoderKL(
         sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
-        latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+        latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
         shift_factor=0.0609, scaling_factor=1.5035,
     )
     for module in (transformer, text_encoder, text_encoder_2, vae):
@@ -52,7 +55,7 @@ def tiny_flux_components(guidance_embeds: bool, seed: int = 0) -> dict:
             "transformer": transformer}
 
 
-def save_tiny_flux(folder: str | Path, guidance_embeds: bool, seed: int = 0) -> Path:
+def save_tiny_flux(folder: str | Path, guidance_embeds: bool, seed: int = 0, latent_channels: int = 1) -> Path:
     """Save the tiny components as a diffusers pipeline folder (model_index.json and one folder each)."""
-    FluxPipeline(**tiny_flux_components(guidance_embeds, seed)).save_pretrained(folder)
+    FluxPipeline(**tiny_flux_components(guidance_embeds, seed, latent_channels)).save_pretrained(folder)
     return Path(folder)
