@@ -230,8 +230,10 @@ API_DESCRIPTIONS = {"generate": ("Generate the image without edits and the image
 def api_default(endpoint: str, name: str):
     """What an API input shows as its default: the value every served model defaults to, else None (then the
     server fills in the chosen model's own default: a client must not send one model's default to another)."""
-    values = {repr(api.defaults(loaded, endpoint)[name]) for loaded in MODELS.values()}
-    return api.defaults(LOADED, endpoint)[name] if len(values) == 1 else None
+    # /edit's defaults are those of the models that edit uploads (a FLUX model refuses /edit).
+    models = [loaded for loaded in MODELS.values() if endpoint != "edit" or loaded.profile.edits_uploads]
+    values = {repr(api.defaults(loaded, endpoint)[name]) for loaded in models}
+    return api.defaults(models[0], endpoint)[name] if len(values) == 1 else None
 
 
 def api_handler(endpoint: str):
@@ -274,10 +276,13 @@ class ModelPanel:
         self.loaded, self.profile = loaded, loaded.profile
         self.model_id = loaded.model_id
         self.limits = limits = LIMITS[loaded.model_id]
-        self.defaults, self.edit_defaults = api.defaults(loaded), api.defaults(loaded, "edit")
+        self.defaults = api.defaults(loaded)
         # Every numeric widget's range, step and starting value, from the API's declarations (server/form.py).
         self.form = form.settings(loaded, limits)
-        self.edit_form = form.settings(loaded, limits, "edit")
+        self.edits_uploads = loaded.profile.edits_uploads  # FLUX: the Edit tab only says what it needs
+        if self.edits_uploads:
+            self.edit_defaults = api.defaults(loaded, "edit")
+            self.edit_form = form.settings(loaded, limits, "edit")
         with gr.Column(visible=loaded is LOADED, elem_id=f"{prefix}panel") as self.column:
             self.build(prefix)
         self.wire()
@@ -290,25 +295,35 @@ class ModelPanel:
             with gr.Tab("Generate", id="generate-tab"):
                 self.build_generate_tab(p)
             with gr.Tab("Edit an image", id="edit-tab"):
-                self.build_edit_tab(p)
+                if self.edits_uploads:
+                    self.build_edit_tab(p)
+                else:
+                    gr.Markdown(f"Editing an uploaded image needs a Stable Diffusion or SDXL model; "
+                                f"**{self.loaded.label}** is a FLUX model, which generates only.",
+                                elem_id=f"{p}edit-unsupported")
 
     def build_generate_tab(self, p: str) -> None:
         with gr.Row():
             with gr.Column(scale=5):
                 self.prompt = gr.Textbox(label="Prompt", lines=2, elem_id=f"{p}prompt",
                                          placeholder=self.profile.prompt_placeholder)
-                negative_prompt = gr.Textbox(label="Negative prompt", value="", elem_id=f"{p}negative-prompt")
+                # Only what the model uses (its profile's unused_params: FLUX has no negative prompt, scheduler
+                # choice or masks, FLUX.1-schnell no guidance scale).
+                uses = self.uses
+                negative_prompt = gr.Textbox(label="Negative prompt", value="", elem_id=f"{p}negative-prompt") \
+                    if uses("negative_prompt") else None
                 self.concept_rows = widgets.ConceptRows(self.loaded, self.limits, f"{p}concept")
-                mask = widgets.mask_choice(self.loaded, "generate", f"{p}mask")
+                mask = widgets.mask_choice(self.loaded, "generate", f"{p}mask") if uses("mask") else None
                 self.seed, self.randomize = widgets.seed_row(p, self.form)
                 with gr.Row():
                     steps = widgets.slider(self.form["steps"], elem_id=f"{p}steps")
-                    guidance = widgets.slider(self.form["guidance_scale"], elem_id=f"{p}guidance")
+                    guidance = widgets.slider(self.form["guidance_scale"], elem_id=f"{p}guidance") \
+                        if uses("guidance_scale") else None
                 with gr.Row():
                     width = widgets.slider(self.form["width"], elem_id=f"{p}width")
                     height = widgets.slider(self.form["height"], elem_id=f"{p}height")
                     scheduler = gr.Dropdown(list(api.SCHEDULERS), value=self.defaults["scheduler"],
-                                            label="Scheduler", elem_id=f"{p}scheduler")
+                                            label="Scheduler", elem_id=f"{p}scheduler") if uses("scheduler") else None
                 with gr.Accordion("Advanced", open=False):
                     momentum_scale, momentum_beta = widgets.momentum_sliders(self.form, p)
                     self.show_advanced = gr.Checkbox(False, label="Show cooldown and weight for each concept")
@@ -317,7 +332,8 @@ class ModelPanel:
                     self.stop_btn = gr.Button("Stop", variant="stop", elem_id=f"{p}stop")
             with gr.Column(scale=4):
                 self.generated = widgets.result_column("Without edits", p)
-                self.edit_this_btn = gr.Button("Edit this image", size="sm", elem_id=f"{p}edit-this")
+                self.edit_this_btn = gr.Button("Edit this image", size="sm", elem_id=f"{p}edit-this",
+                                               visible=self.edits_uploads)
         # Examples fill the form (rows included) and show a lazily cached result.
         example_concepts = gr.JSON(visible=False)
         self.generate_examples = gr.Examples(
@@ -331,9 +347,14 @@ class ModelPanel:
             api_visibility="private",
         )
         # The settings widgets, by API parameter name: requests are read from (and examples reset) these.
-        self.settings = {"negative_prompt": negative_prompt, "steps": steps, "guidance_scale": guidance,
-                         "width": width, "height": height, "scheduler": scheduler, "momentum_scale": momentum_scale,
-                         "momentum_beta": momentum_beta, "mask": mask}
+        settings = {"negative_prompt": negative_prompt, "steps": steps, "guidance_scale": guidance,
+                    "width": width, "height": height, "scheduler": scheduler, "momentum_scale": momentum_scale,
+                    "momentum_beta": momentum_beta, "mask": mask}
+        self.settings = {name: widget for name, widget in settings.items() if widget is not None}
+
+    def uses(self, name: str) -> bool:
+        """Whether the served model uses the API parameter ``name`` (the form shows only those)."""
+        return name not in self.profile.unused_params
 
     def build_edit_tab(self, p: str) -> None:
         with gr.Row():
@@ -377,39 +398,21 @@ class ModelPanel:
                               "mask": edit_mask}
 
     def wire(self) -> None:
-        generated, edited = self.generated, self.edited
-        concept_rows, edit_rows = self.concept_rows, self.edit_rows
-        settings, edit_settings = self.settings, self.edit_settings
+        generated, concept_rows, settings = self.generated, self.concept_rows, self.settings
         concept_rows.wire_advanced(self.show_advanced)
-        edit_rows.wire_advanced(self.edit_show_advanced)
-        concept_rows.wire_presets(settings["mask"])
-        edit_rows.wire_presets(edit_settings["mask"])
+        concept_rows.wire_presets(settings.get("mask"))
         # A click on an example fills the rows from the example itself (a change of a hidden value would not fire
         # when the same example is clicked twice).
         self.generate_examples.dataset.select(self.fill_generate_form, None,
                                               [*concept_rows.outputs, self.randomize, *settings.values()],
                                               api_visibility="private", queue=False)
-        if self.edit_examples is not None:
-            self.edit_examples.dataset.select(self.fill_edit_form, None,
-                                              [*edit_rows.outputs, self.edit_randomize, *edit_settings.values()],
-                                              api_visibility="private", queue=False)
-
         # Summary and code are derived from the JSON: cached examples store JSON faithfully, free text less so.
         generated["used"].change(show_details, generated["used"], generated["details"], api_visibility="private")
-        # The masks too (cached examples included), over the image with edits.
-        for result in (generated, edited):
-            result["used"].change(show_masks, [result["used"], result["edited"]], result["masks"],
-                                  api_visibility="private")
-        # The seed used goes back into the Seed box (Random seed stays as it was): one click reproduces a result.
-        for result, seed_box in ((generated, self.seed), (edited, self.edit_seed)):
-            result["seed_used"].change(keep_seed, result["seed_used"], seed_box, api_visibility="private",
-                                       queue=False)
-        self.edit_this_btn.click(send_to_edit, [generated["edited"], generated["used"]],
-                                 [self.upload, self.source_prompt, self.tabs], api_visibility="private", queue=False)
+        self.wire_result(generated, self.seed)
 
         # Generate -------------------------------------------------------------------------------
-        # Each tab's run state: while its run goes, the image its "With edits" box showed before the previews.
-        generate_run, edit_run = gr.State(None), gr.State(None)
+        # The tab's run state: while its run goes, the image its "With edits" box showed before the previews.
+        generate_run = gr.State(None)
         model_id = self.model_id
 
         def generate_ui(v: dict, request: gr.Request, progress=gr.Progress()):
@@ -427,8 +430,31 @@ class ModelPanel:
         self.stop_btn.click(stopped, generate_run, [generated["images"][1], generate_run],
                             cancels=[gen_event, self.generate_examples.cache_event], show_progress="hidden",
                             api_visibility="private")
+        if self.edits_uploads:
+            self.wire_edit()
 
-        # Edit -----------------------------------------------------------------------------------
+    @staticmethod
+    def wire_result(result: dict, seed_box: gr.Number) -> None:
+        """A result column's masks (cached examples included, over the image with edits) and its seed, which
+        goes back into the Seed box (Random seed stays as it was): one click reproduces a result."""
+        result["used"].change(show_masks, [result["used"], result["edited"]], result["masks"],
+                              api_visibility="private")
+        result["seed_used"].change(keep_seed, result["seed_used"], seed_box, api_visibility="private", queue=False)
+
+    def wire_edit(self) -> None:
+        edited, edit_rows, edit_settings = self.edited, self.edit_rows, self.edit_settings
+        edit_rows.wire_advanced(self.edit_show_advanced)
+        edit_rows.wire_presets(edit_settings["mask"])
+        if self.edit_examples is not None:
+            self.edit_examples.dataset.select(self.fill_edit_form, None,
+                                              [*edit_rows.outputs, self.edit_randomize, *edit_settings.values()],
+                                              api_visibility="private", queue=False)
+        self.wire_result(edited, self.edit_seed)
+        self.edit_this_btn.click(send_to_edit, [self.generated["edited"], self.generated["used"]],
+                                 [self.upload, self.source_prompt, self.tabs], api_visibility="private", queue=False)
+        edit_run = gr.State(None)
+        model_id = self.model_id
+
         def edit_ui(v: dict, request: gr.Request, progress=gr.Progress()):
             raw = {"image": v[self.upload], "concepts": edit_rows.read(v), "model": model_id,
                    "seed": None if v[self.edit_randomize] else v[self.edit_seed],

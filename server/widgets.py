@@ -100,19 +100,20 @@ class ConceptRows:
                   api_visibility="private")
         remove.click(lambda n: self.show(max(n - 1, 0)), self.count, [self.count, *groups], api_visibility="private")
 
-    def wire_presets(self, mask: gr.Radio) -> None:
-        """A preset fills its row's numbers from the table of the mask mode chosen; where masked edits have
-        presets of their own, choosing another mask mode refills every row from its preset."""
+    def wire_presets(self, mask: gr.Radio | None) -> None:
+        """A preset fills its row's numbers from the table of the mask mode chosen (no mask control: a model
+        without masks, "none"); where masked edits have presets of their own, choosing another mask mode refills
+        every row from its preset."""
         keys = ("scale", "threshold", "warmup")
 
-        def numbers(name: str, mode: str) -> list:
+        def numbers(name: str, mode: str = "none") -> list:
             return [self.profile.presets.table(self.endpoint, mode)[name][k] for k in keys]
 
         for row in self.rows:
             # .input, not .change: filling a row from an example must keep the example's own values.
-            row.preset.input(numbers, [row.preset, mask], [row.scale, row.threshold, row.warmup],
-                             api_visibility="private")
-        if self.profile.presets.has_masked(self.endpoint):
+            row.preset.input(numbers, [row.preset] + ([mask] if mask is not None else []),
+                             [row.scale, row.threshold, row.warmup], api_visibility="private")
+        if mask is not None and self.profile.presets.has_masked(self.endpoint):
             mask.input(lambda mode, *names: [v for name in names for v in numbers(name, mode)],
                        [mask, *(r.preset for r in self.rows)],
                        [w for r in self.rows for w in (r.scale, r.threshold, r.warmup)], api_visibility="private")
