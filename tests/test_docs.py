@@ -107,3 +107,13 @@ def test_the_readme_holds_no_lab_notes():
     text = README.read_text().lower()
     for words in ("load average", "this session", "was lent", "not met", "**met**", "this round"):
         assert words not in text, words
+
+
+def test_the_files_section_names_every_module():
+    """docs/architecture.md lists every Python file of the library, the server, the benchmarks and the tests."""
+    listed = (ROOT / "docs" / "architecture.md").read_text()
+    modules = [path.relative_to(ROOT).as_posix() for folder in ("sega", "server", "benchmarks", "tests")
+               for path in sorted((ROOT / folder).rglob("*.py")) if path.name != "__init__.py"]
+    assert modules
+    missing = [module for module in modules if f"`{module}`" not in listed]
+    assert not missing, f"docs/architecture.md does not name: {missing}"
