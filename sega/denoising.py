@@ -269,12 +269,13 @@ class DenoisingMixin:
         inputs = torch.cat([z for z, names in parts for _ in names])
         cond = state.layout(segments)
         cond = cond if isinstance(cond, dict) else {"encoder_hidden_states": cond}
-        outs = []
+        outs, dtype = [], inputs.dtype
         for start, stop in sample_ranges(inputs.shape[0], state.max_samples_per_call):
             if state.masks is not None:
                 state.masks.select_rows(start, stop)
-            outs.append(self.unet(inputs[start:stop], t, **_rows(cond, start, stop),
-                                  cross_attention_kwargs=state.cross_attention_kwargs).sample)
+            # The UNet runs in its dtype; the estimates come back in the latents' (an inversion's: float32)
+            outs.append(self.unet(inputs[start:stop].to(self.unet.dtype), t, **_rows(cond, start, stop),
+                                  cross_attention_kwargs=state.cross_attention_kwargs).sample.to(dtype))
             state.unet_calls, state.unet_samples = state.unet_calls + 1, state.unet_samples + stop - start
         return list(torch.cat(outs).split(state.batch))
 

@@ -261,8 +261,7 @@ class InversionMixin:
         segments = ["u", "p"] if do_cfg else ["p"]
         for k, t in enumerate(self.progress_bar(timesteps)):
             check_stop(stop, k, n, stage="inversion")
-            model_input = scheduler.scale_model_input(xts[k], t).to(dtype)
-            chunks = [chunk.float() for chunk in self.unet_batch(state, t, [(model_input, segments)])]
+            chunks = self.unet_batch(state, t, [(scheduler.scale_model_input(xts[k], t), segments)])
             noise_pred = chunks[0]
             if do_cfg:
                 noise_pred = noise_pred + classifier_free_guidance(chunks[0], chunks[1], source_guidance_scale)

@@ -2,13 +2,15 @@
 
 diffusers' loader mixins (LoRA, textual inversion) change the weights of the components in place, and a
 component can be swapped (``pipe.unet = other``). :class:`WeightsVersionMixin` counts those events in
-``weights_version``: every method below that changes what the models compute, and every assignment of a
-registered component, bumps it and clears the inversion cache. The inversion cache keys on it too, so an
-inversion that was running while the weights changed is never returned for the new weights.
+``weights_version``: every method below that changes what the models compute (wrapped by
+:func:`counts_weight_changes`), and every assignment of a registered component, bumps it and clears the
+inversion cache. The inversion cache keys on it too, so an inversion that was running while the weights
+changed is never returned for the new weights.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 # diffusers' loader methods (LoraBaseMixin, TextualInversionLoaderMixin) that change what the models compute.
@@ -28,9 +30,8 @@ WEIGHT_CHANGING_METHODS = (
 
 
 class WeightsVersionMixin:
-    """``weights_version``: a counter of the changes to a pipeline's weights, for cache keys.
-
-    Put it first among the bases, before diffusers' loader mixins, whose methods it wraps."""
+    """``weights_version``: a counter of the changes to a pipeline's weights, for cache keys. Component
+    assignment counts here; decorate the pipeline class with :func:`counts_weight_changes` for the loaders."""
 
     weights_version: int = 0
 
@@ -48,17 +49,23 @@ class WeightsVersionMixin:
             self.weights_changed()
 
 
-def _bumping(name: str) -> Callable:
-    def method(self, *args, **kwargs):
+def _counting(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def counted(self, *args, **kwargs):
         try:
-            return getattr(super(WeightsVersionMixin, self), name)(*args, **kwargs)
+            return method(self, *args, **kwargs)
         finally:
             self.weights_changed()  # also after a failure half-way: some layers may have changed
 
-    method.__name__ = method.__qualname__ = name
-    method.__doc__ = f"diffusers' ``{name}``; then counts the change in ``weights_version`` (see :mod:`sega.loaders`)."
-    return method
+    counted.counts_weight_changes = True
+    return counted
 
 
-for _name in WEIGHT_CHANGING_METHODS:
-    setattr(WeightsVersionMixin, _name, _bumping(_name))
+def counts_weight_changes(cls: type) -> type:
+    """Class decorator: the loader methods of ``cls`` (as its bases resolve them) call ``weights_changed`` after
+    they ran."""
+    for name in WEIGHT_CHANGING_METHODS:
+        method = getattr(cls, name, None)
+        if method is not None and not getattr(method, "counts_weight_changes", False):
+            setattr(cls, name, _counting(method))
+    return cls

@@ -37,7 +37,7 @@ from .caching import LRUCache
 from .concepts import ConceptSettings, EditConcept, resolve_concepts
 from .denoising import Denoising, DenoisingMixin, plan_edits, step_kwargs
 from .inversion import InversionMixin, SegaInversion
-from .loaders import WeightsVersionMixin
+from .loaders import WeightsVersionMixin, counts_weight_changes
 from .masks import latent_user_mask
 from .prompts import PromptEncoderMixin
 from .stopping import StopFlag
@@ -84,6 +84,7 @@ def check_call_options(guidance_rescale: float, cross_attention_kwargs: dict | N
         raise ValueError(f"max_samples_per_call must be an integer >= 1 (or None), got {max_samples_per_call!r}")
 
 
+@counts_weight_changes
 class SegaPipeline(WeightsVersionMixin, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin,
                    FromSingleFileMixin, PromptEncoderMixin, DenoisingMixin, InversionMixin, DiffusionPipeline,
                    StableDiffusionMixin):
@@ -201,8 +202,9 @@ class SegaPipeline(WeightsVersionMixin, StableDiffusionLoraLoaderMixin, TextualI
         """A copy of the scheduler with its timesteps set, the initial latents, and an inversion's noise maps."""
         device = self._execution_device
         if inversion is not None:
+            # In float32 whatever the UNet's dtype: the reconstruction relies on exact scheduler arithmetic
             scheduler = copy.deepcopy(inversion.scheduler)
-            return scheduler, inversion.latents.to(device=device, dtype=dtype), inversion.noise_maps.to(device, dtype)
+            return scheduler, inversion.latents.to(device, torch.float32), inversion.noise_maps.to(device, torch.float32)
         scheduler = copy.deepcopy(scheduler if scheduler is not None else self.scheduler)
         scheduler.set_timesteps(num_inference_steps, device=device)
         latents = self.prepare_latents(batch, self.unet.config.in_channels, height, width, dtype, device, generator,
@@ -256,7 +258,7 @@ class SegaPipeline(WeightsVersionMixin, StableDiffusionLoraLoaderMixin, TextualI
         return x0 * self.vae.config.scaling_factor
 
     def _decode(self, latents: torch.Tensor, dtype):
-        image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        image = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype), return_dict=False)[0]
         return self.run_safety_checker(image, self._execution_device, dtype)
 
     def _postprocess(self, image, nsfw, output_type):

@@ -216,7 +216,39 @@ def test_max_samples_per_call_splits_the_unet_batch_without_changing_the_images(
     finally:
         handle.remove()
     assert max(calls) <= 3 and sum(calls) == whole.unet_samples
-    torch.testing.assert_close(split.images, whole.images, rtol=0, atol=1e-5)
-    torch.testing.assert_close(split.original_images, whole.original_images, rtol=0, atol=1e-5)
+    # Other batch sizes round differently in the UNet's matrix products (measured up to 2.2e-5 here): the
+    # library's float32 tolerance.
+    torch.testing.assert_close(split.images, whole.images, rtol=0, atol=TOL)
+    torch.testing.assert_close(split.original_images, whole.original_images, rtol=0, atol=TOL)
     with pytest.raises(ValueError, match="max_samples_per_call"):
         ours(PROMPT, generator=gen(), max_samples_per_call=0, **kw)
+
+
+def test_a_lora_load_makes_the_next_inversion_a_miss(sd_lora):
+    ours, _ = sd_pair()
+    image = torch.zeros(1, 3, 16, 16)
+    kw = dict(source_prompt=PROMPT, num_inference_steps=4, skip=0.0)
+    first = ours.invert(image, generator=gen(), **kw)
+    assert ours.invert(image, generator=gen(), **kw).cache_hit
+    ours.load_lora_weights(sd_lora)
+    after = ours.invert(image, generator=gen(), **kw)
+    assert not after.cache_hit and (after.noise_maps - first.noise_maps).abs().max() > 1e-4
+    assert not ours.invert(image, generator=gen(), cross_attention_kwargs={"scale": 0.5}, **kw).cache_hit
+    ours.fuse_lora()
+    assert not ours.invert(image, generator=gen(), **kw).cache_hit
+    ours.unet = copy.deepcopy(ours.unet)  # a component swapped
+    assert not ours.invert(image, generator=gen(), **kw).cache_hit
+
+
+def test_max_samples_per_call_with_cross_attention_masks():
+    """The masks' cross-attention maps are gathered over the split UNet calls."""
+    from tests.tiny import tiny_mask_components
+
+    ours = quiet(SegaPipeline(**tiny_mask_components("ddim")))
+    kw = dict(num_inference_steps=STEPS, output_type="latent", height=32, width=32, use_intersect_mask=True,
+              concepts=[EditConcept("blue", warmup=1), EditConcept("square", warmup=1, reverse=True)])
+    whole = ours(PROMPT, generator=gen(), **kw)
+    for limit in (1, 3, 5):
+        split = ours(PROMPT, generator=gen(), max_samples_per_call=limit, **kw)
+        torch.testing.assert_close(split.edit_masks, whole.edit_masks, rtol=0, atol=0)
+        torch.testing.assert_close(split.images, whole.images, rtol=0, atol=TOL)
