@@ -91,7 +91,18 @@ class SegaPipeline(WeightsVersionMixin, StableDiffusionLoraLoaderMixin, TextualI
     r"""Text-to-image generation with semantic guidance (SEGA, Brack et al. 2023, arXiv 2301.12247).
 
     Built on diffusers components; load any Stable Diffusion 1.x/2.x checkpoint in diffusers format with
-    ``SegaPipeline.from_pretrained(hub_id_or_folder, dtype=...)`` or pass the components.
+    ``SegaPipeline.from_pretrained(hub_id_or_folder, dtype=...)``, a single-file checkpoint with
+    ``SegaPipeline.from_single_file(path_or_url, config=diffusers_folder_or_hub_id)``, or pass the components.
+    diffusers' loaders work as on ``StableDiffusionPipeline``: ``load_lora_weights``, ``fuse_lora``,
+    ``set_adapters``, ``unload_lora_weights``, ``load_textual_inversion``; the prompt and the concepts go through
+    the same LoRA'd models, and ``cross_attention_kwargs={"scale": s}`` scales the LoRAs per call::
+
+        pipe = SegaPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", dtype=torch.float16)
+        pipe.load_lora_weights("path/or/hub_id", adapter_name="style")
+        out = pipe("a photo of a cat", concepts=[EditConcept("sunglasses", scale=6, warmup=5)],
+                   cross_attention_kwargs={"scale": 0.8}, return_original=True)
+
+    Changing the weights (any of those loaders, or assigning a component) clears the inversion cache.
 
     Args:
         vae: the variational auto-encoder that maps images to latents and back.
