@@ -81,8 +81,10 @@ class AttentionStore:
             self.tokens[c, 1 : 1 + n] = 1.0
         self.concepts: list[int] = []
         self.batch = 0
-        self._rows: torch.Tensor | None = None
+        self._rows: torch.Tensor | None = None  # the concept rows of the whole UNet batch of a step
         self._weights: torch.Tensor | None = None
+        self._span = (0, 0)  # with the batch split over UNet calls: the concept rows of the current call
+        self._offset = 0  # its first row in the whole batch
         self._layouts: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # per batch layout, kept on the device
         self._key: tuple | None = None
         self._sum: torch.Tensor | None = None
@@ -104,10 +106,22 @@ class AttentionStore:
                                   self.tokens[torch.tensor(self.concepts)].repeat_interleave(batch, dim=0))
         self._rows, self._weights = self._layouts[key]
         self._key = key
+        self._span, self._offset = (0, len(self._rows)), 0
+
+    def select_rows(self, start: int, stop: int) -> None:
+        """The next UNet call evaluates rows [start, stop) of the batch announced by :meth:`expect`: it records the
+        maps of the concept rows among them (each row sees all layers once, whichever call it is in)."""
+        if self._rows is None:
+            return
+        segments, batch = self._key  # the rows from the layout, on the host: no device sync
+        rows = [j * batch + b for j, s in enumerate(segments) if isinstance(s, int) for b in range(batch)]
+        inside = [k for k, r in enumerate(rows) if start <= r < stop]
+        self._span = (inside[0], inside[-1] + 1) if inside else (0, 0)
+        self._offset = start
 
     @property
     def wants_maps(self) -> bool:
-        return self._rows is not None
+        return self._rows is not None and self._span[1] > self._span[0]
 
     def record(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb=None) -> None:
         """Add one layer's maps: per concept row, sum over heads of the probabilities of the concept's tokens."""
@@ -122,8 +136,10 @@ class AttentionStore:
         if self._rows.device != device:
             self._rows, self._weights = self._rows.to(device), self._weights.to(device)
             self._layouts[self._key] = (self._rows, self._weights)
-        x = hidden_states.index_select(0, self._rows)
-        context = encoder_hidden_states.index_select(0, self._rows)
+        first, last = self._span
+        rows = self._rows[first:last] - self._offset
+        x = hidden_states.index_select(0, rows)
+        context = encoder_hidden_states.index_select(0, rows)
         if attn.group_norm is not None:
             x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
         if attn.norm_cross:
@@ -138,12 +154,15 @@ class AttentionStore:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale
-        weights = self._weights[:, : key.shape[2]]
+        weights = self._weights[first:last, : key.shape[2]]
         if weights.shape[1] < key.shape[2]:
             weights = torch.nn.functional.pad(weights, (0, key.shape[2] - weights.shape[1]))
         maps = torch.einsum("rhqk,rk->rq", scores.softmax(dim=-1), weights.float())
-        self._sum = maps if self._sum is None else self._sum + maps
-        self._heads += heads
+        if self._sum is None:
+            self._sum = maps.new_zeros((len(self._rows), maps.shape[1]))
+        self._sum[first:last] += maps
+        if first == 0:  # count each layer's heads once per step: in the call that holds the first concept rows
+            self._heads += heads
 
     def maps(self, concepts: Sequence[int]) -> torch.Tensor:
         """(len(concepts), B, h, w) maps of the last UNet call, averaged over its layers and heads."""
@@ -225,6 +244,10 @@ class EditMasks:
     def expect(self, segments: Sequence, batch: int) -> None:
         if self.store is not None:
             self.store.expect(segments, batch)
+
+    def select_rows(self, start: int, stop: int) -> None:
+        if self.store is not None:
+            self.store.select_rows(start, stop)
 
     def directions(self, i: int, t, noise_uncond: torch.Tensor, noise_concepts: torch.Tensor,
                    needed: Sequence[int], signed_scales: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ import inspect
 from dataclasses import dataclass, field
 
 import torch
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
 from .attention import EditMasks
 from .concepts import ConceptSettings
@@ -125,6 +126,9 @@ class Denoising:
     sem_guidance: list[torch.Tensor] | None = None
     recorded_guidance: list[torch.Tensor] | None = None
     masks: EditMasks | None = None  # implicit masks (cross-attention, intersect, user mask)
+    cross_attention_kwargs: dict | None = None  # passed to every UNet call ({"scale": s}: the LoRA scale)
+    guidance_rescale: float = 0.0  # diffusers' rescale_noise_cfg on the guided estimates
+    max_samples_per_call: int | None = None  # None: a step's samples in one UNet call
     device_tensors: dict = field(default_factory=dict)  # built once per call: weights, embedding layouts
     last_estimate: tuple | None = None  # (model input, estimate) of the edited run's latest step
     unet_calls: int = 0
@@ -157,6 +161,24 @@ class Denoising:
 
 def _index(value: torch.Tensor | dict, i: int) -> torch.Tensor | dict:
     return {k: _index(v, i) for k, v in value.items()} if isinstance(value, dict) else value[i]
+
+
+def _rows(value: torch.Tensor | dict, start: int, stop: int) -> torch.Tensor | dict:
+    return {k: _rows(v, start, stop) for k, v in value.items()} if isinstance(value, dict) else value[start:stop]
+
+
+def sample_ranges(samples: int, max_samples_per_call: int | None) -> list[tuple[int, int]]:
+    """[start, stop) row ranges of at most ``max_samples_per_call`` rows (None: one range), as even as possible."""
+    if max_samples_per_call is None or samples <= max_samples_per_call:
+        return [(0, samples)]
+    calls = -(-samples // max_samples_per_call)
+    bounds = [samples * k // calls for k in range(calls + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def rescaled(noise_pred: torch.Tensor, noise_text: torch.Tensor, guidance_rescale: float) -> torch.Tensor:
+    """diffusers' ``rescale_noise_cfg`` (0: unchanged)."""
+    return rescale_noise_cfg(noise_pred, noise_text, guidance_rescale) if guidance_rescale > 0 else noise_pred
 
 
 def _concat(values: list) -> torch.Tensor | dict:
@@ -208,7 +230,9 @@ class DenoisingMixin:
         if plain is not None:
             noise_pred = chunks.pop(0)
             if state.guidance_scale > 1.0:
-                noise_pred = noise_pred + classifier_free_guidance(noise_pred, chunks.pop(0), state.guidance_scale)
+                noise_text = chunks.pop(0)
+                noise_pred = noise_pred + classifier_free_guidance(noise_pred, noise_text, state.guidance_scale)
+                noise_pred = rescaled(noise_pred, noise_text, state.guidance_rescale)
             plain.latents = scheduler_step(plain.scheduler, plain.step_kwargs, state.noise_maps, i, noise_pred, t,
                                            plain.latents)
 
@@ -228,9 +252,16 @@ class DenoisingMixin:
             state.masks.expect(segments, state.batch)
         inputs = torch.cat([z for z, names in parts for _ in names])
         cond = state.layout(segments)
-        out = self.unet(inputs, t, **(cond if isinstance(cond, dict) else {"encoder_hidden_states": cond})).sample
-        state.unet_calls, state.unet_samples = state.unet_calls + 1, state.unet_samples + out.shape[0]
-        return list(out.split(state.batch))
+        cond = cond if isinstance(cond, dict) else {"encoder_hidden_states": cond}
+        outs, dtype = [], inputs.dtype
+        for start, stop in sample_ranges(inputs.shape[0], state.max_samples_per_call):
+            if state.masks is not None:
+                state.masks.select_rows(start, stop)
+            # The UNet runs in its dtype; the estimates come back in the latents' (an inversion's: float32)
+            outs.append(self.unet(inputs[start:stop].to(self.unet.dtype), t, **_rows(cond, start, stop),
+                                  cross_attention_kwargs=state.cross_attention_kwargs).sample.to(dtype))
+            state.unet_calls, state.unet_samples = state.unet_calls + 1, state.unet_samples + stop - start
+        return list(torch.cat(outs).split(state.batch))
 
     @staticmethod
     def semantic_guidance(state: Denoising, i: int, noise_uncond: torch.Tensor,
@@ -277,7 +308,7 @@ class DenoisingMixin:
             noise_guidance = noise_guidance + edit_term
         if state.sem_guidance is not None:
             noise_guidance = noise_guidance + state.sem_guidance[i]
-        return noise_uncond + noise_guidance
+        return rescaled(noise_uncond + noise_guidance, noise_text, state.guidance_rescale)
 
     @staticmethod
     def pred_original_sample(state: Denoising, t) -> torch.Tensor:

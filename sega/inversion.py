@@ -167,6 +167,8 @@ class InversionMixin:
         callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict | None] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         stop: StopFlag | None = None,
+        cross_attention_kwargs: dict | None = None,
+        clip_skip: int | None = None,
     ) -> SegaInversion:
         r"""Invert a real image for editing (edit-friendly DDPM inversion, as LEDITS++ with DDIM).
 
@@ -185,7 +187,9 @@ class InversionMixin:
             source_guidance_scale: classifier-free guidance of ``source_prompt`` during inversion, >= 0
                 (LEDITS++: 3.5; <= 1 uses the prompt's estimate alone). Edits use the same by default.
             generator: draws the independent noisy versions of the image; same generator state, same inversion.
-            use_cache: read and fill ``inversion_cache`` (keyed by the image content and every setting).
+            use_cache: read and fill ``inversion_cache``, keyed by the image content, every setting and the
+                pipeline's ``weights_version`` (loading, fusing, scaling... a LoRA or a textual inversion, or
+                assigning a component, changes it and clears the cache).
             callback_on_step_end: ``f(pipe, step, t, tensors)``, called after each inversion step (steps 0 to
                 n-1 of the n performed ones, from the noisiest; none on a cache hit) with "latents", where that
                 step lands, as diffusers' pipelines call it after a denoising step; its return value is ignored
@@ -195,6 +199,8 @@ class InversionMixin:
             callback_on_step_end_tensor_inputs: tensors passed to ``callback_on_step_end`` ("latents").
             stop: as in :meth:`__call__`: checked before every inversion step; once set, raises
                 :class:`~sega.stopping.Stopped` and nothing is returned or cached.
+            cross_attention_kwargs, clip_skip: as in :meth:`__call__` (``{"scale": s}`` scales the LoRAs); edit
+                with the same values to reconstruct the image.
 
         Returns:
             :class:`~sega.inversion.SegaInversion` with the start latents, noise maps, ``cache_hit`` and the
@@ -217,21 +223,26 @@ class InversionMixin:
         # 2. The cache: same pixels, settings, random stream and model placement, same inversion
         scheduler = inversion_scheduler(self.scheduler.config)
         key = inversion_key(pixels, generator, source_prompt, num_inference_steps, skip,
-                            float(source_guidance_scale), str(device), str(dtype), dict(scheduler.config))
+                            float(source_guidance_scale), str(device), str(dtype), dict(scheduler.config),
+                            self.weights_version, cross_attention_kwargs, clip_skip)
         cached = self.inversion_cache.get(key) if use_cache and generator is not None else None
         if cached is not None:
             return dataclasses.replace(cached, cache_hit=True, unet_calls=0, unet_samples=0)
 
-        # 3. Encode the image and the prompts (the unconditional one as a call without negative prompt has it)
-        x0 = self.encode_pixels(pixels).to(dtype)
+        # 3. Encode the image and the prompts (the unconditional one as a call without negative prompt has it).
+        # The latents, noise maps and scheduler arithmetic stay in float32 (half precision would drift from the
+        # image); the UNet runs in its dtype.
+        x0 = self.encode_pixels(pixels).float()
         batch = x0.shape[0]
         do_cfg = source_guidance_scale > 1.0
         height, width = pixels.shape[-2:]
         prompts, negatives = self.check_inputs(source_prompt, None, height, width, num_inference_steps, None, ())
-        embeddings = self.encode_prompts(prompts, negatives, batch, ConceptSettings.none(), use_cache,
-                                         height=height, width=width)
+        embeddings = self.encode_prompts(prompts, negatives, batch, ConceptSettings.none(), height=height,
+                                         width=width, clip_skip=clip_skip,
+                                         lora_scale=(cross_attention_kwargs or {}).get("scale"))
         state = Denoising(scheduler=scheduler, timesteps=scheduler.timesteps, batch=batch,
-                          guidance_scale=source_guidance_scale, embeddings=embeddings, momentum=torch.zeros_like(x0))
+                          guidance_scale=source_guidance_scale, embeddings=embeddings, momentum=torch.zeros_like(x0),
+                          cross_attention_kwargs=cross_attention_kwargs)
 
         # 4. Timesteps: the whole schedule, of which the last n are performed
         scheduler.set_timesteps(num_inference_steps, device=device)

@@ -18,12 +18,14 @@ import copy
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import PIL.Image
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import FromSingleFileMixin, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput, logging
@@ -35,6 +37,7 @@ from .caching import LRUCache
 from .concepts import ConceptSettings, EditConcept, resolve_concepts
 from .denoising import Denoising, DenoisingMixin, plan_edits, step_kwargs
 from .inversion import InversionMixin, SegaInversion
+from .loaders import WeightsVersionMixin, counts_weight_changes
 from .masks import latent_user_mask
 from .prompts import PromptEncoderMixin
 from .stopping import StopFlag
@@ -70,11 +73,36 @@ class SegaPipelineOutput(BaseOutput):
     edit_masks: torch.Tensor | None = None
 
 
-class SegaPipeline(PromptEncoderMixin, DenoisingMixin, InversionMixin, DiffusionPipeline, StableDiffusionMixin):
+def check_call_options(guidance_rescale: float, cross_attention_kwargs: dict | None,
+                       max_samples_per_call: int | None) -> None:
+    """Validate the diffusers-style options of a call."""
+    if not 0.0 <= guidance_rescale <= 1.0:
+        raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
+    if cross_attention_kwargs is not None and not isinstance(cross_attention_kwargs, dict):
+        raise ValueError(f"cross_attention_kwargs must be a dict, got {type(cross_attention_kwargs).__name__}")
+    if max_samples_per_call is not None and (not isinstance(max_samples_per_call, int) or max_samples_per_call < 1):
+        raise ValueError(f"max_samples_per_call must be an integer >= 1 (or None), got {max_samples_per_call!r}")
+
+
+@counts_weight_changes
+class SegaPipeline(WeightsVersionMixin, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin,
+                   FromSingleFileMixin, PromptEncoderMixin, DenoisingMixin, InversionMixin, DiffusionPipeline,
+                   StableDiffusionMixin):
     r"""Text-to-image generation with semantic guidance (SEGA, Brack et al. 2023, arXiv 2301.12247).
 
     Built on diffusers components; load any Stable Diffusion 1.x/2.x checkpoint in diffusers format with
-    ``SegaPipeline.from_pretrained(hub_id_or_folder, dtype=...)`` or pass the components.
+    ``SegaPipeline.from_pretrained(hub_id_or_folder, dtype=...)``, a single-file checkpoint with
+    ``SegaPipeline.from_single_file(path_or_url, config=diffusers_folder_or_hub_id)``, or pass the components.
+    diffusers' loaders work as on ``StableDiffusionPipeline``: ``load_lora_weights``, ``fuse_lora``,
+    ``set_adapters``, ``unload_lora_weights``, ``load_textual_inversion``; the prompt and the concepts go through
+    the same LoRA'd models, and ``cross_attention_kwargs={"scale": s}`` scales the LoRAs per call::
+
+        pipe = SegaPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", dtype=torch.float16)
+        pipe.load_lora_weights("path/or/hub_id", adapter_name="style")
+        out = pipe("a photo of a cat", concepts=[EditConcept("sunglasses", scale=6, warmup=5)],
+                   cross_attention_kwargs={"scale": 0.8}, return_original=True)
+
+    Changing the weights (any of those loaders, or assigning a component) clears the inversion cache.
 
     Args:
         vae: the variational auto-encoder that maps images to latents and back.
@@ -84,7 +112,6 @@ class SegaPipeline(PromptEncoderMixin, DenoisingMixin, InversionMixin, Diffusion
         scheduler: any diffusers scheduler (DDIM, DPM-Solver++, Euler...).
         safety_checker: optional; flags NSFW images, which are then blacked out.
         feature_extractor: the safety checker's image processor (required with a safety checker).
-        embedding_cache_size: how many text embeddings are kept.
         inversion_cache_size: how many image inversions (:meth:`invert`) are kept (0 turns it off).
     """
 
@@ -104,7 +131,6 @@ class SegaPipeline(PromptEncoderMixin, DenoisingMixin, InversionMixin, Diffusion
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker: bool = False,
-        embedding_cache_size: int = 256,
         inversion_cache_size: int = 4,
     ):
         super().__init__()
@@ -122,7 +148,6 @@ class SegaPipeline(PromptEncoderMixin, DenoisingMixin, InversionMixin, Diffusion
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.register_to_config(requires_safety_checker=requires_safety_checker)
-        self.embedding_cache = LRUCache(embedding_cache_size)
         self.inversion_cache = LRUCache(inversion_cache_size)
 
     # ------------------------------------------------------------------------------------------
@@ -130,8 +155,10 @@ class SegaPipeline(PromptEncoderMixin, DenoisingMixin, InversionMixin, Diffusion
     # ------------------------------------------------------------------------------------------
 
     def check_inputs(self, prompt, negative_prompt, height: int, width: int, num_inference_steps, callback_steps,
-                     callback_on_step_end_tensor_inputs) -> tuple[list[str], list[str]]:
-        """Validate the arguments; returns the prompts and one negative prompt per prompt."""
+                     callback_on_step_end_tensor_inputs, prompt_embeds: torch.Tensor | None = None,
+                     negative_prompt_embeds: torch.Tensor | None = None) -> tuple[list[str] | None, list[str]]:
+        """Validate the arguments; returns the prompts (None with ``prompt_embeds``) and one negative prompt per
+        prompt."""
         if height % 8 or width % 8:
             raise ValueError(f"height and width must be multiples of 8, got {height} and {width}")
         if callback_steps is not None and (not isinstance(callback_steps, int) or callback_steps <= 0):
@@ -141,13 +168,22 @@ class SegaPipeline(PromptEncoderMixin, DenoisingMixin, InversionMixin, Diffusion
         unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs may only name {self._callback_tensor_inputs}")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("pass either prompt or prompt_embeds")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("pass negative_prompt or negative_prompt_embeds, not both")
+        if prompt_embeds is not None and negative_prompt_embeds is not None \
+                and prompt_embeds.shape != negative_prompt_embeds.shape:
+            raise ValueError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
+                             f"{tuple(negative_prompt_embeds.shape)} must have the same shape")
+        prompts = None if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
+        count = len(prompts) if prompts is not None else prompt_embeds.shape[0]
         if negative_prompt is None:
-            return prompts, [""] * len(prompts)
+            return prompts, [""] * count
         if isinstance(negative_prompt, str):
-            return prompts, [negative_prompt] * len(prompts)
-        if len(negative_prompt) != len(prompts):
-            raise ValueError(f"negative_prompt has {len(negative_prompt)} entries but prompt has {len(prompts)}")
+            return prompts, [negative_prompt] * count
+        if len(negative_prompt) != count:
+            raise ValueError(f"negative_prompt has {len(negative_prompt)} entries but there are {count} prompts")
         return prompts, list(negative_prompt)
 
     def check_inversion_inputs(self, inversion: SegaInversion | None, height, width, num_inference_steps,
@@ -177,8 +213,9 @@ class SegaPipeline(PromptEncoderMixin, DenoisingMixin, InversionMixin, Diffusion
         """A copy of the scheduler with its timesteps set, the initial latents, and an inversion's noise maps."""
         device = self._execution_device
         if inversion is not None:
+            # In float32 whatever the UNet's dtype: the reconstruction relies on exact scheduler arithmetic
             scheduler = copy.deepcopy(inversion.scheduler)
-            return scheduler, inversion.latents.to(device=device, dtype=dtype), inversion.noise_maps.to(device, dtype)
+            return scheduler, inversion.latents.to(device, torch.float32), inversion.noise_maps.to(device, torch.float32)
         scheduler = copy.deepcopy(scheduler if scheduler is not None else self.scheduler)
         scheduler.set_timesteps(num_inference_steps, device=device)
         latents = self.prepare_latents(batch, self.unet.config.in_channels, height, width, dtype, device, generator,
@@ -232,7 +269,7 @@ class SegaPipeline(PromptEncoderMixin, DenoisingMixin, InversionMixin, Diffusion
         return x0 * self.vae.config.scaling_factor
 
     def _decode(self, latents: torch.Tensor, dtype):
-        image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        image = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype), return_dict=False)[0]
         return self.run_safety_checker(image, self._execution_device, dtype)
 
     def _postprocess(self, image, nsfw, output_type):
@@ -259,7 +296,7 @@ class SegaPipeline(PromptEncoderMixin, DenoisingMixin, InversionMixin, Diffusion
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int | None = None,
@@ -287,7 +324,6 @@ class SegaPipeline(PromptEncoderMixin, DenoisingMixin, InversionMixin, Diffusion
         concepts: Sequence[EditConcept | dict] | None = None,
         return_original: bool = False,
         return_sem_guidance: bool = False,
-        use_cache: bool = True,
         use_cross_attn_mask: bool = False,
         use_intersect_mask: bool = False,
         user_mask: torch.Tensor | np.ndarray | PIL.Image.Image | list[PIL.Image.Image] | None = None,
@@ -296,11 +332,19 @@ class SegaPipeline(PromptEncoderMixin, DenoisingMixin, InversionMixin, Diffusion
         callback_on_step_end: Callable[[DiffusionPipeline, int, int, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         stop: StopFlag | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        guidance_rescale: float = 0.0,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        clip_skip: int | None = None,
+        max_samples_per_call: int | None = None,
     ):
         r"""Generate images, steered by edit concepts.
 
         Args:
-            prompt: the prompt or prompts (a list makes a batch).
+            prompt: the prompt or prompts (a list makes a batch); or ``prompt_embeds``.
             height, width: image size in pixels, multiples of 8; default the UNet's native size (or the
                 inversion's).
             num_inference_steps: denoising steps, >= 1, default 50. More is slower and usually finer.
@@ -314,7 +358,8 @@ class SegaPipeline(PromptEncoderMixin, DenoisingMixin, InversionMixin, Diffusion
             generator: torch generator(s) for reproducibility.
             latents: initial noise instead of drawing it from ``generator``.
             output_type: "pil", "np", "pt" or "latent".
-            return_dict: return a :class:`SegaPipelineOutput` instead of a tuple ``(images, nsfw)``.
+            return_dict: return a :class:`SegaPipelineOutput`; False: the tuple ``(images, nsfw)`` as diffusers,
+                with ``return_original`` ``(images, nsfw, original_images, original_nsfw)``.
             callback, callback_steps: legacy ``callback(step, t, latents)`` every ``callback_steps`` steps, with
                 the edited run's latents.
             editing_prompt: concept text(s); each is one semantic direction.
@@ -336,7 +381,6 @@ class SegaPipeline(PromptEncoderMixin, DenoisingMixin, InversionMixin, Diffusion
                 runs share every step before the first edit, then ride in one UNet call per step. The same
                 call gives the same bits whatever ran before.
             return_sem_guidance: also return the per-step edit terms.
-            use_cache: read and fill the text-embedding cache (``False``: neither, for this call).
             use_cross_attn_mask: LEDITS++'s implicit mask: each concept edits only where its tokens'
                 cross-attention map reaches its ``edit_threshold`` quantile (instead of SEGA's per-channel
                 threshold). Needs concept texts. Default off (SEGA).
@@ -356,20 +400,42 @@ class SegaPipeline(PromptEncoderMixin, DenoisingMixin, InversionMixin, Diffusion
                 the step's estimate predicts (for previews: :mod:`sega.previews`).
             stop: this call's stop flag (anything with ``is_set()``), checked before every step: once set, the
                 call raises :class:`~sega.stopping.Stopped`.
+            prompt_embeds, negative_prompt_embeds: text embeddings (prompts, seq, dim) instead of ``prompt`` /
+                ``negative_prompt``, as ``StableDiffusionPipeline.encode_prompt`` returns them (one row per prompt;
+                ``num_images_per_prompt`` repeats them). Same shape when both are given.
+            pooled_prompt_embeds, negative_pooled_prompt_embeds: SDXL only (:class:`SegaXLPipeline`): the pooled
+                embeddings that go with ``prompt_embeds`` / ``negative_prompt_embeds``.
+            guidance_rescale: phi in [0, 1], default 0 (off): diffusers' ``rescale_noise_cfg`` (Lin et al. 2023,
+                arXiv 2305.08891) on the guided estimate, towards the prompt estimate's standard deviation; against
+                over-exposure with zero-terminal-SNR schedules, typically 0.7. With guidance on only. Applied to
+                the image without edits as ``StableDiffusionPipeline`` does, and to the edited run's estimate
+                (edit terms included) with the same prompt estimate.
+            cross_attention_kwargs: keyword arguments for the attention processors, passed to every UNet call;
+                ``{"scale": s}`` scales the loaded LoRAs (0 off, 1 as loaded), in the text encoder too.
+            clip_skip: take the text encoder's hidden states ``clip_skip`` layers before the last (through its
+                final layer norm), >= 0 and below its layer count; default None = the last. Applies to the
+                prompts and the concepts.
+            max_samples_per_call: at most this many samples in one UNet call (>= 1; None: all of a step in one
+                call). A step needs 2 x batch samples for guidance, 2 x batch more for ``return_original`` after
+                the first edit, and batch per concept; splitting bounds peak memory (e.g. SDXL at 1024 px on a
+                24 GB card) at the cost of speed, with the same images within float rounding. The app's server
+                sets it from its hardware profile.
 
         Returns:
-            :class:`SegaPipelineOutput`, or a tuple ``(images, nsfw_content_detected)``.
+            :class:`SegaPipelineOutput`, or with ``return_dict=False`` a tuple (see ``return_dict``).
         """
         # 1. Check inputs and resolve the concepts from either API
         height, width, num_inference_steps, guidance_scale = self.check_inversion_inputs(
             inversion, height, width, num_inference_steps, guidance_scale, latents, scheduler, eta)
         prompts, negative_prompts = self.check_inputs(prompt, negative_prompt, height, width, num_inference_steps,
-                                                      callback_steps, callback_on_step_end_tensor_inputs)
+                                                      callback_steps, callback_on_step_end_tensor_inputs,
+                                                      prompt_embeds, negative_prompt_embeds)
+        check_call_options(guidance_rescale, cross_attention_kwargs, max_samples_per_call)
         cc = resolve_concepts(concepts, editing_prompt, editing_prompt_embeddings, reverse_editing_direction,
                               edit_guidance_scale, edit_warmup_steps, edit_cooldown_steps, edit_threshold,
                               edit_weights)
         device = self._execution_device
-        batch = len(prompts) * num_images_per_prompt
+        batch = len(negative_prompts) * num_images_per_prompt
         if inversion is not None and inversion.batch_size != batch:
             raise ValueError(f"inversion holds {inversion.batch_size} image(s) but prompt x num_images_per_prompt "
                              f"makes a batch of {batch}")
@@ -380,8 +446,12 @@ class SegaPipeline(PromptEncoderMixin, DenoisingMixin, InversionMixin, Diffusion
                            "follow the prompt's estimate, and the edits are added to it.")
 
         # 2. Encode the prompt, the negative prompt and the concepts
-        embeddings = self.encode_prompts(prompts, negative_prompts, num_images_per_prompt, cc, use_cache,
-                                         height=height, width=width)
+        given = dict(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                     pooled_prompt_embeds=pooled_prompt_embeds,
+                     negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+        embeddings = self.encode_prompts(prompts, negative_prompts, num_images_per_prompt, cc, height=height,
+                                         width=width, given=given, clip_skip=clip_skip,
+                                         lora_scale=(cross_attention_kwargs or {}).get("scale"))
         dtype = self.unet.dtype  # the embeddings' dtype
 
         # 3. Timesteps on a copy of the scheduler (never shared between calls or threads), initial latents
@@ -403,6 +473,8 @@ class SegaPipeline(PromptEncoderMixin, DenoisingMixin, InversionMixin, Diffusion
             momentum_scale=edit_momentum_scale, momentum_beta=edit_mom_beta,
             sem_guidance=None if sem_guidance is None else [g.to(device=device, dtype=dtype) for g in sem_guidance],
             recorded_guidance=[] if return_sem_guidance else None,
+            cross_attention_kwargs=cross_attention_kwargs, guidance_rescale=guidance_rescale,
+            max_samples_per_call=max_samples_per_call,
             masks=self.prepare_masks(cc, use_cross_attn_mask, use_intersect_mask, user_mask, latents, height, width,
                                      scheduler, timesteps),
         )
@@ -424,7 +496,7 @@ class SegaPipeline(PromptEncoderMixin, DenoisingMixin, InversionMixin, Diffusion
         originals = None if original is None else self._postprocess(original, original_nsfw, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
-            return (images, nsfw)
+            return (images, nsfw) if not return_original else (images, nsfw, originals, original_nsfw)
         return SegaPipelineOutput(images=images, nsfw_content_detected=nsfw, original_images=originals,
                                   original_nsfw_content_detected=original_nsfw, sem_guidance=state.recorded_guidance,
                                   unet_calls=state.unet_calls, unet_samples=state.unet_samples,

@@ -25,18 +25,22 @@ from collections.abc import Sequence
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import is_invisible_watermark_available, logging
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from .caching import LRUCache
 from .concepts import ConceptSettings
+from .loaders import counts_weight_changes
 from .pipeline import SegaPipeline
+from .prompts import lora_scaled
 
 logger = logging.get_logger(__name__)
 
 
-class SegaXLPipeline(SegaPipeline):
+@counts_weight_changes
+class SegaXLPipeline(StableDiffusionXLLoraLoaderMixin, SegaPipeline):
     r"""Text-to-image generation and image editing with semantic guidance (SEGA) on Stable Diffusion XL.
 
     Load an SDXL checkpoint in diffusers format with ``SegaXLPipeline.from_pretrained(hub_id_or_folder,
@@ -57,7 +61,7 @@ class SegaXLPipeline(SegaPipeline):
             (SDXL base: True); with a negative prompt (even ""), it is encoded.
         add_watermarker: apply SDXL's invisible watermark (needs the ``invisible-watermark`` package; default:
             when it is installed, as ``StableDiffusionXLPipeline``).
-        embedding_cache_size, inversion_cache_size: as :class:`SegaPipeline`.
+        inversion_cache_size: as :class:`SegaPipeline`.
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
@@ -76,7 +80,6 @@ class SegaXLPipeline(SegaPipeline):
         scheduler: KarrasDiffusionSchedulers,
         force_zeros_for_empty_prompt: bool = True,
         add_watermarker: bool | None = None,
-        embedding_cache_size: int = 256,
         inversion_cache_size: int = 4,
     ):
         DiffusionPipeline.__init__(self)
@@ -93,7 +96,6 @@ class SegaXLPipeline(SegaPipeline):
             self.watermark = StableDiffusionXLWatermarker()
         else:
             self.watermark = None
-        self.embedding_cache = LRUCache(embedding_cache_size)
         self.inversion_cache = LRUCache(inversion_cache_size)
         # A float16 VAE with force_upcast is switched to float32 while it decodes or encodes (as diffusers
         # does); calls may run in parallel threads, so one at a time.
@@ -104,51 +106,62 @@ class SegaXLPipeline(SegaPipeline):
     # ------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode_text(self, texts: Sequence[str], use_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_text(self, texts: Sequence[str], clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden states (len(texts), seq, dim_1 + dim_2), pooled (len(texts), projection_dim)) in the UNet's
-        dtype on the execution device, cached per text.
+        dtype on the execution device.
 
-        As ``StableDiffusionXLPipeline.encode_prompt``: each tokenizer pads to its ``model_max_length`` and
-        truncates (with a warning); the penultimate hidden states of both encoders are concatenated, the pooled
-        embedding is the second encoder's projected output.
+        As ``StableDiffusionXLPipeline.encode_prompt``: textual-inversion tokens expanded for each tokenizer,
+        which pads to its ``model_max_length`` and truncates (with a warning); the penultimate hidden states of
+        both encoders (``clip_skip`` layers earlier with it) concatenated; the pooled embedding is the second
+        encoder's projected output.
         """
         device, dtype = self._execution_device, self.unet.dtype
+        layers = min(self.text_encoder.config.num_hidden_layers, self.text_encoder_2.config.num_hidden_layers)
+        if clip_skip is not None and (not isinstance(clip_skip, int) or not 0 <= clip_skip < layers - 1):
+            raise ValueError(f"clip_skip must be an integer in [0, {layers - 1}) for these text encoders, "
+                             f"got {clip_skip!r}")
+        layer = -(2 + (clip_skip or 0))  # SDXL always counts from the penultimate layer
         hidden, pooled = [], []
         for text in texts:
-            key = ("xl", text, str(device), dtype)
-            emb = self.embedding_cache.get(key) if use_cache else None
-            if emb is None:
-                removed = self.truncated_text(text)
-                if removed:
-                    logger.warning(f"Prompt truncated to {self.tokenizer.model_max_length} tokens; dropped: {removed!r}")
-                states, pool = [], None
-                for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
-                    ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                                    return_tensors="pt").input_ids
-                    out = encoder(ids.to(device), output_hidden_states=True)
-                    if out[0].ndim == 2:  # the projected, pooled output (CLIPTextModelWithProjection)
-                        pool = out[0]
-                    states.append(out.hidden_states[-2])
-                if pool is None:
-                    raise ValueError("text_encoder_2 must return pooled embeddings (CLIPTextModelWithProjection)")
-                emb = (torch.cat(states, dim=-1).to(dtype), pool.to(dtype))
-                if use_cache:
-                    self.embedding_cache.put(key, emb)
-            hidden.append(emb[0])
-            pooled.append(emb[1])
+            states, pool = [], None
+            for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+                out = encoder(self.token_ids(text, tokenizer).to(device), output_hidden_states=True)
+                if out[0].ndim == 2:  # the projected, pooled output (CLIPTextModelWithProjection)
+                    pool = out[0]
+                states.append(out.hidden_states[layer])
+            if pool is None:
+                raise ValueError("text_encoder_2 must return pooled embeddings (CLIPTextModelWithProjection)")
+            hidden.append(torch.cat(states, dim=-1).to(dtype))
+            pooled.append(pool.to(dtype))
         if not hidden:
             raise ValueError("encode_text needs at least one text")
         return torch.cat(hidden), torch.cat(pooled)
 
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [self.text_encoder, self.text_encoder_2]
+
     def check_inputs(self, prompt, negative_prompt, height, width, num_inference_steps, callback_steps,
-                     callback_on_step_end_tensor_inputs) -> tuple[list[str], list[str | None]]:
+                     callback_on_step_end_tensor_inputs, prompt_embeds: torch.Tensor | None = None,
+                     negative_prompt_embeds: torch.Tensor | None = None) -> tuple[list[str] | None, list[str | None]]:
         """As :meth:`SegaPipeline.check_inputs`; without ``negative_prompt`` and with
         ``force_zeros_for_empty_prompt``, the negative prompts are None: zero embeddings."""
         prompts, negatives = super().check_inputs(prompt, negative_prompt, height, width, num_inference_steps,
-                                                  callback_steps, callback_on_step_end_tensor_inputs)
+                                                  callback_steps, callback_on_step_end_tensor_inputs, prompt_embeds,
+                                                  negative_prompt_embeds)
         if negative_prompt is None and self.config.force_zeros_for_empty_prompt:
-            negatives = [None] * len(prompts)
+            negatives = [None] * len(negatives)
         return prompts, negatives
+
+    def given_or_encoded(self, given: dict, name: str, texts: list[str] | None,
+                         clip_skip: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``given[name]`` with its pooled embeddings (both needed, as in diffusers), or ``texts`` encoded."""
+        embeds, pooled = given.get(name), given.get(name.replace("prompt_embeds", "pooled_prompt_embeds"))
+        if embeds is None:
+            return self.encode_text(texts, clip_skip)
+        if pooled is None:
+            raise ValueError(f"{name} needs its pooled embeddings too ({name.replace('prompt', 'pooled_prompt')})")
+        device, dtype = self._execution_device, self.unet.dtype
+        return embeds.to(device, dtype), pooled.to(device, dtype)
 
     def time_ids(self, height: int, width: int) -> torch.Tensor:
         """SDXL's micro-conditioning (1, 6): original size, crop top-left (0, 0), target size, as
@@ -161,25 +174,29 @@ class SegaXLPipeline(SegaPipeline):
                              f"text_encoder_2's projection make {passed}: the components do not belong together")
         return torch.tensor([ids], device=self._execution_device, dtype=self.unet.dtype)
 
-    def encode_prompts(self, prompts: list[str], negative_prompts: list[str | None], num_images_per_prompt: int,
-                       concepts: ConceptSettings, use_cache: bool, height: int | None = None,
-                       width: int | None = None) -> dict[str, dict]:
+    def encode_prompts(self, prompts: list[str] | None, negative_prompts: list[str | None],
+                       num_images_per_prompt: int, concepts: ConceptSettings, height: int | None = None,
+                       width: int | None = None, given: dict[str, torch.Tensor | None] | None = None,
+                       clip_skip: int | None = None, lora_scale: float | None = None) -> dict[str, dict]:
         """Per segment, the UNet's keyword arguments in latent batch order: "p" and "u" (batch rows), "c"
-        (C, batch rows): ``encoder_hidden_states`` and ``added_cond_kwargs`` (``text_embeds``, ``time_ids``)."""
-        n = num_images_per_prompt
-        hidden, pooled = self.encode_text(prompts, use_cache)
-        if all(neg is None for neg in negative_prompts):
-            neg_hidden, neg_pooled = torch.zeros_like(hidden), torch.zeros_like(pooled)
-        else:
-            neg_hidden, neg_pooled = self.encode_text(["" if neg is None else neg for neg in negative_prompts],
-                                                      use_cache)
+        (C, batch rows): ``encoder_hidden_states`` and ``added_cond_kwargs`` (``text_embeds``, ``time_ids``).
+        ``given``: diffusers' ``prompt_embeds``, ``pooled_prompt_embeds`` and their negatives, instead of texts."""
+        n, given = num_images_per_prompt, given or {}
         if concepts.embeddings is not None:
             raise ValueError("editing_prompt_embeddings: SegaXLPipeline needs pooled embeddings too; pass the concept "
                              "texts (editing_prompt or concepts)")
-        if concepts.prompts:
-            c_hidden, c_pooled = self.encode_text(concepts.prompts, use_cache)
-        else:
-            c_hidden, c_pooled = hidden[:0], pooled[:0]
+        with lora_scaled(self.text_encoders(), lora_scale):
+            hidden, pooled = self.given_or_encoded(given, "prompt_embeds", prompts, clip_skip)
+            if given.get("negative_prompt_embeds") is None and all(neg is None for neg in negative_prompts):
+                neg_hidden, neg_pooled = torch.zeros_like(hidden), torch.zeros_like(pooled)
+            else:
+                neg_hidden, neg_pooled = self.given_or_encoded(
+                    given, "negative_prompt_embeds", ["" if neg is None else neg for neg in negative_prompts],
+                    clip_skip)
+            if concepts.prompts:
+                c_hidden, c_pooled = self.encode_text(concepts.prompts, clip_skip)
+            else:
+                c_hidden, c_pooled = hidden[:0], pooled[:0]
         time_ids = self.time_ids(height, width)
         batch = hidden.shape[0] * n
 

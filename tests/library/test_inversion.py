@@ -97,7 +97,7 @@ def test_without_edits_the_image_comes_back(source_prompt):
     alone = ours(source_prompt, inversion=inv, output_type="latent")
     torch.testing.assert_close(alone.images, inv.image_latents, rtol=0, atol=TOL)
     out = ours(source_prompt, inversion=inv, concepts=[EditConcept("blue", scale=6, warmup=2)], return_original=True,
-               output_type="latent", use_cache=False)
+               output_type="latent")
     torch.testing.assert_close(out.original_images, inv.image_latents, rtol=0, atol=TOL)
     assert (out.images - inv.image_latents).abs().max() > 1e-2  # the edit changed it
     # As pixels: the original is the VAE's decoding of the input's latents (the latents' round-off, ~1e-5,

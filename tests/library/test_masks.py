@@ -237,7 +237,7 @@ def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-RUN = dict(num_inference_steps=4, height=32, width=32, output_type="latent", use_cache=False)
+RUN = dict(num_inference_steps=4, height=32, width=32, output_type="latent")
 BLUE = [EditConcept("blue", scale=5.0, threshold=0.7, warmup=0), EditConcept("large square", scale=4.0,
                                                                             threshold=0.5, warmup=1)]
 

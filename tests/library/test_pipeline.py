@@ -66,7 +66,7 @@ def test_latents_match_deprecated_pipeline(scheduler, case):
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=0, atol=TOL)
     # The same run with the original computed alongside gives the same edited latents.
-    both = ours(**kw, generator=gen(), return_original=True, use_cache=False)
+    both = ours(**kw, generator=gen(), return_original=True)
     torch.testing.assert_close(both.images, want, rtol=0, atol=TOL)
 
 
@@ -184,8 +184,8 @@ def test_the_same_pair_call_gives_the_same_bits_whatever_ran_before(scheduler):
         np.testing.assert_array_equal(warm.original_images, cold.original_images)
 
     # The same meaning as the edited image alone and the plain run (to float round-off: other batch sizes).
-    alone = ours(**base, generator=gen(4), concepts=concepts, use_cache=False)
-    plain = ours(**base, generator=gen(4), use_cache=False)
+    alone = ours(**base, generator=gen(4), concepts=concepts)
+    plain = ours(**base, generator=gen(4))
     np.testing.assert_allclose(cold.images, alone.images, atol=TOL)
     np.testing.assert_allclose(cold.original_images, plain.images, atol=TOL)
 
@@ -205,7 +205,6 @@ def test_a_half_precision_text_encoder_with_a_float32_unet():
               concepts=[EditConcept("blue", warmup=1)])
     full = ours(**kw, generator=gen()).images
     ours.text_encoder.to(torch.float16)
-    ours.embedding_cache.clear()
     half = ours(**kw, generator=gen()).images
     assert half.dtype == torch.float32
     torch.testing.assert_close(half, full, rtol=0, atol=5e-2)
@@ -340,18 +339,3 @@ def test_a_stop_ends_a_pair_call_after_the_runs_split():
     with pytest.raises(Stopped, match="after 2 of"):
         ours(**kw, generator=gen(), callback_on_step_end=stop_after_two, stop=stop)
     assert steps == [0, 1]
-
-
-def test_use_cache_false_neither_reads_clears_nor_fills_the_embedding_cache():
-    _, ours = pipes("ddim")
-    kw = dict(prompt="a red circle", num_inference_steps=STEPS, guidance_scale=7.0, output_type="latent",
-              return_original=True)
-    first = ours(**kw, generator=gen(), concepts=[EditConcept("blue", warmup=2)])
-    # A wrong entry for the prompt: a call that read the cache would use it.
-    key = next(k for k in ours.embedding_cache.keys() if k[0] == "a red circle")
-    ours.embedding_cache.put(key, torch.zeros_like(ours.embedding_cache.get(key)))
-    embeddings = ours.embedding_cache.keys()
-    off = ours(**kw, generator=gen(), concepts=[EditConcept("blue", warmup=2)], use_cache=False)
-    assert torch.equal(off.images, first.images) and torch.equal(off.original_images, first.original_images)
-    ours(**{**kw, "prompt": "a green square"}, generator=gen(1), concepts=[EditConcept("large")], use_cache=False)
-    assert ours.embedding_cache.keys() == embeddings

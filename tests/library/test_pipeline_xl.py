@@ -147,7 +147,7 @@ def test_concepts_follow_the_sega_reference_on_sdxl_conditioning(case):
     kw = dict(prompt="a red circle", negative_prompt="", num_inference_steps=STEPS, guidance_scale=6.0,
               height=height, width=width, output_type="latent", **CASES[case])
     want = ref(**kw, generator=gen()).images
-    got = ours(**kw, generator=gen(), return_original=True, use_cache=False)
+    got = ours(**kw, generator=gen(), return_original=True)
     torch.testing.assert_close(got.images, want, rtol=0, atol=TOL)
     assert (got.images - got.original_images).abs().max() > 1e-3  # the concepts changed the image
 
@@ -276,7 +276,7 @@ def test_features_of_the_shared_loop_work_on_sdxl():
     """The pair, the inversion cache and a stop from a callback: the SD pipeline's loop."""
     ours = ours_for(tiny_xl_components())
     kw = dict(prompt="a red circle", num_inference_steps=4, guidance_scale=5.0, output_type="latent")
-    plain = ours(**kw, generator=gen(), use_cache=False).images
+    plain = ours(**kw, generator=gen()).images
     first = ours(**kw, generator=gen(), concepts=[EditConcept("blue", warmup=1)], return_original=True)
     torch.testing.assert_close(first.original_images, plain, rtol=0, atol=TOL)
     again = ours(**kw, generator=gen(), concepts=[EditConcept("square", warmup=2)], return_original=True)
@@ -295,7 +295,7 @@ def test_features_of_the_shared_loop_work_on_sdxl():
 
     with pytest.raises(Stopped):
         ours(**kw, generator=gen(), concepts=[EditConcept("blue", warmup=1)], callback_on_step_end=stop_at_step_1,
-             use_cache=False, stop=stop)
+             stop=stop)
     assert calls == [0, 1]
     inv = ours.invert(photo(3), source_prompt="a red circle", generator=gen(), num_inference_steps=4, skip=0.0)
     assert ours.invert(photo(3), source_prompt="a red circle", generator=gen(), num_inference_steps=4,
