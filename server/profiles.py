@@ -160,6 +160,11 @@ SDXL_PROFILE = ModelProfile(
     # Largest request on ZeroGPU: /edit, 50 steps, 4 concepts, 1024 px -> 15 + 50 * 10 * 0.14 = 85 s, within
     # an anonymous visitor's 120 s a day.
     zero_gpu_limits={"max_steps": 50, "max_size": 1024, "max_concepts": 4},
+    # At most 4 UNet samples per call, so that the largest request (the pair and 6 concepts: 10 samples a step
+    # at 1024 px) fits a 24 GB card (an A10G, the Space's suggested_hardware) in float16: weights about 7 GB,
+    # about 2.5 GB of activations per 1024 px sample (an estimate from SDXL's attention at 4096 tokens, not a
+    # measurement). The split changes the images by float rounding only (sega: max_samples_per_call).
+    library_keywords={"max_samples_per_call": 4},
     preview_factors=SDXL_LATENT_RGB_FACTORS,
     preview_bias=SDXL_LATENT_RGB_BIAS,
 )

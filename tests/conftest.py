@@ -16,6 +16,11 @@ from hypothesis import settings
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
+# No test may reach a model hub (none is reachable here, and a test that tried would wait for time-outs): the hub
+# clients answer from local files or fail at once. Set before anything imports huggingface_hub.
+for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_name, "1")
+
 # Fixtures whose tests are end-to-end: they start the app (importing app.py builds the whole UI and loads the
 # demo model), serve it, run it as on ZeroGPU, or evaluate the demo model. Browser tests use these too.
 SLOW_FIXTURES = {

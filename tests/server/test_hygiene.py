@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from sega import SegaPipeline
-from server import loading, profiles, service
+from server import loading
 from server import params as api
 from tests.served import free_port, import_app, serve
 from tests.tiny import tiny_components
@@ -159,23 +159,9 @@ def test_generated_files_are_deleted_after_a_while(app_module, monkeypatch):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_the_embedding_cache_stays_within_its_bound():
-    pipe = SegaPipeline(**tiny_components(), embedding_cache_size=5)
-    pipe.set_progress_bar_config(disable=True)
-    loaded = loading.LoadedModel(pipe=pipe, model_id="tiny", profile=profiles.DEMO_PROFILE, fallback_reason=None, device="cpu")
-    words = ["red", "green", "blue", "yellow", "circle", "square", "triangle", "large", "small"]
-    embeddings = []
-    for i, word in enumerate(words):
-        params = api.parse_request(loaded, {"prompt": f"a {word} shape", "seed": i, "steps": 2,
-                                                "concepts": [{"prompt": words[-1 - i], "warmup": 1}]})
-        service.generate(loaded, params)
-        embeddings.append(len(pipe.embedding_cache))
-    assert max(embeddings) == 5  # filled up, never beyond
-
-
-def test_the_served_pipeline_has_bounded_caches(app_module):
+def test_the_served_pipeline_has_a_bounded_inversion_cache(app_module):
     pipe = app_module.LOADED.pipe
-    assert 0 < pipe.embedding_cache.max_entries <= 1024
+    assert 0 < pipe.inversion_cache.max_entries <= 1024
 
 
 # ------------------------------------------------------------------------------------------------

@@ -324,7 +324,6 @@ def test_the_same_request_gives_the_same_pair_whatever_the_caches_hold(tiny):
     def library_call(request):  # a library user's call on the same pipeline
         return pipe(**{name: k.build(pipe) for name, k in request.pipeline_keywords("pipe").items()})
 
-    pipe.embedding_cache.clear()
     cold = answer()
     assert not np.array_equal(cold[2], cold[3])
     service.generate(tiny, parse(tiny, prompt="a blue square", seed=8, steps=5, concepts=[{"prompt": "red"}]))
@@ -564,3 +563,30 @@ def test_every_attribute_of_a_request_reads_a_declared_parameter(tiny):
     assert "seed" in views and views <= declared
     p = parse(tiny, seed=5, steps=3)
     assert (p.seed, p.steps, p.width) == (5, 3, tiny.native_size) and p.values["seed"] == 5
+
+
+def test_the_sdxl_profile_bounds_the_samples_per_unet_call():
+    """The profile's max_samples_per_call reaches the library call: the largest request's UNet batch is split,
+    and the images equal the library call that the snippet writes (the same keywords)."""
+    from sega import SegaXLPipeline
+    from server.profiles import SDXL_PROFILE
+    from tests.tiny import tiny_xl_components
+
+    pipe = SegaXLPipeline(**tiny_xl_components())
+    pipe.set_progress_bar_config(disable=True)
+    loaded = LoadedModel(pipe=pipe, model_id="tiny-xl", profile=SDXL_PROFILE, fallback_reason=None, device="cpu")
+    params = parse(loaded, prompt="a red circle", seed=3, steps=2, width=16, height=16,
+                   concepts=[{"prompt": word, "warmup": 0} for word in ("blue", "square", "large")])
+    keywords = params.pipeline_keywords("pipe")
+    limit = SDXL_PROFILE.library_keywords["max_samples_per_call"]
+    assert keywords["max_samples_per_call"].build(pipe) == limit
+    batches = []
+    hook = pipe.unet.register_forward_pre_hook(lambda _module, args: batches.append(args[0].shape[0]))
+    try:
+        result = service.generate(loaded, params)
+    finally:
+        hook.remove()
+    # The pair and three concepts: 2 + 2 + 3 = 7 samples a step, in calls of at most the profile's bound.
+    assert max(batches) <= limit and sum(batches) == 2 * 7
+    out = pipe(**{name: k.build(pipe) for name, k in keywords.items()}, output_type="pil")
+    assert np.array_equal(np.asarray(result.edited), np.asarray(out.images[0]))
