@@ -143,7 +143,7 @@ class ConceptSettings:
         return cls(None, None, [], [], [], [], [])
 
 
-def _per_concept(value, n: int, name: str) -> list:
+def per_concept(value, n: int, name: str) -> list:
     """The reference's broadcasting: one value for every concept, or a list with one per concept."""
     if isinstance(value, (list, tuple)):
         if len(value) != n:
@@ -177,14 +177,14 @@ def resolve_concepts(concepts, editing_prompt, editing_prompt_embeddings, revers
     elif editing_prompt_embeddings is not None:
         embeddings = editing_prompt_embeddings
         n = embeddings.shape[0]
-    reverse = _per_concept(reverse_editing_direction, n, "reverse_editing_direction")
-    scales = _per_concept(edit_guidance_scale, n, "edit_guidance_scale")
+    reverse = per_concept(reverse_editing_direction, n, "reverse_editing_direction")
+    scales = per_concept(edit_guidance_scale, n, "edit_guidance_scale")
     return ConceptSettings(
         prompts=prompts,
         embeddings=embeddings,
         signed_scales=[-float(s) if r else float(s) for s, r in zip(scales, reverse)],
-        thresholds=[float(t) for t in _per_concept(edit_threshold, n, "edit_threshold")],
-        warmup=[int(w) for w in _per_concept(edit_warmup_steps, n, "edit_warmup_steps")],
-        cooldown=_per_concept(edit_cooldown_steps, n, "edit_cooldown_steps"),
+        thresholds=[float(t) for t in per_concept(edit_threshold, n, "edit_threshold")],
+        warmup=[int(w) for w in per_concept(edit_warmup_steps, n, "edit_warmup_steps")],
+        cooldown=per_concept(edit_cooldown_steps, n, "edit_cooldown_steps"),
         weights=[float(w) for w in edit_weights] if edit_weights else [1.0] * n,
     )

@@ -27,7 +27,7 @@ import torch
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline, calculate_shift, retrieve_timesteps
 from diffusers.utils import BaseOutput
 
-from .concepts import EditConcept
+from .concepts import EditConcept, per_concept
 from .guidance import StepPlan, concept_directions, concepts_needed, plan_step, semantic_guidance_step
 from .stopping import StopFlag, check_stop
 
@@ -89,6 +89,7 @@ class _Denoising:
     momentum_scale: float = 0.0
     momentum_beta: float = 0.0
     momentum: torch.Tensor | None = None  # unpacked (B, ch, H, W)
+    joint_attention_kwargs: dict | None = None  # every transformer call's (a LoRA's scale)
     unet_calls: int = 0
     unet_samples: int = 0
 
@@ -124,14 +125,6 @@ def flux_concept_directions(base: torch.Tensor, concepts: torch.Tensor, signed_s
                               unpack(concepts, height, width, vae_scale_factor), signed_scales, thresholds)
 
 
-def _per_concept(value, n: int, name: str) -> list:
-    if isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise ValueError(f"{name} has {len(value)} entries but there are {n} edit concepts")
-        return list(value)
-    return [value] * n
-
-
 def resolve_concepts(concepts, editing_prompt, editing_prompt_embeds, reverse_editing_direction,
                      edit_guidance_scale, edit_warmup_steps, edit_cooldown_steps, edit_threshold,
                      edit_weights, num_inference_steps: int) -> list[EditConcept]:
@@ -149,15 +142,15 @@ def resolve_concepts(concepts, editing_prompt, editing_prompt_embeds, reverse_ed
     n = len(prompts)
     if edit_warmup_steps is None:
         edit_warmup_steps = round(DEFAULT_WARMUP_FRACTION * num_inference_steps)
-    weights = _per_concept(1.0 if edit_weights is None else edit_weights, n, "edit_weights")
+    weights = per_concept(1.0 if edit_weights is None else edit_weights, n, "edit_weights")
     return [EditConcept(prompt, scale=scale, threshold=threshold, warmup=warmup, cooldown=cooldown,
                         reverse=bool(reverse), weight=weight)
             for prompt, scale, threshold, warmup, cooldown, reverse, weight in zip(
-                prompts, _per_concept(edit_guidance_scale, n, "edit_guidance_scale"),
-                _per_concept(edit_threshold, n, "edit_threshold"),
-                _per_concept(edit_warmup_steps, n, "edit_warmup_steps"),
-                _per_concept(edit_cooldown_steps, n, "edit_cooldown_steps"),
-                _per_concept(reverse_editing_direction, n, "reverse_editing_direction"), weights)]
+                prompts, per_concept(edit_guidance_scale, n, "edit_guidance_scale"),
+                per_concept(edit_threshold, n, "edit_threshold"),
+                per_concept(edit_warmup_steps, n, "edit_warmup_steps"),
+                per_concept(edit_cooldown_steps, n, "edit_cooldown_steps"),
+                per_concept(reverse_editing_direction, n, "reverse_editing_direction"), weights)]
 
 
 class SegaFluxPipeline(FluxPipeline):
@@ -218,23 +211,25 @@ class SegaFluxPipeline(FluxPipeline):
 
     def encode_texts(self, prompts: list[str], negatives: list[str] | None, concepts: list[EditConcept],
                      editing_prompt_embeds: torch.Tensor | None, pooled_editing_prompt_embeds: torch.Tensor | None,
-                     num_images_per_prompt: int, max_sequence_length: int) -> _Text:
-        """Every text of the call, all T5-padded to ``max_sequence_length`` so they batch together."""
+                     num_images_per_prompt: int, max_sequence_length: int, lora_scale: float | None = None) -> _Text:
+        """Every text of the call, all T5-padded to ``max_sequence_length`` so they batch together (through the
+        LoRA'd text encoders at ``lora_scale``, as ``FluxPipeline.encode_prompt`` does)."""
         device = self._execution_device
         embeds, pooled = {}, {}
         embeds["p"], pooled["p"], text_ids = self.encode_prompt(
             prompts, device=device, num_images_per_prompt=num_images_per_prompt,
-            max_sequence_length=max_sequence_length)
+            max_sequence_length=max_sequence_length, lora_scale=lora_scale)
         if negatives is not None:
             embeds["n"], pooled["n"], _ = self.encode_prompt(
                 negatives, device=device, num_images_per_prompt=num_images_per_prompt,
-                max_sequence_length=max_sequence_length)
+                max_sequence_length=max_sequence_length, lora_scale=lora_scale)
         if editing_prompt_embeds is not None:
             concept_embeds = editing_prompt_embeds.to(device=device, dtype=embeds["p"].dtype)
             concept_pooled = pooled_editing_prompt_embeds.to(device=device, dtype=pooled["p"].dtype)
         elif concepts:
             concept_embeds, concept_pooled, _ = self.encode_prompt(
-                [c.prompt for c in concepts], device=device, max_sequence_length=max_sequence_length)
+                [c.prompt for c in concepts], device=device, max_sequence_length=max_sequence_length,
+                lora_scale=lora_scale)
         else:
             concept_embeds, concept_pooled = embeds["p"][:0], pooled["p"][:0]
         return _Text(embeds, pooled, concept_embeds[:, None], concept_pooled[:, None], text_ids)
@@ -284,6 +279,7 @@ class SegaFluxPipeline(FluxPipeline):
             encoder_hidden_states=embeds,
             txt_ids=state.text.text_ids,
             img_ids=state.image_ids,
+            joint_attention_kwargs=state.joint_attention_kwargs,
             return_dict=False,
         )[0]
         state.unet_calls, state.unet_samples = state.unet_calls + 1, state.unet_samples + rows
@@ -399,6 +395,7 @@ class SegaFluxPipeline(FluxPipeline):
         callback_on_step_end: Callable[[FluxPipeline, int, torch.Tensor, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         stop: StopFlag | None = None,
+        joint_attention_kwargs: dict | None = None,
     ):
         r"""Generate images with FLUX, steered by edit concepts.
 
@@ -451,6 +448,8 @@ class SegaFluxPipeline(FluxPipeline):
                 (B, ch, H, W) in the pipeline's scaled latent space (for previews, e.g. :mod:`sega.previews`).
             stop: an object with ``is_set() -> bool`` (e.g. ``threading.Event``), checked before each step; once
                 set, :class:`sega.stopping.Stopped` is raised.
+            joint_attention_kwargs: passed to every transformer call, as ``FluxPipeline`` does; ``{"scale": s}``
+                is the LoRA scale (``load_lora_weights``), applied to the text encoders too.
 
         Returns:
             :class:`SegaFluxPipelineOutput`, or a tuple (see ``return_dict``).
@@ -468,7 +467,8 @@ class SegaFluxPipeline(FluxPipeline):
         do_true_cfg = true_cfg_scale > 1 and negatives is not None
         # 2. Encode the prompt, the negative prompt and the concepts
         text = self.encode_texts(prompts, negatives if do_true_cfg else None, edit_concepts, editing_prompt_embeds,
-                                 pooled_editing_prompt_embeds, num_images_per_prompt, max_sequence_length)
+                                 pooled_editing_prompt_embeds, num_images_per_prompt, max_sequence_length,
+                                 (joint_attention_kwargs or {}).get("scale"))
         # 3. Prepare the packed initial noise and the image token positions
         latents, image_ids = self.prepare_latents(
             len(prompts) * num_images_per_prompt, self.transformer.config.in_channels // 4, height, width,
@@ -480,6 +480,7 @@ class SegaFluxPipeline(FluxPipeline):
             guidance_scale=float(guidance_scale) if self.transformer.config.guidance_embeds else None,
             true_cfg_scale=float(true_cfg_scale) if do_true_cfg else None,
             text=text, concepts=edit_concepts, height=height, width=width,
+            joint_attention_kwargs=joint_attention_kwargs,
         )
         self.plan_edits(state, edit_momentum_scale, edit_mom_beta)
         state.momentum = unpack(torch.zeros_like(latents), height, width, self.vae_scale_factor)

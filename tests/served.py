@@ -60,3 +60,14 @@ def browser_page(width: int = 1280, height: int = 900):
             yield browser.new_page(viewport={"width": width, "height": height})
         finally:
             browser.close()
+
+
+def two_model_panels(page, url: str):
+    """Open the app of two models at ``url``: (the first model's panel, shown; the second's, hidden)."""
+    from playwright.sync_api import expect
+
+    page.goto(url)
+    first, second = page.locator("#panel"), page.locator("#m1-panel")
+    expect(first).to_be_visible(timeout=60_000)
+    expect(second).to_be_hidden()
+    return first, second

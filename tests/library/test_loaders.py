@@ -252,3 +252,34 @@ def test_max_samples_per_call_with_cross_attention_masks():
         split = ours(PROMPT, generator=gen(), max_samples_per_call=limit, **kw)
         torch.testing.assert_close(split.edit_masks, whole.edit_masks, rtol=0, atol=0)
         torch.testing.assert_close(split.images, whole.images, rtol=0, atol=TOL)
+
+
+def test_flux_with_a_lora_gives_what_flux_pipeline_gives(tmp_path):
+    """``SegaFluxPipeline`` inherits ``FluxPipeline``'s loaders; the LoRA scale (``joint_attention_kwargs``) reaches
+    every transformer call, the concepts' included."""
+    from diffusers import FluxPipeline
+
+    from sega import SegaFluxPipeline
+    from tests.tiny_flux import T5_TOKENS, tiny_flux_components
+
+    parts = tiny_flux_components(guidance_embeds=True)
+    ours, ref = quiet(SegaFluxPipeline(**copy.deepcopy(parts))), quiet(FluxPipeline(**copy.deepcopy(parts)))
+    lora = copy.deepcopy(parts["transformer"])
+    torch.manual_seed(4)
+    lora.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    FluxPipeline.save_lora_weights(str(tmp_path), transformer_lora_layers=get_peft_model_state_dict(lora),
+                                   safe_serialization=True)
+    kw = dict(height=32, width=16, num_inference_steps=STEPS, max_sequence_length=T5_TOKENS, output_type="latent")
+    plain = ours(PROMPT, generator=gen(), **kw).images
+    for pipe in (ours, ref):
+        pipe.load_lora_weights(str(tmp_path))
+    for scale in ({}, {"joint_attention_kwargs": {"scale": 0.5}}):
+        want = ref(PROMPT, generator=gen(), **kw, **scale).images
+        torch.testing.assert_close(ours(PROMPT, generator=gen(), **kw, **scale).images, want, rtol=0, atol=TOL)
+    assert (ours(PROMPT, generator=gen(), **kw).images - plain).abs().max() > 1e-3
+    edited = ours(PROMPT, generator=gen(), **kw, concepts=[EditConcept("blue", scale=5, warmup=0)],
+                  joint_attention_kwargs={"scale": 0.5}, return_original=True)
+    torch.testing.assert_close(edited.original_images, ref(PROMPT, generator=gen(), **kw,
+                                                           joint_attention_kwargs={"scale": 0.5}).images,
+                               rtol=0, atol=TOL)

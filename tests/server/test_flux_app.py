@@ -17,7 +17,7 @@ from sega.pipeline_flux import SegaFluxPipeline
 from server import loading, service, snippets
 from server import params as api
 from server.profiles import FLUX_DEV_PROFILE, FLUX_SCHNELL_PROFILE
-from tests.served import browser_page, pixels
+from tests.served import browser_page, pixels, two_model_panels
 from tests.tiny_flux import save_tiny_flux
 
 NATIVE = 128  # FluxPipeline's default_sample_size 128 times the tiny VAE's factor 1
@@ -238,10 +238,7 @@ def test_two_models_switch_in_the_browser(demo_and_flux_server, dev_folder):
     from playwright.sync_api import expect
 
     with browser_page(height=1000) as page:
-        page.goto(demo_and_flux_server)
-        demo_panel, flux_panel = page.locator("#panel"), page.locator("#m1-panel")
-        expect(demo_panel).to_be_visible(timeout=60_000)
-        expect(flux_panel).to_be_hidden()
+        demo_panel, flux_panel = two_model_panels(page, demo_and_flux_server)
         page.locator("#model").get_by_label(dev_folder.name).check()
         expect(flux_panel).to_be_visible(timeout=30_000)
         expect(demo_panel).to_be_hidden()

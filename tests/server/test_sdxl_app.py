@@ -18,7 +18,7 @@ from server import params as api
 from server import service, snippets
 from server.loading import load_pipeline
 from server.profiles import SD_PROFILE, SDXL_PROFILE
-from tests.served import browser_page, pixels
+from tests.served import browser_page, pixels, two_model_panels
 from tests.tiny import tiny_xl_components
 
 pytestmark = pytest.mark.slow
@@ -181,10 +181,7 @@ def test_two_models_switch_in_the_browser(two_models_server, sdxl_folder):
     from playwright.sync_api import expect
 
     with browser_page(height=1000) as page:
-        page.goto(two_models_server)
-        demo_panel, sdxl_panel = page.locator("#panel"), page.locator("#m1-panel")
-        expect(demo_panel).to_be_visible(timeout=60_000)
-        expect(sdxl_panel).to_be_hidden()
+        demo_panel, sdxl_panel = two_model_panels(page, two_models_server)
         # The default model's form: the demo's sizes (up to twice its 32 px).
         assert page.locator("#width input[type=range]").get_attribute("max") == "64"
         page.locator("#prompt textarea").fill("a red circle")
