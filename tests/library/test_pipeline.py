@@ -56,7 +56,11 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "dpm", "euler"])
+# The fast tier checks every case on DDIM; the multistep and Euler schedulers run in the whole suite.
+EVERY_SCHEDULER = ["ddim", pytest.param("dpm", marks=pytest.mark.slow), pytest.param("euler", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("scheduler", EVERY_SCHEDULER)
 @pytest.mark.parametrize("case", list(CASES))
 def test_latents_match_deprecated_pipeline(scheduler, case):
     ref, ours = pipes(scheduler)
@@ -127,7 +131,7 @@ def test_edit_concepts_equal_keyword_api():
     assert torch.equal(dicts, by_concepts)
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "dpm", "euler"])
+@pytest.mark.parametrize("scheduler", EVERY_SCHEDULER)
 def test_original_equals_plain_stable_diffusion(scheduler):
     parts = tiny_components(scheduler)
     sd = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
