@@ -53,7 +53,7 @@ def test_edit_differs_and_the_same_seed_gives_the_same_pair(client):
     assert used["concepts"][0]["prompt"] == "blue" and {"scale", "threshold", "warmup", "cooldown", "reverse",
                                                           "weight"} <= set(used["concepts"][0])
     original2, edited2, used2 = generate(client, concepts=concepts, seed=42)
-    # The app computes every pair in one pass without the re-edit cache: the same answer, pixel for pixel.
+    # The app computes every pair in one pass: the same answer, pixel for pixel.
     assert np.array_equal(original, original2)
     assert np.array_equal(edited, edited2)
     assert {k: v for k, v in used2.items() if k != "summary"} == {k: v for k, v in used.items() if k != "summary"}
