@@ -173,7 +173,7 @@ def test_masks_are_shown_beside_the_result_in_both_tabs(server):
             set_number(page, f"concept-{i}-warmup", 2)
         run(page, "#generate")
         gallery = page.locator("#masks")
-        expect(gallery.locator("img")).to_have_count(2, timeout=30_000)
+        expect(gallery.locator("img")).to_have_count(2, timeout=RUN_TIMEOUT)
         expect(gallery).to_contain_text("+blue")
         expect(gallery).to_contain_text("−red")
         overlay, result = shown(page, server, "#masks img"), shown(page, server, "#edited img")
@@ -182,7 +182,7 @@ def test_masks_are_shown_beside_the_result_in_both_tabs(server):
         assert overlay.shape == result.shape and np.abs(overlay.astype(int) - result).max() > 15
         page.locator("#mask input[value=none]").check()
         run(page, "#generate")
-        expect(gallery).to_be_hidden(timeout=30_000)
+        expect(gallery).to_be_hidden(timeout=RUN_TIMEOUT)
         no_error(page)
 
         page.get_by_role("tab", name="Edit an image").click()
@@ -194,7 +194,7 @@ def test_masks_are_shown_beside_the_result_in_both_tabs(server):
         set_number(page, "edit-concept-0-warmup", 2)
         run(page, "#edit", "edit-")
         edit_gallery = page.locator("#edit-masks")
-        expect(edit_gallery.locator("img")).to_have_count(1, timeout=30_000)
+        expect(edit_gallery.locator("img")).to_have_count(1, timeout=RUN_TIMEOUT)
         expect(edit_gallery).to_contain_text("+blue")
 
 
