@@ -21,6 +21,14 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_name, "1")
 
+# Under pytest-xdist each worker gets its share of the cores for torch, and the app servers and ZeroGPU workers it
+# starts inherit it: with torch's default (a thread per core) in every worker, OpenMP's threads spin against each
+# other and every test runs many times slower (the whole suite took 25 min instead of 8 on 2 cores). Set before
+# anything imports torch; images compared pixel for pixel come from processes with the same count.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
 # Fixtures whose tests are end-to-end: they start the app (importing app.py builds the whole UI and loads the
 # demo model), serve it, run it as on ZeroGPU, or evaluate the demo model. Browser tests use these too.
 SLOW_FIXTURES = {
