@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 from contextlib import contextmanager
@@ -47,19 +48,28 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run", "--disable-quic"]
 
 
+_BROWSER: dict = {}  # this process's one headless chromium, launched by the first browser test
+
+
 @contextmanager
 def browser_page(width: int = 1280, height: int = 900):
-    """A page of headless Debian chromium (the test is skipped where it is not installed)."""
-    from playwright.sync_api import sync_playwright
+    """A page of headless Debian chromium in a context of its own (the test is skipped where it is not installed).
 
+    One browser serves every test of a process, each test in a fresh context (no cookies or storage shared):
+    launching chromium costs about as much as a short test."""
     if not os.path.exists(CHROMIUM):
         pytest.skip("Debian chromium is not installed")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield browser.new_page(viewport={"width": width, "height": height})
-        finally:
-            browser.close()
+    if "browser" not in _BROWSER:
+        from playwright.sync_api import sync_playwright
+
+        playwright = sync_playwright().start()
+        _BROWSER["browser"] = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        atexit.register(playwright.stop)
+    context = _BROWSER["browser"].new_context(viewport={"width": width, "height": height})
+    try:
+        yield context.new_page()
+    finally:
+        context.close()
 
 
 def two_model_panels(page, url: str):

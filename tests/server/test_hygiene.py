@@ -170,7 +170,7 @@ def test_the_served_pipeline_has_a_bounded_inversion_cache(app_module):
 
 
 @pytest.mark.slow
-def test_tokens_in_the_environment_never_reach_the_log(tmp_path):
+def test_a_model_that_cannot_load_falls_back_with_a_banner_and_no_token_reaches_the_log(tmp_path):
     token = "hf_FAKEtoken" + "x" * 24
     port = free_port()
     env = {**os.environ, "HF_TOKEN": token, "HUGGING_FACE_HUB_TOKEN": token, "GRADIO_ANALYTICS_ENABLED": "False",
@@ -190,11 +190,16 @@ def test_tokens_in_the_environment_never_reach_the_log(tmp_path):
                         break
                 except httpx.HTTPError:
                     time.sleep(0.5)
-            assert call(url, api_data(prompt=PROMPT, steps=2, seed=1))[0] == "complete"
+            assert call(url, api_data(prompt=PROMPT, steps=2, seed=1))[0] == "complete"  # on the demo model
+            config = httpx.get(f"{url}config", timeout=30).json()
+            banners = [c["props"]["value"] for c in config["components"]
+                       if c["props"].get("elem_id") == "fallback-banner"]
+            assert banners and "Could not load the model" in banners[0]  # the UI says it
             assert call(url, api_data(prompt=PROMPT, steps=0))[0] == "error"
         finally:
             proc.terminate()
             proc.wait(timeout=30)
     text = log.read_text()
-    assert "Could not load the model" in text and "INFO sega.app: model" in text  # the log was captured
+    missing = tmp_path / "no-such-model"
+    assert f"Could not load the model '{missing}'" in text and "INFO sega.app: model" in text  # the log says it
     assert token not in text and "FAKEtoken" not in text
