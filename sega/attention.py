@@ -28,6 +28,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .masks import attention_resolution, masked_concept_directions, noise_mask_applies
+from .prompts import TOKENIZER_LOCK
 
 _ACTIVE_STORE: contextvars.ContextVar[AttentionStore | None] = contextvars.ContextVar("sega_attention_store",
                                                                                       default=None)
@@ -40,7 +41,8 @@ def concept_token_counts(tokenizer, texts: Sequence[str]) -> list[int]:
     between the start and end tokens. (diffusers 0.42.1's LEDITS++ takes the tokenizer's ``length``, which a
     fast tokenizer reports after padding: every concept would sum every position, padding included.)"""
     limit = tokenizer.model_max_length - 2
-    return [min(len(tokenizer(text, add_special_tokens=False).input_ids), limit) for text in texts]
+    with TOKENIZER_LOCK:
+        return [min(len(tokenizer(text, add_special_tokens=False).input_ids), limit) for text in texts]
 
 
 def quarter_resolution_layers(unet) -> list[str]:

@@ -29,6 +29,7 @@ from diffusers.utils import BaseOutput
 
 from .concepts import EditConcept, per_concept
 from .guidance import StepPlan, concept_directions, concepts_needed, plan_step, semantic_guidance_step
+from .prompts import TOKENIZER_LOCK
 from .stopping import StopFlag, check_stop
 
 DEFAULT_WARMUP_FRACTION = 0.15  # of the steps, when edit_warmup_steps is left out
@@ -214,25 +215,27 @@ class SegaFluxPipeline(FluxPipeline):
                      num_images_per_prompt: int, max_sequence_length: int, lora_scale: float | None = None) -> _Text:
         """Every text of the call, all T5-padded to ``max_sequence_length`` so they batch together (through the
         LoRA'd text encoders at ``lora_scale``, as ``FluxPipeline.encode_prompt`` does)."""
-        device = self._execution_device
-        embeds, pooled = {}, {}
-        embeds["p"], pooled["p"], text_ids = self.encode_prompt(
-            prompts, device=device, num_images_per_prompt=num_images_per_prompt,
-            max_sequence_length=max_sequence_length, lora_scale=lora_scale)
-        if negatives is not None:
-            embeds["n"], pooled["n"], _ = self.encode_prompt(
-                negatives, device=device, num_images_per_prompt=num_images_per_prompt,
+        # FluxPipeline.encode_prompt tokenizes each text twice (padded, then unpadded for its truncation warning)
+        with TOKENIZER_LOCK:
+            device = self._execution_device
+            embeds, pooled = {}, {}
+            embeds["p"], pooled["p"], text_ids = self.encode_prompt(
+                prompts, device=device, num_images_per_prompt=num_images_per_prompt,
                 max_sequence_length=max_sequence_length, lora_scale=lora_scale)
-        if editing_prompt_embeds is not None:
-            concept_embeds = editing_prompt_embeds.to(device=device, dtype=embeds["p"].dtype)
-            concept_pooled = pooled_editing_prompt_embeds.to(device=device, dtype=pooled["p"].dtype)
-        elif concepts:
-            concept_embeds, concept_pooled, _ = self.encode_prompt(
-                [c.prompt for c in concepts], device=device, max_sequence_length=max_sequence_length,
-                lora_scale=lora_scale)
-        else:
-            concept_embeds, concept_pooled = embeds["p"][:0], pooled["p"][:0]
-        return _Text(embeds, pooled, concept_embeds[:, None], concept_pooled[:, None], text_ids)
+            if negatives is not None:
+                embeds["n"], pooled["n"], _ = self.encode_prompt(
+                    negatives, device=device, num_images_per_prompt=num_images_per_prompt,
+                    max_sequence_length=max_sequence_length, lora_scale=lora_scale)
+            if editing_prompt_embeds is not None:
+                concept_embeds = editing_prompt_embeds.to(device=device, dtype=embeds["p"].dtype)
+                concept_pooled = pooled_editing_prompt_embeds.to(device=device, dtype=pooled["p"].dtype)
+            elif concepts:
+                concept_embeds, concept_pooled, _ = self.encode_prompt(
+                    [c.prompt for c in concepts], device=device, max_sequence_length=max_sequence_length,
+                    lora_scale=lora_scale)
+            else:
+                concept_embeds, concept_pooled = embeds["p"][:0], pooled["p"][:0]
+            return _Text(embeds, pooled, concept_embeds[:, None], concept_pooled[:, None], text_ids)
 
     def prepare_timesteps(self, num_inference_steps: int, image_seq_len: int) -> torch.Tensor:
         """FluxPipeline's schedule: sigmas 1 -> 1/steps, shifted by mu for the image's token count."""

@@ -14,6 +14,7 @@ have to be invalidated on every LoRA, textual inversion or component change).
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -62,13 +63,20 @@ def check_clip_skip(clip_skip: int | None, encoder: torch.nn.Module) -> None:
         raise ValueError(f"clip_skip must be an integer in [0, {layers}) for this text encoder, got {clip_skip!r}")
 
 
+# transformers' fast tokenizers keep their padding and truncation settings on the shared (Rust) tokenizer and set
+# them for each call: two threads tokenizing at once could get each other's settings (an unpadded row among padded
+# ones). Tokenizing is a tiny part of a call, so calls take turns; re-entrant for nested helpers.
+TOKENIZER_LOCK = threading.RLock()
+
+
 class PromptEncoderMixin:
     """Text encoding for a pipeline with a ``tokenizer``, a ``text_encoder`` and a ``unet``."""
 
     def truncated_text(self, text: str, tokenizer=None) -> str | None:
         """The part of ``text`` beyond the tokenizer's limit that will be dropped, or None."""
         tokenizer = tokenizer or self.tokenizer
-        ids = tokenizer(text, truncation=False).input_ids
+        with TOKENIZER_LOCK:
+            ids = tokenizer(text, truncation=False).input_ids
         limit = tokenizer.model_max_length
         if len(ids) <= limit:
             return None
@@ -77,13 +85,14 @@ class PromptEncoderMixin:
     def token_ids(self, text: str, tokenizer) -> torch.Tensor:
         """(1, model_max_length) ids of ``text`` with its textual-inversion tokens expanded; truncated (end token
         kept, as StableDiffusionPipeline does) with a warning."""
-        if hasattr(self, "maybe_convert_prompt"):
-            text = self.maybe_convert_prompt(text, tokenizer)
-        removed = self.truncated_text(text, tokenizer)
-        if removed:
-            logger.warning(f"Prompt truncated to {tokenizer.model_max_length} tokens; dropped: {removed!r}")
-        return tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids
+        with TOKENIZER_LOCK:
+            if hasattr(self, "maybe_convert_prompt"):
+                text = self.maybe_convert_prompt(text, tokenizer)
+            removed = self.truncated_text(text, tokenizer)
+            if removed:
+                logger.warning(f"Prompt truncated to {tokenizer.model_max_length} tokens; dropped: {removed!r}")
+            return tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                             return_tensors="pt").input_ids
 
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str], clip_skip: int | None = None) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """SegaPipeline against the deprecated SemanticStableDiffusionPipeline and StableDiffusionPipeline (oracles)."""
 
 import logging
+import sys
 import threading
 import warnings
 
@@ -270,6 +271,36 @@ def test_two_concurrent_calls_stop_independently():
     assert isinstance(results["a"], Stopped)
     alone = ours("a red circle", num_inference_steps=STEPS, output_type="latent", generator=gen()).images
     torch.testing.assert_close(results["b"], alone)
+
+
+def test_threads_tokenizing_at_once_each_get_their_own_padding():
+    """transformers' fast tokenizers set padding per call on the shared tokenizer: without the library's lock,
+    threads switching every microsecond got unpadded rows here about one call in ten (the app's concurrent
+    requests failed with "Sizes of tensors must match")."""
+    from sega.attention import concept_token_counts
+
+    _, ours = pipes("ddim")
+    texts = ["blue", "a large red circle on a white background", "red", "green square"]
+    expected = {t: (ours.token_ids(t, ours.tokenizer), concept_token_counts(ours.tokenizer, [t])) for t in texts}
+    wrong = []
+
+    def work(text):
+        for _ in range(150):
+            ids, count = ours.token_ids(text, ours.tokenizer), concept_token_counts(ours.tokenizer, [text])
+            if not torch.equal(ids, expected[text][0]) or count != expected[text][1]:
+                wrong.append(text)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=work, args=(t,)) for t in texts]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert wrong == []
 
 
 def test_save_and_load_local_folder(tmp_path):
