@@ -139,6 +139,7 @@ def failure_reason(exc: Exception) -> str:
 
 # On a GPU: FLUX.1 in bfloat16 (its weights' own type; float16 overflows in its activations), the others float16.
 GPU_DTYPES: dict[type, torch.dtype] = {SegaFluxPipeline: torch.bfloat16}
+DEFAULT_GPU_DTYPE = torch.float16
 
 
 def _load(model: str, device: str, safety_checker: bool) -> SegaPipeline:
@@ -148,7 +149,7 @@ def _load(model: str, device: str, safety_checker: bool) -> SegaPipeline:
         # FLUX.1's 12B transformer and T5-XXL: tens of GB to download and minutes per step on a CPU. A local
         # folder (small test components) still loads.
         raise NeedsGPU(f"{model} is a FLUX.1 model, which needs a GPU")
-    dtype = GPU_DTYPES.get(cls, torch.float16) if on_gpu else torch.float32
+    dtype = GPU_DTYPES.get(cls, DEFAULT_GPU_DTYPE) if on_gpu else torch.float32
     kwargs: dict = {"dtype": dtype}
     if cls is SegaPipeline and not safety_checker:  # SDXL checkpoints have no safety checker
         kwargs["safety_checker"] = None

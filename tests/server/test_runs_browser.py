@@ -27,7 +27,7 @@ WAIT = 600  # seconds, at most, for anything that happens on its own (steps are 
 def space(tmp_path_factory):
     folder = tmp_path_factory.mktemp("runs")
     env = {"SEGA_MAX_STEPS": "400", "GRADIO_EXAMPLES_CACHE": str(folder / "examples")}
-    with serve_app(folder, zero_gpu=True, env=env) as served:
+    with serve_app(folder, zero_gpu=True, env=env, float32=True) as served:
         yield served
 
 
