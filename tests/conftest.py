@@ -37,12 +37,13 @@ SLOW_FIXTURES = {
     "evaluator": "evaluates the demo model",
 }
 
-# Tests that run the real demo model at length or train one, by node id prefix (relative to the repository).
+# Tests that run the real demo model at length, train one or import the library anew, by node id prefix.
 SLOW_TESTS = {
     "tests/benchmarks/": "runs the benchmark scripts end to end",
     "tests/demo/test_shapes.py::test_training_": "trains a demo model",
     "tests/demo/test_editing.py::test_the_edit_tabs_examples": "inverts and edits every example upload",
     "tests/demo/test_previews.py::": "fits the preview map to the VAE; denoises 20 steps",
+    "tests/test_layout.py::test_the_library_imports_without_gradio_or_spaces": "imports the library in a new process",
 }
 
 # Hypothesis: fewer examples in the fast tier, the full count when the whole suite runs.
