@@ -51,7 +51,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG_ENV = "ZEROGPU_EMULATION_LOG"
-FLOAT32_ENV = "ZEROGPU_EMULATION_FLOAT32"  # "1": the "GPU" runs float32 (the emulation's CPU runs float16 8x slower)
 CONTROL_ENV = "ZEROGPU_EMULATION_CONTROL"
 REFUSALS = ("quota", "no_gpu")
 RENDEZVOUS_TIMEOUT = 240  # seconds a run waits for the others at a rendezvous (a hang guard, not a timing)
@@ -321,11 +320,8 @@ class Served:
 
 @contextmanager
 def serve_app(folder: Path, zero_gpu: bool, env: dict[str, str] | None = None,
-              timeout: float = 300, float32: bool = False) -> Iterator[Served]:
-    """``python app.py`` on the bundled demo model, as on a ZeroGPU Space (emulated) or as on a CPU.
-
-    ``float32``: the emulated GPU runs the model in float32, not the Space's float16 (which a CPU runs about 8x
-    slower), for tests of how runs go rather than of their numbers."""
+              timeout: float = 300) -> Iterator[Served]:
+    """``python app.py`` on the bundled demo model, as on a ZeroGPU Space (emulated) or as on a CPU."""
     from benchmarks.load import app_process  # here: the launcher process must not import it before spaces
     from sega.demo.shapes import DEFAULT_MODEL_DIR
 
@@ -336,8 +332,6 @@ def serve_app(folder: Path, zero_gpu: bool, env: dict[str, str] | None = None,
     environ.pop("SPACES_ZERO_GPU", None)
     if zero_gpu:
         environ["SPACES_ZERO_GPU"] = "true"
-    if float32:
-        environ[FLOAT32_ENV] = "1"
     environ.update(env or {})
     with app_process(["-m", "tests.zerogpu"], environ, folder / "server.log", timeout) as (url, pid):
         yield Served(url=url, pid=pid, log=log, control_file=control_file)
@@ -347,12 +341,14 @@ def main(argv: list[str]) -> None:
     """``python app.py`` with the emulation (SPACES_ZERO_GPU=true), else with only the step recorder."""
     if os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true"):
         install()
-        if os.environ.get(FLOAT32_ENV) == "1":
-            import torch
+        # The emulated GPU is this CPU: it runs the model in float32, not the Space's float16, which a CPU runs
+        # about 8 times slower and which says nothing about how runs go (tests/server/test_service.py checks
+        # which dtype a real GPU gets).
+        import torch
 
-            from server import loading
+        from server import loading
 
-            loading.DEFAULT_GPU_DTYPE = torch.float32
+        loading.DEFAULT_GPU_DTYPE = torch.float32
     else:
         install_recorder()
     record("launch")

@@ -243,6 +243,7 @@ def test_every_generate_example_fills_the_form_and_generates(server):
             # the example's own (cached) result, with its seed
             expect(page.locator("#seed-used input")).to_have_value(str(seed), timeout=RUN_TIMEOUT)
             no_error(page)
+            set_number(page, "steps", FEW_STEPS)  # a short run of the filled form (the example reset the steps)
             run(page, "#generate")
 
 
@@ -259,6 +260,7 @@ def test_every_edit_example_fills_the_form_and_edits(server):
             expect(page.locator("#edit-image img").first).to_be_visible()
             for i, concept in enumerate(concepts):
                 expect_row(page, f"edit-concept-{i}", concept, "edit")
+            set_number(page, "edit-steps", FEW_STEPS)
             run(page, "#edit", "edit-")
 
 
@@ -286,8 +288,9 @@ def pick_preset(page, row: str, name: str) -> None:
 
 
 def try_every_preset(page, endpoint: str, prefix: str, button: str) -> None:
-    """With each mask mode, every preset of the row fills its numbers from that mode's table and runs with
-    them; switching the mode refills the row from its preset."""
+    """With each mask mode, every preset of the row fills its numbers from that mode's table; switching the mode
+    refills the row from its preset. Without a mask every preset runs with its numbers; with one, the last
+    preset runs (the numbers reach the run the same way whatever the table: one run shows it for masks)."""
     from playwright.sync_api import expect
 
     row, mask_id = f"{prefix}concept-0", f"{prefix}mask"
@@ -295,9 +298,12 @@ def try_every_preset(page, endpoint: str, prefix: str, button: str) -> None:
         page.locator(f"#{mask_id} input[value={mask}]").check()
         current = page.locator(f"#{row}-preset input").input_value()
         expect_row(page, row, {"prompt": "blue", "preset": current}, endpoint, mask)  # refilled for the mode
-        for name, values in DEMO_PROFILE.presets.table(endpoint, mask).items():
+        table = DEMO_PROFILE.presets.table(endpoint, mask)
+        for i, (name, values) in enumerate(table.items()):
             pick_preset(page, row, name)
             expect_row(page, row, {"prompt": "blue", "preset": name}, endpoint, mask)
+            if mask != "none" and i < len(table) - 1:
+                continue
             seed = run(page, button, prefix)
             # the summary follows from the run's JSON (its own event): wait for this run's
             expect(page.locator(f"#{prefix}summary")).to_contain_text(f"seed {seed}", timeout=30_000)

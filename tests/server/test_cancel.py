@@ -29,8 +29,7 @@ DEADLINE = 120  # seconds to wait for the run to end: a hang guard only (the ste
 @pytest.fixture(scope="module", params=["cpu", "zerogpu"])
 def server(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
-    with serve_app(folder, zero_gpu=request.param == "zerogpu", env={"SEGA_MAX_STEPS": str(LONG)},
-                   float32=True) as served:
+    with serve_app(folder, zero_gpu=request.param == "zerogpu", env={"SEGA_MAX_STEPS": str(LONG)}) as served:
         served.kind = request.param
         yield served
 

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sega
-from sega import SegaPipeline
+from sega import SegaFluxPipeline, SegaPipeline
 from server import limits, loading, profiles, service, snippets
 from server import params as api
 from server.concepts import CONCEPT_KEYS
@@ -458,6 +458,27 @@ def test_default_model_depends_on_the_gpu(monkeypatch):
     assert loading.default_model() == str(loading.DEFAULT_MODEL_DIR)
     monkeypatch.setenv("SPACES_ZERO_GPU", "true")
     assert loading.default_model() == loading.SD_MODEL_ID
+
+
+@pytest.mark.parametrize(("cls", "device", "dtype"), [
+    (SegaPipeline, "cuda", torch.float16), (SegaFluxPipeline, "cuda", torch.bfloat16),
+    (SegaPipeline, "cpu", torch.float32), (SegaFluxPipeline, "cpu", torch.float32)])
+def test_weights_load_in_half_precision_on_a_gpu_and_float32_on_the_cpu(monkeypatch, tmp_path, cls, device, dtype):
+    seen = {}
+
+    class Loaded:
+        def to(self, where):
+            seen["device"] = where
+            return self
+
+    def fake_from_pretrained(model, **kwargs):
+        seen.update(kwargs)
+        return Loaded()
+
+    monkeypatch.setattr(loading, "pipeline_class", lambda model: cls)
+    monkeypatch.setattr(cls, "from_pretrained", fake_from_pretrained)
+    loading._load(str(tmp_path), device, safety_checker=True)  # a local folder: FLUX loads on the CPU too
+    assert seen["dtype"] == dtype and seen["device"] == device
 
 
 def test_safety_checker_off_passes_none(monkeypatch):
