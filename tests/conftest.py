@@ -33,7 +33,7 @@ if _WORKERS > 1:
 # demo model), serve it, run it as on ZeroGPU, or evaluate the demo model. Browser tests use these too.
 SLOW_FIXTURES = {
     "app_module": "starts the app", "server": "serves the app", "client": "serves the app",
-    "sdxl_server": "serves the app", "two_models_server": "serves the app", "space": "runs the app as on ZeroGPU",
+    "sdxl_server": "serves the app", "flux_server": "serves the app", "space": "runs the app as on ZeroGPU",
     "evaluator": "evaluates the demo model",
 }
 

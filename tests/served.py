@@ -72,12 +72,14 @@ def browser_page(width: int = 1280, height: int = 900):
         context.close()
 
 
-def two_model_panels(page, url: str):
-    """Open the app of two models at ``url``: (the first model's panel, shown; the second's, hidden)."""
+def model_panels(page, url: str, count: int = 2) -> list:
+    """Open the app of ``count`` models at ``url``: each model's panel, the first (the default model's) shown,
+    the others hidden."""
     from playwright.sync_api import expect
 
     page.goto(url)
-    first, second = page.locator("#panel"), page.locator("#m1-panel")
-    expect(first).to_be_visible(timeout=60_000)
-    expect(second).to_be_hidden()
-    return first, second
+    panels = [page.locator("#panel"), *(page.locator(f"#m{i}-panel") for i in range(1, count))]
+    expect(panels[0]).to_be_visible(timeout=60_000)
+    for panel in panels[1:]:
+        expect(panel).to_be_hidden()
+    return panels

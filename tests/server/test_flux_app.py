@@ -1,7 +1,8 @@
 """FLUX.1 in the app: a folder of tiny random FLUX components (laid out as a real FLUX checkpoint, with FLUX's 16
 latent channels) is recognised, loaded on the CPU with the FLUX profile of its kind ([schnell]-like without a
-guidance embedding, [dev]-like with one), and served over gradio_client and in the browser, alone and beside the
-demo model. The profile and loading tests are fast; the app and browser tests are marked slow."""
+guidance embedding, [dev]-like with one), and served over gradio_client and in the browser: one app serves the
+[schnell]-like folder (the default), the demo model and the [dev]-like folder. The profile and loading tests are
+fast; the app and browser tests are slow (tests/conftest.py: they use the ``flux_server`` fixture)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from sega.pipeline_flux import SegaFluxPipeline
 from server import loading, service, snippets
 from server import params as api
 from server.profiles import FLUX_DEV_PROFILE, FLUX_SCHNELL_PROFILE
-from tests.served import browser_page, pixels, two_model_panels
+from tests.served import browser_page, model_panels, pixels
 from tests.tiny_flux import save_tiny_flux
 
 NATIVE = 128  # FluxPipeline's default_sample_size 128 times the tiny VAE's factor 1
@@ -155,13 +156,14 @@ def _env() -> dict:
 
 
 @pytest.fixture(scope="module")
-def flux_server(schnell_folder, tmp_path_factory):
+def flux_server(schnell_folder, dev_folder, tmp_path_factory):
+    """One app start for the module: a [schnell]-like folder (the default), the demo model, a [dev]-like folder."""
     log = tmp_path_factory.mktemp("logs") / "app.log"
-    with app_process(["app.py", "--model", str(schnell_folder)], _env(), log, timeout=600) as (url, _pid):
+    args = ["app.py", *(arg for model in (schnell_folder, DEFAULT_MODEL_DIR, dev_folder) for arg in ("--model", str(model)))]
+    with app_process(args, _env(), log, timeout=600) as (url, _pid):
         yield url
 
 
-@pytest.mark.slow
 def test_generate_over_the_api(flux_server, schnell_folder):
     from gradio_client import Client, handle_file
 
@@ -178,10 +180,9 @@ def test_generate_over_the_api(flux_server, schnell_folder):
     with pytest.raises(Exception, match="takes no negative prompt"):
         client.predict(negative_prompt="blurry", **request)
     with pytest.raises(Exception, match=f"needs a Stable Diffusion or SDXL model; {schnell_folder}"):
-        client.predict(image=handle_file(original), api_name="/edit")
+        client.predict(image=handle_file(original), model=str(schnell_folder), api_name="/edit")
 
 
-@pytest.mark.slow
 def test_the_browser_generates_with_a_concept(flux_server):
     from playwright.sync_api import expect
 
@@ -207,24 +208,15 @@ def test_the_browser_generates_with_a_concept(flux_server):
 
 
 # ------------------------------------------------------------------------------------------------
-# One app, two models: the bundled demo model (the default) and a [dev]-like FLUX folder
+# One app, several models: the [schnell]-like folder (the default), the demo model and a [dev]-like folder
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def demo_and_flux_server(dev_folder, tmp_path_factory):
-    log = tmp_path_factory.mktemp("logs") / "app.log"
-    args = ["app.py", "--model", str(DEFAULT_MODEL_DIR), "--model", str(dev_folder)]
-    with app_process(args, _env(), log, timeout=600) as (url, _pid):
-        yield url
-
-
-@pytest.mark.slow
-def test_two_models_over_the_api(demo_and_flux_server, dev_folder):
+def test_several_models_over_the_api(flux_server, dev_folder):
     from gradio_client import Client
 
-    client = Client(demo_and_flux_server, verbose=False)
-    _, _, used = client.predict(prompt=PROMPT, steps=2, seed=1, api_name="/generate")
+    client = Client(flux_server, verbose=False)
+    _, _, used = client.predict(prompt=PROMPT, steps=2, seed=1, model=str(DEFAULT_MODEL_DIR), api_name="/generate")
     assert used["model"] == str(DEFAULT_MODEL_DIR) and used["width"] == 32 and used["scheduler"] == "DDIM"
     original, edited, used = client.predict(prompt=PROMPT, steps=2, seed=1, width=SIZE, height=SIZE,
                                             model=str(dev_folder), concepts=[{"prompt": "blue", "warmup": 0}],
@@ -233,24 +225,24 @@ def test_two_models_over_the_api(demo_and_flux_server, dev_folder):
     assert not np.array_equal(pixels(original), pixels(edited))
 
 
-@pytest.mark.slow
-def test_two_models_switch_in_the_browser(demo_and_flux_server, dev_folder):
+def test_the_models_switch_in_the_browser(flux_server, dev_folder):
     from playwright.sync_api import expect
 
     with browser_page(height=1000) as page:
-        demo_panel, flux_panel = two_model_panels(page, demo_and_flux_server)
+        schnell_panel, demo_panel, flux_panel = model_panels(page, flux_server, 3)
         page.locator("#model").get_by_label(dev_folder.name).check()
         expect(flux_panel).to_be_visible(timeout=30_000)
+        expect(schnell_panel).to_be_hidden()
         expect(demo_panel).to_be_hidden()
         # [dev] has a guidance scale, but no negative prompt; its sizes go in steps of 2 x the VAE's factor.
-        expect(page.locator("#m1-guidance")).to_be_visible()
-        expect(page.locator("#m1-negative-prompt")).to_have_count(0)
-        assert page.locator("#m1-width input[type=range]").get_attribute("max") == str(2 * NATIVE)
-        page.locator("#m1-prompt textarea").fill(PROMPT)
-        page.locator("#m1-concept-0-text textarea, #m1-concept-0-text input").first.fill("blue")
+        expect(page.locator("#m2-guidance")).to_be_visible()
+        expect(page.locator("#m2-negative-prompt")).to_have_count(0)
+        assert page.locator("#m2-width input[type=range]").get_attribute("max") == str(2 * NATIVE)
+        page.locator("#m2-prompt textarea").fill(PROMPT)
+        page.locator("#m2-concept-0-text textarea, #m2-concept-0-text input").first.fill("blue")
         for name, value in (("steps", 2), ("width", SIZE), ("height", SIZE)):
-            page.locator(f"#m1-{name} input[type=number]").fill(str(value))
-            page.locator(f"#m1-{name} input[type=number]").press("Enter")
-        page.locator("#m1-generate").click()
-        expect(page.locator("#m1-summary")).to_contain_text(f"{SIZE}×{SIZE} px · guidance 3.5", timeout=240_000)
-        expect(page.locator("#m1-summary")).to_contain_text("+'blue'")
+            page.locator(f"#m2-{name} input[type=number]").fill(str(value))
+            page.locator(f"#m2-{name} input[type=number]").press("Enter")
+        page.locator("#m2-generate").click()
+        expect(page.locator("#m2-summary")).to_contain_text(f"{SIZE}×{SIZE} px · guidance 3.5", timeout=240_000)
+        expect(page.locator("#m2-summary")).to_contain_text("+'blue'")

@@ -1,6 +1,7 @@
-"""``python app.py --model <an SDXL folder>``: tiny random SDXL components saved with ``save_pretrained`` (as a
-real SDXL checkpoint is laid out) are detected, served through /generate and /edit, over gradio_client and in
-the browser, with SDXL's profile."""
+"""``python app.py --model <an SDXL folder> --model <the demo model>``: tiny random SDXL components saved with
+``save_pretrained`` (as a real SDXL checkpoint is laid out) are detected and served, first (the default), beside
+the demo model: /generate and /edit over gradio_client and in the browser with SDXL's profile, and the switch
+between the two models' forms."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from sega.demo.shapes import DEFAULT_MODEL_DIR
 from server import params as api
 from server import service, snippets
 from server.loading import load_pipeline
-from server.profiles import SD_PROFILE, SDXL_PROFILE
-from tests.served import browser_page, pixels, two_model_panels
+from server.profiles import DEMO_PROFILE, SD_PROFILE, SDXL_PROFILE
+from tests.served import browser_page, model_panels, pixels
 from tests.tiny import tiny_xl_components
 
 pytestmark = pytest.mark.slow
@@ -35,11 +36,14 @@ def sdxl_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sdxl_server(sdxl_folder, tmp_path_factory):
+    """One app start for the module: the SDXL folder (the default) and the demo model."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
            "TQDM_DISABLE": "1"}
     env.pop("SEGA_MODEL", None)
+    env["SEGA_MODELS"] = "ignored-when-the-command-line-names-models"
     log = tmp_path_factory.mktemp("logs") / "app.log"
-    with app_process(["app.py", "--model", str(sdxl_folder)], env, log, timeout=600) as (url, _pid):
+    args = ["app.py", "--model", str(sdxl_folder), "--model", str(DEFAULT_MODEL_DIR)]
+    with app_process(args, env, log, timeout=600) as (url, _pid):
         yield url
 
 
@@ -81,15 +85,14 @@ def test_generate_and_edit_over_the_api(sdxl_server, sdxl_folder, tmp_path):
     from gradio_client import Client, handle_file
 
     client = Client(sdxl_server, verbose=False)
-    info = client.view_api(return_format="dict", print_info=False)
-    defaults = {p["parameter_name"]: p["parameter_default"] for p in info["named_endpoints"]["/generate"]["parameters"]}
-    assert defaults["width"] == defaults["height"] == NATIVE and defaults["guidance_scale"] == 5.0
+    # No model named: the first one served, with its own defaults (its native size, SDXL's guidance).
     original, edited, used = client.predict(prompt="a red circle", steps=3, seed=1, api_name="/generate",
                                             concepts=[{"prompt": "blue", "warmup": 1}])
     original, edited = pixels(original), pixels(edited)
     assert original.shape == edited.shape == (NATIVE, NATIVE, 3)
     assert not np.array_equal(original, edited)
     assert used["model"] == str(sdxl_folder) and used["seed"] == 1
+    assert used["width"] == used["height"] == NATIVE and used["guidance_scale"] == 5.0
 
     reconstruction, edited, used = client.predict(image=handle_file(upload(tmp_path)), steps=5, seed=2,
                                                   concepts=[{"prompt": "blue"}], api_name="/edit")
@@ -129,86 +132,68 @@ def test_the_browser_generates_and_edits(sdxl_server, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# One app, two models: the bundled demo model (the default) and SDXL
+# One app, two models: SDXL (the default) and the bundled demo model
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def two_models_server(sdxl_folder, tmp_path_factory):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-           "TQDM_DISABLE": "1"}
-    env.pop("SEGA_MODEL", None)
-    env["SEGA_MODELS"] = "ignored-when-the-command-line-names-models"
-    log = tmp_path_factory.mktemp("logs") / "app.log"
-    args = ["app.py", "--model", str(DEFAULT_MODEL_DIR), "--model", str(sdxl_folder)]
-    with app_process(args, env, log, timeout=600) as (url, _pid):
-        yield url
-
-
-def test_two_models_over_the_api(two_models_server, sdxl_folder, tmp_path):
+def test_two_models_over_the_api(sdxl_server, sdxl_folder, tmp_path):
     from gradio_client import Client, handle_file
-    client = Client(two_models_server, verbose=False)
+    client = Client(sdxl_server, verbose=False)
     info = client.view_api(return_format="dict", print_info=False)
     for endpoint in ("/generate", "/edit"):
         defaults = {p["parameter_name"]: p["parameter_default"]
                     for p in info["named_endpoints"][endpoint]["parameters"]}
         # What differs between the models shows no default: the server fills in the chosen model's own.
         assert defaults["model"] is None and defaults["steps"] is None
-    # No model: the first one served (the demo model, 32 px); its limits and defaults.
-    _, _, used = client.predict(prompt="a red circle", steps=2, seed=1, api_name="/generate")
+    # The demo model: its limits and defaults (32 px), its presets.
+    _, _, used = client.predict(prompt="a red circle", steps=2, seed=1, model=str(DEFAULT_MODEL_DIR),
+                                concepts=[{"prompt": "black background", "preset": "background"}], api_name="/generate")
     assert used["model"] == str(DEFAULT_MODEL_DIR) and used["width"] == 32
-    # The SDXL model: its native size and guidance default, its images.
-    original, edited, used = client.predict(prompt="a red circle", steps=3, seed=1, model=str(sdxl_folder),
-                                            concepts=[{"prompt": "blue", "warmup": 1}], api_name="/generate")
-    assert used["model"] == str(sdxl_folder) and used["width"] == NATIVE and used["guidance_scale"] == 5.0
-    assert pixels(original).shape == pixels(edited).shape == (NATIVE, NATIVE, 3)
     # Each model's presets: the demo's "background" is not one of SDXL's.
-    client.predict(prompt="a red circle", steps=2, concepts=[{"prompt": "black background", "preset": "background"}],
-                   api_name="/generate")
     with pytest.raises(Exception, match=r"concepts\[0\]\.preset must be one of object, style, face, custom"):
         client.predict(prompt="a red circle", concepts=[{"prompt": "black background", "preset": "background"}],
                        model=str(sdxl_folder), api_name="/generate")
     with pytest.raises(Exception, match="model must be one of the served models"):
         client.predict(prompt="a red circle", model="no/such-model", api_name="/generate")
     reconstruction, _, used = client.predict(image=handle_file(upload(tmp_path)), steps=4, seed=2,
-                                             model=str(sdxl_folder), concepts=[{"prompt": "blue"}], api_name="/edit")
-    assert used["model"] == str(sdxl_folder) and pixels(reconstruction).shape == (NATIVE, NATIVE, 3)
-    preset = SDXL_PROFILE.concept_defaults(endpoint="edit")
-    assert used["concepts"][0]["scale"] == preset["scale"]
+                                             model=str(DEFAULT_MODEL_DIR), concepts=[{"prompt": "blue"}],
+                                             api_name="/edit")
+    assert used["model"] == str(DEFAULT_MODEL_DIR) and pixels(reconstruction).shape == (32, 32, 3)
+    assert used["concepts"][0]["scale"] == DEMO_PROFILE.concept_defaults(endpoint="edit")["scale"]
 
 
-def test_two_models_switch_in_the_browser(two_models_server, sdxl_folder):
+def test_two_models_switch_in_the_browser(sdxl_server, sdxl_folder):
     from playwright.sync_api import expect
 
     with browser_page(height=1000) as page:
-        demo_panel, sdxl_panel = two_model_panels(page, two_models_server)
-        # The default model's form: the demo's sizes (up to twice its 32 px).
-        assert page.locator("#width input[type=range]").get_attribute("max") == "64"
-        page.locator("#prompt textarea").fill("a red circle")
-        page.locator("#generate").click()
-        expect(page.locator("#summary")).to_contain_text("32×32 px", timeout=240_000)
-
-        page.locator("#model").get_by_label(sdxl_folder.name).check()
-        expect(sdxl_panel).to_be_visible(timeout=30_000)
-        expect(demo_panel).to_be_hidden()
-        # SDXL's own form: its sizes, its presets.
-        assert page.locator("#m1-width input[type=range]").get_attribute("max") == str(2 * NATIVE)
-        page.locator("#m1-concept-0-preset input").click()
+        sdxl_panel, demo_panel = model_panels(page, sdxl_server)
+        # The default model's form: SDXL's sizes (up to twice its native size), its presets.
+        assert page.locator("#width input[type=range]").get_attribute("max") == str(2 * NATIVE)
+        page.locator("#concept-0-preset input").click()
         for name in SDXL_PROFILE.presets.table():
             expect(page.get_by_role("option", name=name, exact=True)).to_be_visible()
         page.keyboard.press("Escape")
-        page.locator("#m1-prompt textarea").fill("a red circle")
-        page.locator("#m1-concept-0-text textarea, #m1-concept-0-text input").first.fill("blue")
-        page.locator("#m1-steps input[type=number]").fill("3")
-        page.locator("#m1-steps input[type=number]").press("Enter")
-        page.locator("#m1-generate").click()
-        expect(page.locator("#m1-summary")).to_contain_text(f"{NATIVE}×{NATIVE} px", timeout=240_000)
-        expect(page.locator("#m1-summary")).to_contain_text("+'blue'")
+        page.locator("#prompt textarea").fill("a red circle")
+        page.locator("#concept-0-text textarea, #concept-0-text input").first.fill("blue")
+        page.locator("#steps input[type=number]").fill("3")
+        page.locator("#steps input[type=number]").press("Enter")
+        page.locator("#generate").click()
+        expect(page.locator("#summary")).to_contain_text(f"{NATIVE}×{NATIVE} px", timeout=240_000)
+        expect(page.locator("#summary")).to_contain_text("+'blue'")
 
-        # Back to the demo model: what it made is still there.
         page.locator("#model").get_by_label("demo (bundled)").check()
         expect(demo_panel).to_be_visible(timeout=30_000)
-        expect(page.locator("#summary")).to_contain_text("32×32 px")
+        expect(sdxl_panel).to_be_hidden()
+        # The demo's own form: its sizes (up to twice its 32 px).
+        assert page.locator("#m1-width input[type=range]").get_attribute("max") == "64"
+        page.locator("#m1-prompt textarea").fill("a red circle")
+        page.locator("#m1-generate").click()
+        expect(page.locator("#m1-summary")).to_contain_text("32×32 px", timeout=240_000)
+
+        # Back to SDXL: what it made is still there.
+        page.locator("#model").get_by_label(sdxl_folder.name).check()
+        expect(sdxl_panel).to_be_visible(timeout=30_000)
+        expect(page.locator("#summary")).to_contain_text(f"{NATIVE}×{NATIVE} px")
 
 
 def test_which_models_are_served(tmp_path):
