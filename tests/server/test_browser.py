@@ -415,6 +415,7 @@ def test_edit_this_image_sends_the_result_and_its_prompt_to_the_edit_tab(server,
         page.goto(server)
         text_field(page, "prompt").fill(prompt)
         text_field(page, "concept-0-text").fill("blue")
+        set_number(page, "steps", FEW_STEPS)
         run(page, "#generate")
         generated = shown(page, server, "#edited img")
         # "As code" calls the address the visitor used
@@ -428,6 +429,7 @@ def test_edit_this_image_sends_the_result_and_its_prompt_to_the_edit_tab(server,
         assert np.array_equal(shown(page, server, "#edit-image img"), generated)
         # On a Space, "As code" names the Space instead.
         monkeypatch.setenv("SPACE_ID", "someone/sega")
+        set_number(page, "edit-steps", FEW_STEPS)
         run(page, "#edit", "edit-")
         page.get_by_text("As code").last.click()
         expect(page.locator("#edit-client-code")).to_contain_text("Client('someone/sega')")
