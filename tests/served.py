@@ -83,3 +83,15 @@ def model_panels(page, url: str, count: int = 2) -> list:
     for panel in panels[1:]:
         expect(panel).to_be_hidden()
     return panels
+
+
+def start_generate(page, prompt: str, seed: int, steps: int, concept: str | None = None) -> None:
+    """Fill the Generate form (the prompt, one concept if given, a fixed seed, the steps) and press Generate."""
+    page.locator("#prompt textarea").fill(prompt)
+    if concept is not None:
+        page.locator("#concept-0-text textarea, #concept-0-text input").first.fill(concept)
+    page.locator("#randomize input").uncheck()
+    page.locator("#seed input").fill(str(seed))
+    page.locator("#steps input[type=number]").fill(str(steps))
+    page.locator("#steps input[type=number]").press("Enter")
+    page.locator("#generate").click()

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.served import browser_page
+from tests.served import browser_page, start_generate
 from tests.zerogpu import serve_app
 
 pytestmark = pytest.mark.slow
@@ -85,12 +85,7 @@ def test_a_cancelled_api_call_ends_its_run(server):
 
 def start_in_browser(page, url: str, steps: int, seed: int) -> None:
     page.goto(url)
-    page.locator("#prompt textarea").fill(PROMPT)
-    page.locator("#randomize input").uncheck()
-    page.locator("#seed input").fill(str(seed))
-    page.locator("#steps input[type=number]").fill(str(steps))
-    page.locator("#steps input[type=number]").press("Enter")
-    page.locator("#generate").click()
+    start_generate(page, PROMPT, seed, steps)
 
 
 def test_the_stop_button_ends_the_run(server):

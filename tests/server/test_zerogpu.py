@@ -22,7 +22,7 @@ from server import limits, service
 from server import params as api
 from server.loading import LoadedModel, load_pipeline
 from server.profiles import DEMO_PROFILE
-from tests.served import browser_page, pixels
+from tests.served import browser_page, pixels, start_generate
 from tests.zerogpu import fake_ip_token, serve_app
 
 pytestmark = pytest.mark.slow
@@ -148,7 +148,7 @@ def test_two_visitors_run_at_once_each_in_its_own_worker(space):
 
 
 def test_progress_reaches_the_browser_from_the_worker(space):
-    from tests.server.test_cancel import browser_page, start_in_browser, wait_for_step
+    from tests.server.test_cancel import start_in_browser, wait_for_step
 
     with browser_page() as page:
         mark = space.mark()
@@ -247,23 +247,13 @@ def until_shown(page, selector: str, check, what: str) -> np.ndarray:
         time.sleep(0.1)
 
 
-def start_generate(page, seed: int, steps: int) -> None:
-    page.locator("#prompt textarea").fill(PROMPT)
-    page.locator("#concept-0-text textarea, #concept-0-text input").first.fill("blue")
-    page.locator("#randomize input").uncheck()
-    page.locator("#seed input").fill(str(seed))
-    page.locator("#steps input[type=number]").fill(str(steps))
-    page.locator("#steps input[type=number]").press("Enter")
-    page.locator("#generate").click()
-
-
 def test_previews_come_from_the_worker_and_stop_puts_the_previous_image_back(space):
     from playwright.sync_api import expect
 
     with browser_page() as page:
         page.goto(space.url)
         mark = space.mark()
-        start_generate(page, 71, 12)
+        start_generate(page, PROMPT, 71, 12, concept="blue")
         assert run_end(space, mark, 71)["outcome"] == "result"
         expect(page.locator("#summary")).to_contain_text("seed 71", timeout=WAIT * 1000)
         before = shown(page, "#edited")
@@ -300,7 +290,7 @@ def test_stopping_an_edit_leaves_the_same_pages_generate_run_going(space):
         mark = space.mark()
         space.control(hold=[{"seed": 61, "step": 3}, {"seed": 62, "step": 3}])
         try:
-            start_generate(page, 61, 6)
+            start_generate(page, PROMPT, 61, 6, concept="blue")
             held(space, mark, 61)  # the Generate run is under way, and stays so until released
 
             page.get_by_role("tab", name="Edit an image").click()
