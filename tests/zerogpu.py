@@ -328,6 +328,7 @@ def serve_app(folder: Path, zero_gpu: bool, env: dict[str, str] | None = None,
     log, control_file = folder / "log.jsonl", folder / "control.json"
     environ = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
                "TQDM_DISABLE": "1", "SEGA_MODEL": str(DEFAULT_MODEL_DIR), LOG_ENV: str(log),
+               "GRADIO_EXAMPLES_CACHE": str(folder / "examples"),  # not the checkout's .gradio/
                CONTROL_ENV: str(control_file), "PYTHONPATH": str(ROOT)}
     environ.pop("SPACES_ZERO_GPU", None)
     if zero_gpu:

@@ -18,7 +18,7 @@ from PIL import Image
 
 from sega.inversion import performed_steps
 from server.profiles import DEMO_PROFILE
-from tests.served import browser_page, import_app, pixels, serve
+from tests.served import browser_page, pixels, serve
 
 pytestmark = pytest.mark.slow
 
@@ -27,11 +27,6 @@ IMAGE_MB, IMAGE_PIXELS = 1, 500_000
 ERROR_TOAST = "[data-testid=toast-body].error"
 RUN_TIMEOUT = 120_000  # ms
 FEW_STEPS = 12
-
-
-@pytest.fixture(scope="module")
-def app_module():
-    return import_app()
 
 
 @pytest.fixture(scope="module")

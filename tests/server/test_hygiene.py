@@ -18,16 +18,11 @@ import pytest
 from sega import SegaPipeline
 from server import loading
 from server import params as api
-from tests.served import free_port, import_app, serve
+from tests.served import free_port, serve
 from tests.tiny import tiny_components
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "a large red circle on a white background"
-
-
-@pytest.fixture(scope="module")
-def app_module():
-    return import_app()
 
 
 @pytest.fixture

@@ -13,18 +13,13 @@ import numpy as np
 import pytest
 
 from benchmarks import load as loadbench
-from tests.served import import_app, serve
+from tests.served import serve
 
 pytestmark = pytest.mark.slow
 
 STEPS = 8
 CLIENTS, PER_CLIENT = 8, 3
 PROMPT = "a large red circle on a white background"
-
-
-@pytest.fixture(scope="module")
-def app_module():
-    return import_app()
 
 
 @pytest.fixture(scope="module")

@@ -34,8 +34,7 @@ WAIT = 600  # seconds, at most, for anything that happens on its own (steps are 
 @pytest.fixture(scope="module")
 def space(tmp_path_factory):
     folder = tmp_path_factory.mktemp("zerogpu")
-    env = {"SEGA_MAX_STEPS": "400", "GRADIO_EXAMPLES_CACHE": str(folder / "examples")}
-    with serve_app(folder, zero_gpu=True, env=env) as served:
+    with serve_app(folder, zero_gpu=True, env={"SEGA_MAX_STEPS": "400"}) as served:
         yield served
 
 
