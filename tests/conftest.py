@@ -23,7 +23,7 @@ for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
 
 # Under pytest-xdist each worker gets its share of the cores for torch, and the app servers and ZeroGPU workers it
 # starts inherit it: with torch's default (a thread per core) in every worker, OpenMP's threads spin against each
-# other and every test runs many times slower (the whole suite took 25 min instead of about 9 on 2 cores). Set before
+# other and every test runs many times slower (the whole suite took 25 min instead of about 8 on 2 cores). Set before
 # anything imports torch; images compared pixel for pixel come from processes with the same count.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:

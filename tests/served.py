@@ -6,7 +6,6 @@ import atexit
 import os
 import shutil
 import socket
-import sys
 import tempfile
 from contextlib import contextmanager
 
@@ -24,14 +23,15 @@ def free_port() -> int:
 def import_app():
     """The app module on the bundled demo model, whatever $SEGA_MODEL says (it is read at import).
 
-    Its examples are cached in a temporary folder of this process (read at import), not in the checkout's
-    ``.gradio/``: every run of the tests makes each example's first run, and none sees results of older code."""
+    Its examples are cached in a temporary folder of this process, not in the checkout's ``.gradio/``: every
+    run of the tests makes each example's first run, and none sees results of older code. As ``python app.py``
+    does, the variable stays set for the process (gradio reads it at import and when it serves a file)."""
+    if "GRADIO_EXAMPLES_CACHE" not in os.environ:
+        cache = tempfile.mkdtemp(prefix="sega-examples-")
+        atexit.register(shutil.rmtree, cache, True)
+        os.environ["GRADIO_EXAMPLES_CACHE"] = cache
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("SEGA_MODEL", raising=False)
-        if "app" not in sys.modules:
-            cache = tempfile.mkdtemp(prefix="sega-examples-")
-            atexit.register(shutil.rmtree, cache, True)
-            mp.setenv("GRADIO_EXAMPLES_CACHE", cache)
         import app
     app.LOADED.pipe.set_progress_bar_config(disable=True)
     return app

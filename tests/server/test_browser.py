@@ -27,6 +27,7 @@ IMAGE_MB, IMAGE_PIXELS = 1, 500_000
 ERROR_TOAST = "[data-testid=toast-body].error"
 RUN_TIMEOUT = 120_000  # ms
 FEW_STEPS = 12
+EDIT_STEPS = FEW_STEPS + 3  # what skip leaves of them is past every preset's warmup (checked where presets run)
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +256,7 @@ def test_every_edit_example_fills_the_form_and_edits(server):
             expect(page.locator("#edit-image img").first).to_be_visible()
             for i, concept in enumerate(concepts):
                 expect_row(page, f"edit-concept-{i}", concept, "edit")
-            set_number(page, "edit-steps", FEW_STEPS)
+            set_number(page, "edit-steps", EDIT_STEPS)
             run(page, "#edit", "edit-")
 
 
@@ -332,11 +333,10 @@ def test_each_preset_of_an_edit_row_edits(server):
         page.locator("#edit-image input[type=file]").set_input_files(str(EXAMPLES_DIR / "red-circle.png"))
         expect(page.locator("#edit-image img").first).to_be_visible(timeout=30_000)
         text_field(page, "edit-concept-0-text").fill("blue")
-        steps = FEW_STEPS + 3
-        assert performed_steps(steps, DEMO_PROFILE.edit_defaults["skip"]) > max(
+        assert performed_steps(EDIT_STEPS, DEMO_PROFILE.edit_defaults["skip"]) > max(
             p["warmup"] for table in DEMO_PROFILE.presets.tables()
             for p in table.values())  # what skip leaves is past every warmup
-        set_number(page, "edit-steps", steps)
+        set_number(page, "edit-steps", EDIT_STEPS)
         try_every_preset(page, "edit", "edit-", "#edit")
 
 
@@ -424,7 +424,7 @@ def test_edit_this_image_sends_the_result_and_its_prompt_to_the_edit_tab(server,
         assert np.array_equal(shown(page, server, "#edit-image img"), generated)
         # On a Space, "As code" names the Space instead.
         monkeypatch.setenv("SPACE_ID", "someone/sega")
-        set_number(page, "edit-steps", FEW_STEPS)
+        set_number(page, "edit-steps", EDIT_STEPS)
         run(page, "#edit", "edit-")
         page.get_by_text("As code").last.click()
         expect(page.locator("#edit-client-code")).to_contain_text("Client('someone/sega')")

@@ -184,8 +184,12 @@ def test_two_models_switch_in_the_browser(sdxl_server, sdxl_folder):
         page.locator("#model").get_by_label("demo (bundled)").check()
         expect(demo_panel).to_be_visible(timeout=30_000)
         expect(sdxl_panel).to_be_hidden()
-        # The demo's own form: its sizes (up to twice its 32 px).
+        # The demo's own form: its sizes (up to twice its 32 px), its presets ("background" is not SDXL's).
         assert page.locator("#m1-width input[type=range]").get_attribute("max") == "64"
+        page.locator("#m1-concept-0-preset input").click()
+        for name in DEMO_PROFILE.presets.table():
+            expect(page.get_by_role("option", name=name, exact=True)).to_be_visible()
+        page.keyboard.press("Escape")
         page.locator("#m1-prompt textarea").fill("a red circle")
         page.locator("#m1-generate").click()
         expect(page.locator("#m1-summary")).to_contain_text("32×32 px", timeout=240_000)

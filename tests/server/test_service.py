@@ -481,6 +481,18 @@ def test_weights_load_in_half_precision_on_a_gpu_and_float32_on_the_cpu(monkeypa
     assert seen["dtype"] == dtype and seen["device"] == device
 
 
+def test_on_zerogpu_the_model_loads_onto_the_gpu_in_float16(monkeypatch, tmp_path):
+    """ZeroGPU's main process has no CUDA of its own: the Space still loads for the GPU, in float16."""
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    pipe, seen = SegaPipeline(**tiny_components()), {}
+    monkeypatch.setattr(pipe, "to", lambda device: seen.update(device=device) or pipe)
+    monkeypatch.setattr(loading, "pipeline_class", lambda model: SegaPipeline)
+    monkeypatch.setattr(SegaPipeline, "from_pretrained", lambda model, **kwargs: seen.update(kwargs) or pipe)
+    loaded = load_pipeline(str(tmp_path))
+    assert (seen["device"], seen["dtype"], loaded.device) == ("cuda", torch.float16, "cuda")
+
+
 def test_safety_checker_off_passes_none(monkeypatch):
     seen = {}
 

@@ -147,27 +147,26 @@ def test_two_visitors_run_at_once_each_in_its_own_worker(space):
 
 
 def test_progress_reaches_the_browser_from_the_worker(space):
-    from tests.server.test_cancel import start_in_browser, wait_for_step
+    from tests.server.test_cancel import start_in_browser
 
     with browser_page() as page:
         mark = space.mark()
-        start_in_browser(page, space.url, steps=40, seed=21)
-        wait_for_step(space, mark, 21, 4)
-        progress = page.locator("#edited .progress-text").first
-        text = progress.inner_text(timeout=10_000)
-        assert text.split(" ")[0].endswith("/40"), text
-        done = int(text.split("/")[0])
-        assert done >= 1
-        page.locator("#stop").click()
+        space.control(hold={"seed": 21, "step": 4})  # the run stays under way while the page is read
+        try:
+            start_in_browser(page, space.url, steps=40, seed=21)
+            held(space, mark, 21)
+            progress = page.locator("#edited .progress-text").first
+            text = progress.inner_text(timeout=10_000)
+            assert text.split(" ")[0].endswith("/40"), text
+            assert int(text.split("/")[0]) >= 1
+            page.locator("#stop").click()
+            wait_for(space, mark, lambda e: e["event"] == "stop_set", "stop")
+        finally:
+            space.control()
         # The next test starts once this run has ended and its GPU is released (else ZeroGPU, emulated, hands
         # the next call another GPU, hence another worker).
-        deadline = time.monotonic() + 300
-        while not any(e["event"] == "run_end" and e["seed"] == 21 for e in space.events(mark)):
-            assert time.monotonic() < deadline, "the stopped run did not end"
-            time.sleep(0.05)
-        while space.events(mark)[-1]["event"] != "release":
-            assert time.monotonic() < deadline, "the stopped run's GPU was not released"
-            time.sleep(0.05)
+        assert run_end(space, mark, 21)["outcome"] == "Stopped"
+        space.wait_until_every_gpu_is_released()
 
 
 def test_zerogpu_defaults_keep_the_largest_request_within_an_anonymous_visitors_quota():
