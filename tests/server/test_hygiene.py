@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,10 +14,11 @@ from urllib.parse import quote
 import httpx
 import pytest
 
+from benchmarks.load import app_process
 from sega import SegaPipeline
 from server import loading
 from server import params as api
-from tests.served import free_port, serve
+from tests.served import serve
 from tests.tiny import tiny_components
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -167,33 +167,15 @@ def test_the_served_pipeline_has_a_bounded_inversion_cache(app_module):
 @pytest.mark.slow
 def test_a_model_that_cannot_load_falls_back_with_a_banner_and_no_token_reaches_the_log(tmp_path):
     token = "hf_FAKEtoken" + "x" * 24
-    port = free_port()
     env = {**os.environ, "HF_TOKEN": token, "HUGGING_FACE_HUB_TOKEN": token, "GRADIO_ANALYTICS_ENABLED": "False",
            "SEGA_MODEL": str(tmp_path / "no-such-model"), "PYTHONUNBUFFERED": "1"}
     log = tmp_path / "log.txt"
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
-        try:
-            url = f"http://127.0.0.1:{port}/"
-            deadline = time.monotonic() + 180
-            while True:
-                assert proc.poll() is None, log.read_text()[-3000:]
-                assert time.monotonic() < deadline, log.read_text()[-3000:]
-                try:
-                    if httpx.get(url, timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.5)
-            assert call(url, api_data(prompt=PROMPT, steps=2, seed=1))[0] == "complete"  # on the demo model
-            config = httpx.get(f"{url}config", timeout=30).json()
-            banners = [c["props"]["value"] for c in config["components"]
-                       if c["props"].get("elem_id") == "fallback-banner"]
-            assert banners and "Could not load the model" in banners[0]  # the UI says it
-            assert call(url, api_data(prompt=PROMPT, steps=0))[0] == "error"
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+    with app_process(["app.py"], env, log) as (url, _pid):
+        assert call(url, api_data(prompt=PROMPT, steps=2, seed=1))[0] == "complete"  # on the demo model
+        config = httpx.get(f"{url}config", timeout=30).json()
+        banners = [c["props"]["value"] for c in config["components"] if c["props"].get("elem_id") == "fallback-banner"]
+        assert banners and "Could not load the model" in banners[0]  # the UI says it
+        assert call(url, api_data(prompt=PROMPT, steps=0))[0] == "error"
     text = log.read_text()
     missing = tmp_path / "no-such-model"
     assert f"Could not load the model '{missing}'" in text and "INFO sega.app: model" in text  # the log says it
